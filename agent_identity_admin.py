@@ -393,10 +393,11 @@ def connect(url: str):
     try:
         return psycopg.connect(**params, autocommit=True)
     except psycopg.Error as exc:
-        where = params.get("host") or os.environ.get("PGHOST") or "the default local socket"
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        host = params.get("host") or os.environ.get("PGHOST") or "the local socket"
+        port = params.get("port") or os.environ.get("PGPORT") or "5432"
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AdminError(
-            EXIT_DATABASE, redact(f"cannot connect to the database at {where}: {detail}", password)
+            EXIT_DATABASE, redact(f"cannot connect to the database at {host}:{port}: {detail}", password)
         ) from None
 
 

@@ -48,3 +48,10 @@ def cli(database):
         return support.run_cli(list(args), dsn, env)
 
     return run
+
+
+@pytest.fixture
+def operator(kan, cli):
+    """The admin of a fresh workspace: operator("list"), operator.create("bot")."""
+    workspace, admin = kan.managed_workspace()
+    return support.Operator(cli, workspace, admin["email"])

@@ -164,3 +164,47 @@ class Kan:
         admin = self.user()
         self.member(workspace, admin)
         return workspace, admin
+
+
+def table_names(conn: psycopg.Connection) -> list[str]:
+    return [row[0] for row in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
+    )]
+
+
+def snapshot(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """Every row of every table, as text: compare two to prove nothing was written."""
+    from psycopg import sql
+
+    return {
+        table: [row[0] for row in conn.execute(
+            sql.SQL("SELECT to_jsonb(t)::text AS row FROM {} t ORDER BY 1").format(sql.Identifier(table))
+        )]
+        for table in table_names(conn)
+    }
+
+
+def database_text(conn: psycopg.Connection) -> str:
+    """All the database's rows as one text, to grep for secrets."""
+    return "\n".join(row for rows in snapshot(conn).values() for row in rows)
+
+
+@dataclass
+class Operator:
+    """A maintainer of one workspace, running the CLI as that workspace's admin."""
+
+    cli: object
+    workspace: dict
+    email: str
+
+    def __call__(self, command: str, *args: str, json: bool = True) -> Run:
+        return self.cli(
+            command, "--workspace-public-id", self.workspace["publicId"], *args, *(["--json"] if json else []),
+            env={"AGENT_IDENTITY_ADMIN_EMAIL": self.email},
+        )
+
+    def create(self, slug: str, *args: str, scopes: str = "boards:read,cards:write") -> Run:
+        result = self("create", "--slug", slug, "--display-name", f"Agent {slug}", "--token-name", "primary",
+                      "--scopes", scopes, "--confirm", *args)
+        assert result.code == 0, result.stderr + result.stdout
+        return result

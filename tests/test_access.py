@@ -1,0 +1,143 @@
+"""The check before every workspace command: the workspace exists and the actor manages it.
+
+Each case builds a fresh workspace and user, gives the user the memberships
+described, and runs `list` (a read) as that user. Kan's rule: a member
+override decides; else the member's custom role must grant workspace:manage;
+else the legacy role decides, and only admin manages.
+"""
+
+import pytest
+
+from tests import support
+
+MANAGE = "workspace:manage"
+NOT_ACTIVE = "is not an active member of workspace"
+LACKS = "lacks the workspace:manage permission in workspace"
+
+
+def membership(**kwargs):
+    return lambda kan, ws, user: kan.member(ws, user, **kwargs)
+
+
+def with_override(granted, **kwargs):
+    def build(kan, ws, user):
+        kan.override(kan.member(ws, user, **kwargs), MANAGE, granted)
+    return build
+
+
+def with_role(permissions, role="member", override=None, role_workspace=None):
+    def build(kan, ws, user):
+        role_id = kan.role(role_workspace(kan) if role_workspace else ws, permissions)
+        member = kan.member(ws, user, role=role, role_id=role_id)
+        if override is not None:
+            kan.override(member, MANAGE, override)
+    return build
+
+
+def several(*builders):
+    def build(kan, ws, user):
+        for builder in builders:
+            builder(kan, ws, user)
+    return build
+
+
+CASES = {
+    "legacy admin": (membership(role="admin"), 0, None),
+    "legacy member": (membership(role="member"), 4, LACKS),
+    "legacy guest": (membership(role="guest"), 4, LACKS),
+    "invited admin": (membership(status="invited"), 4, NOT_ACTIVE),
+    "removed admin": (membership(status="removed"), 4, NOT_ACTIVE),
+    "paused admin": (membership(status="paused"), 4, NOT_ACTIVE),
+    "soft-deleted admin membership": (membership(deleted=True), 4, NOT_ACTIVE),
+    "no membership": (lambda kan, ws, user: None, 4, NOT_ACTIVE),
+    "admin whose override denies": (with_override(False, role="admin"), 4, LACKS),
+    "member whose override grants": (with_override(True, role="member"), 0, None),
+    "guest whose override grants": (with_override(True, role="guest"), 0, None),
+    "custom role granting manage": (with_role({MANAGE: True}), 0, None),
+    "custom role without manage, legacy admin": (with_role({"boards:read": True}, role="admin"), 4, LACKS),
+    "custom role with manage not granted": (with_role({MANAGE: False}, role="admin"), 4, LACKS),
+    "custom role granting, override denying": (with_role({MANAGE: True}, override=False), 4, LACKS),
+    "custom role lacking, override granting": (with_role({}, override=True), 0, None),
+    "custom role of another workspace": (
+        with_role({MANAGE: True}, role_workspace=lambda kan: kan.workspace()), 4, LACKS),
+    "removed membership beside an active admin one": (
+        several(membership(status="removed", role="member"), membership(role="admin")), 0, None),
+    "active member beside an invited admin one": (
+        several(membership(role="member"), membership(status="invited")), 4, LACKS),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_actor_check(kan, cli, case):
+    build, code, message = CASES[case]
+    workspace, user = kan.workspace(), kan.user()
+    build(kan, workspace, user)
+    result = support.Operator(cli, workspace, user["email"])("list", json=False)
+    assert result.code == code, result.stderr
+    if message:
+        assert result.stderr == (
+            f"agent-identity: error: {user['email']} {message} {workspace['publicId']}\n"
+        )
+        assert result.stdout == ""
+
+
+def test_unknown_user_is_refused(kan, cli):
+    workspace = kan.workspace()
+    result = support.Operator(cli, workspace, "nobody@example.com")("list", json=False)
+    assert result.code == 4
+    assert result.stderr == "agent-identity: error: no Kan user has the email nobody@example.com\n"
+
+
+def test_email_is_matched_case_insensitively(kan, cli):
+    workspace, admin = kan.managed_workspace()
+    result = support.Operator(cli, workspace, admin["email"].upper())("list")
+    assert result.code == 0, result.stderr
+    assert result.json["identities"] == []
+
+
+def test_missing_workspace_is_not_found(kan, cli):
+    admin = kan.user()
+    result = support.Operator(cli, {"publicId": "Zz00Zz00Zz00"}, admin["email"])("list")
+    assert result.code == 3
+    assert result.json["error"] == {"code": 3, "kind": "not_found", "message": "workspace Zz00Zz00Zz00 not found"}
+
+
+def test_soft_deleted_workspace_is_not_found(kan, cli):
+    workspace = kan.workspace(deleted=True)
+    admin = kan.user()
+    kan.member(workspace, admin)
+    result = support.Operator(cli, workspace, admin["email"])("list")
+    assert result.code == 3
+    assert result.json["error"]["message"] == f"workspace {workspace['publicId']} has been deleted"
+
+
+def test_a_refused_mutation_writes_nothing(kan, cli, db):
+    workspace, member = kan.workspace(), kan.user()
+    kan.member(workspace, member, role="member")
+    before = support.snapshot(db)
+    result = support.Operator(cli, workspace, member["email"])(
+        "create", "--slug", "sneaky", "--display-name", "Sneaky", "--token-name", "t",
+        "--scopes", "boards:read", "--confirm",
+    )
+    assert result.code == 4
+    assert support.snapshot(db) == before
+
+
+def test_managing_workspace_a_gives_no_power_over_workspace_b(kan, cli, db, operator):
+    """The admin of A can neither see nor change B's identities, by either workspace id."""
+    other_workspace, other_admin = kan.managed_workspace()
+    other = support.Operator(cli, other_workspace, other_admin["email"])
+    other.create("b-bot")
+    before = support.snapshot(db)
+
+    intruder = support.Operator(cli, other_workspace, operator.email)
+    for command in (["rotate", "--confirm"], ["revoke", "--confirm"], ["pause", "--confirm"], ["inspect"]):
+        result = intruder(command[0], "--slug", "b-bot", *command[1:])
+        assert result.code == 4, result.stdout
+        assert "is not an active member" in result.json["error"]["message"]
+    assert intruder("list").code == 4
+
+    own_workspace_other_slug = operator("revoke", "--slug", "b-bot", "--confirm")
+    assert own_workspace_other_slug.code == 3
+    assert support.snapshot(db) == before
+    assert other("inspect", "--slug", "b-bot").json["identity"]["status"] == "active"

@@ -1,0 +1,198 @@
+"""The CLI as a subprocess where no database is involved: help, schema, usage errors.
+
+The database URL here points at a closed port with a password in it: a
+command that reached for the database would fail with exit 6, so exit 2
+proves the check came first, and the password must never be printed.
+"""
+
+import json
+import time
+
+import pytest
+
+from tests.support import run_cli
+
+UNREACHABLE = "postgresql://admin:S3cretPassw0rd@127.0.0.1:9/kan"
+PASSWORD = "S3cretPassw0rd"
+WORKSPACE = ["--workspace-public-id", "Ab12Cd34Ef56"]
+ACTOR = {"AGENT_IDENTITY_ADMIN_EMAIL": "admin@example.com"}
+
+
+def offline(*args, env=ACTOR):
+    result = run_cli(list(args), UNREACHABLE, env)
+    assert PASSWORD not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_help_lists_commands_and_exit_codes():
+    result = offline("help")
+    assert result.code == 0
+    for command in ("create", "rotate", "pause", "resume", "revoke", "inspect", "list", "schema"):
+        assert command in result.stdout
+    assert "exit codes:" in result.stdout and "6  database unreachable" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["create", "rotate", "pause", "resume", "revoke", "inspect", "list", "schema"])
+def test_help_for_a_command_shows_its_examples(command):
+    result = offline("help", command)
+    assert result.code == 0
+    assert f"usage: agent-identity {command}" in result.stdout
+    assert f"agent-identity {command} " in result.stdout.split("example")[1]
+
+
+def test_help_for_an_unknown_command_is_a_usage_error():
+    result = offline("help", "frobnicate")
+    assert (result.code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "agent-identity: error: no command 'frobnicate'; commands: "
+        "help, schema, create, rotate, pause, resume, revoke, inspect, list\n"
+    )
+
+
+def test_version():
+    import agent_identity_admin
+
+    result = offline("--version")
+    assert (result.code, result.stdout) == (0, f"agent-identity {agent_identity_admin.__version__}\n")
+
+
+def test_schema_prints_the_ddl_without_a_database():
+    result = offline("schema", env={})
+    assert result.code == 0
+    for table in ("agent_identity", "agent_token", "agent_audit_event"):
+        assert f"CREATE TABLE IF NOT EXISTS {table}" in result.stdout
+        assert f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY" in result.stdout
+
+
+def test_json_help_and_schema_are_one_object():
+    assert offline("help", "--json").json["text"].startswith("usage: agent-identity")
+    assert "agent_token" in offline("--json", "schema").json["sql"]
+
+
+MUTATIONS = [
+    ["create", *WORKSPACE, "--slug", "bot", "--display-name", "Bot", "--token-name", "t", "--scopes", "boards:read"],
+    ["rotate", *WORKSPACE, "--slug", "bot"],
+    ["pause", *WORKSPACE, "--slug", "bot"],
+    ["resume", *WORKSPACE, "--slug", "bot"],
+    ["revoke", *WORKSPACE, "--slug", "bot"],
+]
+
+
+@pytest.mark.parametrize("args", MUTATIONS, ids=lambda args: args[0])
+def test_a_mutation_without_confirm_stops_before_connecting(args):
+    started = time.monotonic()
+    result = offline(*args)
+    assert result.code == 2
+    assert result.stderr == (
+        f"agent-identity: error: {args[0]} changes the database: "
+        "add --confirm to do it, or --dry-run to see what it would do\n"
+    )
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("args", MUTATIONS, ids=lambda args: args[0])
+def test_confirm_and_dry_run_together_are_refused(args):
+    result = offline(*args, "--confirm", "--dry-run")
+    assert result.code == 2
+    assert result.stderr == "agent-identity: error: give --confirm or --dry-run, not both\n"
+
+
+def test_with_confirm_the_same_command_does_reach_for_the_database():
+    """The counterpart of the tests above: with --confirm, the closed port is exit 6."""
+    result = offline(*MUTATIONS[2], "--confirm")
+    assert result.code == 6
+    assert result.stderr.startswith("agent-identity: error: cannot connect to the database at 127.0.0.1:")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_usage_error_as_json_is_one_object_on_stdout():
+    result = offline("--json", *MUTATIONS[1])
+    assert result.code == 2
+    assert result.json == {
+        "ok": False,
+        "command": "rotate",
+        "error": {
+            "code": 2,
+            "kind": "usage",
+            "message": "rotate changes the database: add --confirm to do it, or --dry-run to see what it would do",
+        },
+    }
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
+        (["list"], "the following arguments are required: --workspace-public-id"),
+        (["list", *WORKSPACE, "--status", "gone"], "argument --status: invalid choice: 'gone'"),
+        (["inspect", *WORKSPACE, "--slug", "Bad_Slug"], "argument --slug: 'Bad_Slug' is not a slug"),
+        (["inspect", *WORKSPACE, "--slug", "a" * 65], "argument --slug: is 65 characters long; the limit is 64"),
+        (["inspect", *WORKSPACE, "--slug", "bot", "--events", "-1"], "argument --events: must be a whole number from 0 to 1000"),
+        (["inspect", *WORKSPACE, "--slug", "bot", "--events", "1001"], "argument --events: must be a whole number"),
+        (["list", "--workspace-public-id", "x' OR 1=1"], "argument --workspace-public-id: \"x' OR 1=1\" is not a public id"),
+        (MUTATIONS[0][:-1] + ["boards:reed", "--confirm"], "argument --scopes: unknown scope 'boards:reed' (did you mean boards:read?)"),
+        (MUTATIONS[0] + ["--reason", "x" * 1001, "--confirm"], "argument --reason: is 1001 characters long; the limit is 1000"),
+        (MUTATIONS[0][:6] + ["Bot\x1b[2J", *MUTATIONS[0][7:], "--confirm"], "argument --display-name: contains a control character (U+001B)"),
+        (["list", *WORKSPACE, "--conf"], "unrecognized arguments: --conf"),
+        (["rotate", *WORKSPACE, "--slug", "bot", "--con"], "unrecognized arguments: --con"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_problem(args, fragment):
+    result = offline(*args)
+    assert result.code == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith("agent-identity: error: ")
+    assert fragment in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_database_commands_need_an_actor():
+    result = offline("list", *WORKSPACE, env={})
+    assert result.code == 2
+    assert result.stderr == "agent-identity: error: say who you are: --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL\n"
+
+
+def test_global_options_work_before_and_after_the_command():
+    before = offline("--json", "--admin-user-email", "a@example.com", "list", *WORKSPACE, env={})
+    after = offline("list", *WORKSPACE, "--admin-user-email", "a@example.com", "--json", env={})
+    for result in (before, after):
+        assert result.code == 6
+        assert result.json["error"]["kind"] == "database"
+
+
+def test_database_url_flag_wins_over_the_environment():
+    result = run_cli(
+        ["--database-url", "postgresql://u:FlagPassword@127.0.0.1:7/x", "list", *WORKSPACE],
+        UNREACHABLE, ACTOR,
+    )
+    assert result.code == 6
+    assert result.stderr.startswith("agent-identity: error: cannot connect to the database at 127.0.0.1:7: ")
+    assert "FlagPassword" not in result.stderr and PASSWORD not in result.stderr
+
+
+def test_postgres_url_is_used_when_database_url_is_absent():
+    result = run_cli(["list", *WORKSPACE], None, {**ACTOR, "POSTGRES_URL": "postgresql://u:PgUrlPass@127.0.0.1:8/x"})
+    assert result.code == 6
+    assert "at 127.0.0.1:8: " in result.stderr
+    assert "PgUrlPass" not in result.stderr
+
+
+def test_a_malformed_database_url_never_echoes_it():
+    result = run_cli(["list", *WORKSPACE], "host=db password=Leaky Secret", ACTOR)
+    assert result.code == 2
+    assert "Leaky" not in result.stderr and "Secret" not in result.stderr
+    assert "the database URL is not valid" in result.stderr
+
+
+def test_a_nul_byte_is_a_usage_error_through_main(capsys):
+    """A real argv cannot carry NUL, but main() can be handed one: still exit 2."""
+    import agent_identity_admin
+
+    code = agent_identity_admin.main(["--json", *MUTATIONS[0][:6], "Bot\x00", *MUTATIONS[0][7:], "--confirm"])
+    captured = capsys.readouterr()
+    assert code == 2
+    error = json.loads(captured.out)["error"]
+    assert error["message"].startswith("argument --display-name: contains a control character (U+0000)")

@@ -1,0 +1,144 @@
+"""The pure helpers, called directly: token format, hashing, parsing, redaction."""
+
+import argparse
+import re
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from argon2 import PasswordHasher
+
+import agent_identity_admin as tool
+
+
+def test_token_has_the_documented_shape():
+    """kan_agent_<12 base62>_<43 base62 secret><6 base62 checksum>."""
+    public_id = tool.new_public_id()
+    token = tool.new_token(public_id)
+    assert re.fullmatch(r"kan_agent_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}", token)
+    assert token.startswith(f"kan_agent_{public_id}_")
+    assert tool.parse_token(token) == public_id
+
+
+def test_token_checksum_is_crc32_of_everything_before_it():
+    """The last six characters are the base62 CRC32 of the rest, zero-padded."""
+    import zlib
+
+    token = tool.new_token(tool.new_public_id())
+    body, checksum = token[:-6], token[-6:]
+    number = 0
+    for char in checksum:
+        number = number * 62 + tool.BASE62.index(char)
+    assert number == zlib.crc32(body.encode())
+
+
+def test_a_mistyped_token_fails_its_checksum():
+    token = tool.new_token(tool.new_public_id())
+    position = len("kan_agent_") + 20
+    replacement = "A" if token[position] != "A" else "B"
+    mistyped = token[:position] + replacement + token[position + 1:]
+    assert tool.parse_token(mistyped) is None
+
+
+@pytest.mark.parametrize("text", ["", "kan_agent_", "kan_agent_short_x", "ghp_" + "a" * 40, "kan_agent_" + "a" * 12 + "_" + "b" * 10])
+def test_malformed_tokens_are_rejected(text):
+    assert tool.parse_token(text) is None
+
+
+def test_secrets_differ_and_carry_256_bits():
+    """43 base62 characters are at least 256 bits; two tokens never repeat."""
+    import math
+
+    assert tool.SECRET_LENGTH * math.log2(62) >= 256
+    tokens = {tool.new_token("AAAAAAAAAAAA") for _ in range(200)}
+    assert len(tokens) == 200
+
+
+def test_base62_pads_to_width():
+    assert tool.base62(0, 6) == "000000"
+    assert tool.base62(61, 6) == "00000z"
+    assert tool.base62(62, 6) == "000010"
+    assert tool.base62(2**32 - 1, 6) == "4gfFC3"
+
+
+def test_hash_is_argon2id_and_verifies_the_whole_token():
+    token = tool.new_token(tool.new_public_id())
+    stored = tool.hash_token(token)
+    assert stored.startswith("$argon2id$")
+    assert token not in stored
+    assert PasswordHasher().verify(stored, token)
+
+
+@pytest.mark.parametrize("slug", ["a", "bot", "release-bot-2", "0", "a" * 64, "a-b-c"])
+def test_valid_slugs(slug):
+    assert tool.parse_slug(slug) == slug
+
+
+@pytest.mark.parametrize("slug", ["", "-bot", "bot-", "Bot", "bot_1", "bot 1", "a" * 65, "bøt", "bot\x00"])
+def test_invalid_slugs(slug):
+    with pytest.raises(argparse.ArgumentTypeError):
+        tool.parse_slug(slug)
+
+
+def test_scopes_are_deduplicated_in_order():
+    assert tool.parse_scopes("cards:write, boards:read,cards:write,") == ["cards:write", "boards:read"]
+
+
+def test_unknown_scope_lists_the_valid_ones_and_suggests_the_closest():
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        tool.parse_scopes("boards:read,card:write")
+    message = str(caught.value)
+    assert "'card:write'" in message
+    assert "did you mean cards:write?" in message
+    assert all(scope in message for scope in tool.SCOPES)
+
+
+def test_empty_scopes_are_refused():
+    with pytest.raises(argparse.ArgumentTypeError, match="at least one scope"):
+        tool.parse_scopes(" , ")
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "line\nbreak", "tab\there", "\x1b[31mred", "rtl\u202eevil", "\udcff"])
+def test_text_with_control_characters_is_refused(value):
+    with pytest.raises(argparse.ArgumentTypeError, match="control character"):
+        tool.parse_display_name(value)
+
+
+def test_text_limits_are_the_column_sizes():
+    assert tool.parse_display_name("x" * 255)
+    with pytest.raises(argparse.ArgumentTypeError, match="limit is 255"):
+        tool.parse_display_name("x" * 256)
+    assert tool.parse_reason("r" * 1000)
+    with pytest.raises(argparse.ArgumentTypeError, match="limit is 1000"):
+        tool.parse_reason("r" * 1001)
+
+
+def test_unicode_names_are_allowed():
+    assert tool.parse_display_name("Déploiement 🤖 bot") == "Déploiement 🤖 bot"
+
+
+@pytest.mark.parametrize("value", ["Ab12Cd34Ef56", "000000000000"])
+def test_valid_public_ids(value):
+    assert tool.parse_public_id(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "short", "Ab12Cd34Ef567", "Ab12Cd34Ef5-", "'; drop--"])
+def test_invalid_public_ids(value):
+    with pytest.raises(argparse.ArgumentTypeError):
+        tool.parse_public_id(value)
+
+
+def test_iso_is_utc_with_z():
+    assert tool.iso(datetime(2026, 1, 2, 3, 4, 5, 678)) == "2026-01-02T03:04:05Z"
+    aware = datetime(2026, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+    assert tool.iso(aware) == "2026-01-02T03:04:05Z"
+    assert tool.iso(None) is None
+
+
+def test_redact_hides_the_password():
+    assert tool.redact("password=hunter2 failed", "hunter2") == "password=*** failed"
+    assert tool.redact("nothing here", None) == "nothing here"
+
+
+def test_format_table_aligns_columns():
+    table = tool.format_table(["A", "LONGER"], [["xxxx", None], ["y", "z"]])
+    assert table.splitlines() == ["A     LONGER", "xxxx  -", "y     z"]
