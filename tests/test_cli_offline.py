@@ -149,6 +149,13 @@ def test_bad_input_is_one_line_naming_the_problem(args, fragment):
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_a_parse_error_as_json_names_the_command():
+    result = offline("--json", "create", "--slug", "x y")
+    assert result.code == 2
+    assert result.json["command"] == "create"
+    assert result.json["error"]["message"].startswith("argument --slug: 'x y' is not a slug")
+
+
 def test_database_commands_need_an_actor():
     result = offline("list", *WORKSPACE, env={})
     assert result.code == 2
