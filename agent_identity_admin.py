@@ -34,6 +34,7 @@ import sys
 import unicodedata
 import zlib
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 __version__ = "0.1.0"
 
@@ -414,9 +415,11 @@ def database_error(exc: Exception) -> AdminError:
                 "apply them with `agent-identity schema | psql \"$POSTGRES_URL\"`",
             )
         return AdminError(EXIT_DATABASE, f"this does not look like a Kan database ({missing})")
-    if isinstance(exc, errors.OperationalError):
-        return AdminError(EXIT_DATABASE, f"lost the database connection: {str(exc).strip().splitlines()[0]}")
-    sqlstate = getattr(exc, "sqlstate", None) or "?"
+    sqlstate = exc.sqlstate
+    # No SQLSTATE: the client lost the server; 08: connection exceptions; 57P: the server shut down.
+    if isinstance(exc, errors.OperationalError) and (sqlstate is None or sqlstate.startswith(("08", "57P"))):
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return AdminError(EXIT_DATABASE, f"lost the database connection: {first_line}; nothing was written")
     return AdminError(EXIT_INTERNAL, f"unexpected database error {sqlstate}: {exc.diag.message_primary}")
 
 
@@ -523,44 +526,51 @@ WHERE i."workspaceId" = %(workspace_id)s
 ORDER BY i."createdAt" DESC, i."id" DESC
 """
 
-# Every mutation is one statement: its own CTEs end in a CTE named `subject`
-# (the identity and token the event is about), and AUDIT_INSERT writes the
-# audit event from it, so the change and its audit row cannot part.
-AUDIT_INSERT = """
-INSERT INTO agent_audit_event
-    ("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action,
-     "actorUserId", "actorEmail", reason, metadata)
-SELECT %(audit_public_id)s, %(workspace_id)s, subject.identity_id, subject.token_id, %(action)s,
-       %(actor_id)s, %(actor_email)s, %(reason)s, %(metadata)s
-FROM subject
-RETURNING "createdAt"
+# Every mutation is one statement. Its own CTEs end in `identity_after` (the
+# identity row as the change leaves it) and `subject` (the identity and token
+# the event is about); AUDIT_INSERT then writes the audit event and returns
+# the identity, so the change and its audit row cannot part.
+AUDIT_INSERT = """,
+audit AS (
+    INSERT INTO agent_audit_event
+        ("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action,
+         "actorUserId", "actorEmail", reason, metadata)
+    SELECT %(audit_public_id)s, %(workspace_id)s, subject.identity_id, subject.token_id, %(action)s,
+           %(actor_id)s, %(actor_email)s, %(reason)s, %(metadata)s
+    FROM subject
+    RETURNING "id"
+)
+SELECT to_jsonb(identity_after) FROM identity_after, audit
 """
 
 CREATE_SQL = """
-WITH new_identity AS (
+WITH identity_after AS (
     INSERT INTO agent_identity ("publicId", "workspaceId", slug, "displayName", status, "createdBy")
     VALUES (%(identity_public_id)s, %(workspace_id)s, %(slug)s, %(display_name)s, 'active', %(actor_id)s)
-    RETURNING "id"
+    RETURNING *
 ),
 new_token AS (
     INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "createdBy")
-    SELECT %(token_public_id)s, new_identity."id", %(token_name)s, %(token_hash)s, %(scopes)s, %(actor_id)s
-    FROM new_identity
+    SELECT %(token_public_id)s, identity_after."id", %(token_name)s, %(token_hash)s, %(scopes)s, %(actor_id)s
+    FROM identity_after
     RETURNING "id", "agentIdentityId"
 ),
 subject AS (
     SELECT "agentIdentityId" AS identity_id, "id" AS token_id FROM new_token
-)
-""" + AUDIT_INSERT
+)""" + AUDIT_INSERT
 
-ROTATE_SQL = """
+# rotate and revoke retire the tokens they read under the identity lock.
+RETIRE_TOKENS = """
 WITH retired AS (
     UPDATE agent_token
     SET "revokedAt" = timezone('utc', now()), "revokedBy" = %(actor_id)s
-    WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = %(identity_id)s
-),
-touched AS (
+    WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = %(identity_id)s AND "revokedAt" IS NULL
+)"""
+
+ROTATE_SQL = RETIRE_TOKENS + """,
+identity_after AS (
     UPDATE agent_identity SET "updatedAt" = timezone('utc', now()) WHERE "id" = %(identity_id)s
+    RETURNING *
 ),
 new_token AS (
     INSERT INTO agent_token
@@ -571,16 +581,10 @@ new_token AS (
 ),
 subject AS (
     SELECT "agentIdentityId" AS identity_id, "id" AS token_id FROM new_token
-)
-""" + AUDIT_INSERT
+)""" + AUDIT_INSERT
 
-STATUS_SQL = """
-WITH retired AS (
-    UPDATE agent_token
-    SET "revokedAt" = timezone('utc', now()), "revokedBy" = %(actor_id)s
-    WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = %(identity_id)s
-),
-changed AS (
+STATUS_SQL = RETIRE_TOKENS + """,
+identity_after AS (
     UPDATE agent_identity
     SET status = %(status)s::agent_identity_status,
         "updatedAt" = timezone('utc', now()),
@@ -592,12 +596,11 @@ changed AS (
             WHEN 'revoked' THEN timezone('utc', now())
             ELSE "revokedAt" END
     WHERE "id" = %(identity_id)s
-    RETURNING "id"
+    RETURNING *
 ),
 subject AS (
-    SELECT "id" AS identity_id, NULL::bigint AS token_id FROM changed
-)
-""" + AUDIT_INSERT
+    SELECT "id" AS identity_id, NULL::bigint AS token_id FROM identity_after
+)""" + AUDIT_INSERT
 
 
 def check_access(
@@ -654,8 +657,8 @@ def fetch_tokens(conn, identity_id: int) -> list[dict]:
     return conn.cursor(row_factory=dict_row).execute(TOKENS_SQL, {"identity_id": identity_id}).fetchall()
 
 
-def write(conn, statement: str, params: dict) -> datetime:
-    """Run one mutation statement; return the moment it was recorded."""
+def write(conn, statement: str, params: dict) -> dict:
+    """Run one mutation statement; return the identity row as it leaves it."""
     from psycopg.types.json import Jsonb
 
     params = dict(params, metadata=Jsonb(params["metadata"]))
@@ -741,71 +744,88 @@ def cmd_schema(args: argparse.Namespace) -> dict:
     return {"ok": True, "command": "schema", "sql": schema_sql()}
 
 
+class IssuedToken(NamedTuple):
+    public_id: str
+    secret: str
+    hash: str
+
+
+def issue_token() -> IssuedToken:
+    """A new token and its hash, made before the transaction so no lock waits on argon2."""
+    public_id = new_public_id()
+    secret = new_token(public_id)
+    return IssuedToken(public_id, secret, hash_token(secret))
+
+
+def token_result(issued: IssuedToken | None, name: str, scopes: list[str], **extra) -> dict:
+    """The token part of create's and rotate's result; a dry run has no id and no secret."""
+    token = {"publicId": issued and issued.public_id, "name": name, "scopes": scopes, "expiresAt": None, **extra}
+    if issued:
+        token["secret"] = issued.secret
+    return token
+
+
+def slug_taken(args: argparse.Namespace) -> AdminError:
+    return AdminError(
+        EXIT_CONFLICT,
+        f"the slug {args.slug} is taken in workspace {args.workspace_public_id} "
+        "(slugs are never reused, revoked identities included)",
+    )
+
+
 def cmd_create(conn, args: argparse.Namespace) -> dict:
     """Create an active identity and its first token."""
     from psycopg import errors
 
-    token_public_id = None if args.dry_run else new_public_id()
-    identity = {"slug": args.slug, "displayName": args.display_name, "status": "active"}
+    issued = None if args.dry_run else issue_token()
+    identity = {
+        "publicId": None if args.dry_run else new_public_id(),
+        "slug": args.slug,
+        "displayName": args.display_name,
+        "status": "active",
+    }
     try:
         with conn.transaction():
             access = check_access(conn, args, slug=args.slug, must_exist=False)
             if access["identity"] is not None:
-                raise AdminError(
-                    EXIT_CONFLICT,
-                    f"the slug {args.slug} is taken in workspace {args.workspace_public_id} "
-                    "(slugs are never reused, revoked identities included)",
-                )
-            metadata = {
+                raise slug_taken(args)
+            audit = audit_params(args, access, "identity.created", {
                 "previousStatus": None,
                 "newStatus": "active",
                 "slug": args.slug,
                 "displayName": args.display_name,
                 "scopes": args.scopes,
-                "tokenPublicId": token_public_id,
+                "tokenPublicId": issued and issued.public_id,
                 "tokenName": args.token_name,
-            }
-            audit = audit_params(args, access, "identity.created", metadata)
-            identity["publicId"] = None
-            if not args.dry_run:
-                secret = new_token(token_public_id)
-                identity["publicId"] = new_public_id()
-                created_at = write(conn, CREATE_SQL, {
+            })
+            if issued:
+                identity = write(conn, CREATE_SQL, {
                     **audit,
                     "identity_public_id": identity["publicId"],
                     "slug": args.slug,
                     "display_name": args.display_name,
-                    "token_public_id": token_public_id,
+                    "token_public_id": issued.public_id,
                     "token_name": args.token_name,
-                    "token_hash": hash_token(secret),
+                    "token_hash": issued.hash,
                     "scopes": args.scopes,
                 })
-                identity["createdAt"] = created_at
     except errors.UniqueViolation as exc:
+        # Another run took the slug between our check and our insert.
         if exc.diag.constraint_name == "agent_identity_workspace_slug_unique":
-            raise AdminError(
-                EXIT_CONFLICT, f"the slug {args.slug} is taken in workspace {args.workspace_public_id}"
-            ) from None
+            raise slug_taken(args) from None
         raise
-    token = {
-        "publicId": token_public_id,
-        "name": args.token_name,
-        "scopes": args.scopes,
-        "expiresAt": None,
-    }
-    if not args.dry_run:
-        token["secret"] = secret
     return mutation_result(
         args,
         True,
         identity=identity_view(identity, args.workspace_public_id),
-        token=token,
+        token=token_result(issued, args.token_name, args.scopes),
         auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
     )
 
 
 def cmd_rotate(conn, args: argparse.Namespace) -> dict:
     """Issue a new token with the same scopes and revoke every live one."""
+    issued = None if args.dry_run else issue_token()
     with conn.transaction():
         access = check_access(conn, args, slug=args.slug, lock=True)
         identity = access["identity"]
@@ -819,43 +839,32 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
         # The token the new one follows: the newest live one, else the newest.
         source = next((t for t in tokens if is_live(t, now)), tokens[0])
         token_name = args.token_name or source["name"]
-        token_public_id = None if args.dry_run else new_public_id()
-        metadata = {
+        scopes = list(source["scopes"])
+        audit = audit_params(args, access, "identity.token_rotated", {
             "status": identity["status"],
-            "scopes": list(source["scopes"]),
-            "tokenPublicId": token_public_id,
+            "scopes": scopes,
+            "tokenPublicId": issued and issued.public_id,
             "tokenName": token_name,
             "rotatedFromTokenPublicId": source["publicId"],
             "revokedTokenPublicIds": [t["publicId"] for t in unrevoked],
-        }
-        audit = audit_params(args, access, "identity.token_rotated", metadata)
-        if not args.dry_run:
-            secret = new_token(token_public_id)
-            write(conn, ROTATE_SQL, {
+        })
+        if issued:
+            identity = write(conn, ROTATE_SQL, {
                 **audit,
                 "identity_id": identity["id"],
                 "revoke_token_ids": [t["id"] for t in unrevoked],
-                "token_public_id": token_public_id,
+                "token_public_id": issued.public_id,
                 "token_name": token_name,
-                "token_hash": hash_token(secret),
-                "scopes": list(source["scopes"]),
+                "token_hash": issued.hash,
+                "scopes": scopes,
                 "rotated_from_id": source["id"],
             })
-    token = {
-        "publicId": token_public_id,
-        "name": token_name,
-        "scopes": list(source["scopes"]),
-        "expiresAt": None,
-        "rotatedFromPublicId": source["publicId"],
-    }
-    if not args.dry_run:
-        token["secret"] = secret
     return mutation_result(
         args,
         True,
         identity=identity_view(identity, args.workspace_public_id),
-        token=token,
-        revokedTokenPublicIds=metadata["revokedTokenPublicIds"],
+        token=token_result(issued, token_name, scopes, rotatedFromPublicId=source["publicId"]),
+        revokedTokenPublicIds=audit["metadata"]["revokedTokenPublicIds"],
         auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
     )
 
@@ -887,14 +896,15 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
             "revokedTokenPublicIds": [t["publicId"] for t in revoked_tokens],
         }
         audit = audit_params(args, access, action, metadata)
-        if not args.dry_run:
-            write(conn, STATUS_SQL, {
+        if args.dry_run:
+            identity = dict(identity, status=new_status)  # its times come only with a real run
+        else:
+            identity = write(conn, STATUS_SQL, {
                 **audit,
                 "identity_id": identity["id"],
                 "status": new_status,
                 "revoke_token_ids": [t["id"] for t in revoked_tokens],
             })
-    identity = dict(identity, status=new_status)
     return mutation_result(
         args,
         True,

@@ -38,6 +38,7 @@ def test_create_writes_identity_token_and_audit_event(db, operator):
 
     identity = identity_row(db, operator, "release-bot")
     assert identity["publicId"] == out["identity"]["publicId"]
+    assert out["identity"]["createdAt"] == tool.iso(identity["createdAt"])
     assert (identity["status"], identity["displayName"]) == ("active", "Agent release-bot")
     [token] = rows(db, TOKENS_SQL, identity["id"])
     assert token["publicId"] == out["token"]["publicId"]
@@ -210,6 +211,8 @@ def test_pause_resume_revoke_walk_the_states(db, operator):
     assert (paused.code, paused.json["changed"], paused.json["identity"]["status"]) == (0, True, "paused")
     row = identity_row(db, operator, "walker")
     assert row["status"] == "paused" and row["pausedAt"] is not None
+    assert paused.json["identity"]["pausedAt"] == tool.iso(row["pausedAt"])
+    assert paused.json["identity"]["updatedAt"] == tool.iso(row["updatedAt"])
 
     resumed = operator("resume", "--slug", "walker", "--confirm")
     assert resumed.json["identity"]["status"] == "active"
@@ -220,6 +223,7 @@ def test_pause_resume_revoke_walk_the_states(db, operator):
     assert revoked.json["revokedTokenPublicIds"] == [token["publicId"]]
     row = identity_row(db, operator, "walker")
     assert row["status"] == "revoked" and row["revokedAt"] is not None
+    assert revoked.json["identity"]["revokedAt"] == tool.iso(row["revokedAt"])
     assert all(t["revokedAt"] is not None for t in rows(db, TOKENS_SQL, identity_id))
 
     events = rows(db, EVENTS_SQL, identity_id)
@@ -278,6 +282,8 @@ def test_a_revoked_identity_stays_revoked(db, operator, command):
 def test_status_dry_run_changes_nothing(db, operator, command):
     operator.create("dry-status")
     before = support.snapshot(db)
+    planned = operator(command, "--slug", "dry-status", "--dry-run")
+    assert planned.json["identity"]["status"] == {"pause": "paused", "revoke": "revoked"}[command]
     result = operator(command, "--slug", "dry-status", "--dry-run", json=False)
     assert result.code == 0
     assert result.stdout.startswith(f"would {command} agent identity dry-status")
