@@ -841,7 +841,8 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
         token_name = args.token_name or source["name"]
         scopes = list(source["scopes"])
         audit = audit_params(args, access, "identity.token_rotated", {
-            "status": identity["status"],
+            "previousStatus": identity["status"],
+            "newStatus": identity["status"],
             "scopes": scopes,
             "tokenPublicId": issued and issued.public_id,
             "tokenName": token_name,

@@ -203,3 +203,63 @@ def test_a_nul_byte_is_a_usage_error_through_main(capsys):
     assert code == 2
     error = json.loads(captured.out)["error"]
     assert error["message"].startswith("argument --display-name: contains a control character (U+0000)")
+
+
+def test_an_internal_error_is_one_line_unless_debug(monkeypatch, capsys):
+    """Exit 1 with one line; --debug adds the traceback."""
+    import agent_identity_admin
+
+    def broken(args):
+        raise RuntimeError("something odd\nsecond line")
+
+    monkeypatch.setitem(agent_identity_admin.OFFLINE_COMMANDS, "schema", broken)
+    assert agent_identity_admin.main(["schema"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "agent-identity: error: internal error: RuntimeError: something odd (rerun with --debug)\n"
+    )
+    assert agent_identity_admin.main(["schema", "--debug"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_exit_130(monkeypatch, capsys):
+    import agent_identity_admin
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(agent_identity_admin.OFFLINE_COMMANDS, "schema", interrupted)
+    assert agent_identity_admin.main(["--json", "schema"]) == 130
+    assert json.loads(capsys.readouterr().out)["error"]["kind"] == "interrupted"
+
+
+def test_the_installed_console_script_and_python_m_run():
+    """pyproject installs `agent-identity`; `python -m agent_identity_admin` works too."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = shutil.which("agent-identity", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("agent-identity is not installed next to this Python (pip install -e .)")
+    for command in ([script, "--version"], [sys.executable, "-m", "agent_identity_admin", "--version"]):
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
+        assert completed.returncode == 0, completed.stderr
+        assert completed.stdout.startswith("agent-identity ")
+
+
+def test_help_and_usage_errors_import_neither_psycopg_nor_argon2():
+    """The database and hashing libraries load only for commands that use them."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, io, agent_identity_admin as t\n"
+        "for argv in (['help'], ['schema'], ['rotate', '--slug', 'x'], ['create', '--workspace-public-id', "
+        "'Ab12Cd34Ef56', '--slug', 'b', '--display-name', 'B', '--token-name', 't', '--scopes', 'cards:read']):\n"
+        "    t.main(argv, io.StringIO(), io.StringIO())\n"
+        "print(sorted(m for m in ('psycopg', 'argon2') if m in sys.modules))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert completed.stdout == "[]\n", completed.stderr

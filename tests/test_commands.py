@@ -149,6 +149,7 @@ def test_rotate_issues_a_new_token_and_revokes_the_old(db, operator):
     assert events[1]["reason"] == "scheduled"
     assert events[1]["metadata"]["revokedTokenPublicIds"] == [first["publicId"]]
     assert events[1]["metadata"]["rotatedFromTokenPublicId"] == first["publicId"]
+    assert (events[1]["metadata"]["previousStatus"], events[1]["metadata"]["newStatus"]) == ("active", "active")
     assert new["secret"] not in support.database_text(db)
 
 
