@@ -25,6 +25,7 @@ by the commands that need them, so help and usage errors start fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -33,7 +34,7 @@ import secrets
 import sys
 import unicodedata
 import zlib
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
 __version__ = "0.1.0"
@@ -70,6 +71,30 @@ TRANSITIONS = {
     "revoke": ("revoked", ("active", "paused"), "identity.revoked"),
 }
 
+# Token lifetimes: create and rotate default to 90 days, allow at most 365,
+# and "never" only when asked for. A rotation's grace keeps old tokens alive
+# for at most a week. Live tokens expiring within a week are warned about.
+EXPIRES_DEFAULT = "90d"
+EXPIRES_MAX = timedelta(days=365)
+GRACE_MAX = timedelta(days=7)
+EXPIRING_SOON = timedelta(days=7)
+DURATION_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+DURATION_RE = re.compile(r"(?P<count>[0-9]{1,6})(?P<unit>[mhdw])")
+
+# Why verify refuses a token, in the order a server checks (docs/tokens.md).
+VERIFY_REASONS = (
+    "malformed",
+    "bad_checksum",
+    "unknown_token",
+    "hash_mismatch",
+    "token_revoked",
+    "token_expired",
+    "identity_paused",
+    "identity_revoked",
+    "workspace_deleted",
+)
+TOKEN_INPUT_MAX = 4096  # read no more than this from standard input or a token file
+
 SLUG_MAX = 64
 NAME_MAX = 255
 REASON_MAX = 1000
@@ -102,6 +127,7 @@ EXIT_NOT_FOUND = 3
 EXIT_FORBIDDEN = 4
 EXIT_CONFLICT = 5
 EXIT_DATABASE = 6
+EXIT_INVALID_TOKEN = 7
 EXIT_INTERRUPTED = 130
 
 EXIT_KINDS = {
@@ -123,6 +149,7 @@ exit codes:
   4  actor not allowed (not a Kan user, not an active member, or lacks workspace:manage)
   5  conflict or invalid state (slug taken, identity revoked, ...)
   6  database unreachable, or the agent tables are missing (apply `agent-identity schema`)
+  7  verify: the token is not valid (the output says why)
   130 interrupted (Ctrl-C); the transaction was rolled back"""
 
 
@@ -204,6 +231,40 @@ def parse_email(value: str) -> str:
     return value
 
 
+class Duration(NamedTuple):
+    """A lifetime as the operator wrote it ("90d") and as a span; None means never."""
+
+    text: str
+    delta: timedelta | None
+
+
+def parse_duration(value: str, *, maximum: timedelta, allow_zero: bool) -> Duration:
+    """30m, 12h, 90d or 1w; "0" where a zero span makes sense."""
+    if allow_zero and value == "0":
+        return Duration(value, timedelta(0))
+    match = DURATION_RE.fullmatch(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a duration: use a number and m, h, d or w, as 90d")
+    delta = int(match["count"]) * DURATION_UNITS[match["unit"]]
+    if not delta and not allow_zero:
+        raise argparse.ArgumentTypeError("must be longer than zero")
+    if delta > maximum:
+        raise argparse.ArgumentTypeError(f"{value} is longer than the limit of {maximum.days} days")
+    return Duration(value, delta)
+
+
+def parse_expires_in(value: str) -> Duration:
+    """A token's lifetime: at most 365 days, or "never" when asked for by name."""
+    if value == "never":
+        return Duration(value, None)
+    return parse_duration(value, maximum=EXPIRES_MAX, allow_zero=False)
+
+
+def parse_grace(value: str) -> Duration:
+    """How long a rotated-out token keeps working: 0 (revoke at once) to 7 days."""
+    return parse_duration(value, maximum=GRACE_MAX, allow_zero=True)
+
+
 def parse_event_count(value: str) -> int:
     if not value.isdigit() or int(value) > EVENTS_MAX:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {EVENTS_MAX}")
@@ -237,12 +298,17 @@ def new_token(token_public_id: str) -> str:
     return body + token_checksum(body)
 
 
-def parse_token(token: str) -> str | None:
-    """The token's public id if it is well formed and its checksum holds, else None."""
+def parse_token(token: str) -> tuple[str | None, str | None]:
+    """(public id, None) for a well-formed token, else (None, "malformed" or "bad_checksum").
+
+    Both refusals need neither the database nor argon2.
+    """
     match = TOKEN_RE.fullmatch(token)
-    if match is None or token_checksum(token[:-CHECKSUM_LENGTH]) != match["checksum"]:
-        return None
-    return match["public_id"]
+    if match is None:
+        return None, "malformed"
+    if token_checksum(token[:-CHECKSUM_LENGTH]) != match["checksum"]:
+        return None, "bad_checksum"
+    return match["public_id"], None
 
 
 def hash_token(token: str) -> str:
@@ -277,6 +343,19 @@ def actor_email(args: argparse.Namespace) -> str:
 def redact(text: str, secret: str | None) -> str:
     """Remove a secret (the database password) from a message."""
     return text.replace(secret, "***") if secret else text
+
+
+def relative(moment: datetime, now: datetime) -> str:
+    """"in 12 days", "3 hours ago": the largest whole unit."""
+    seconds = (moment - now).total_seconds()
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if abs(seconds) >= size:
+            count = int(abs(seconds) // size)
+            text = f"{count} {unit}{'' if count == 1 else 's'}"
+            break
+    else:
+        text = "less than a minute"
+    return f"in {text}" if seconds >= 0 else f"{text} ago"
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -475,7 +554,8 @@ target AS (
       AND EXISTS (SELECT 1 FROM manager)
     {lock}
 )
-SELECT ws."id" AS workspace_id,
+SELECT timezone('utc', now()) AS now,
+       ws."id" AS workspace_id,
        ws.deleted AS workspace_deleted,
        actor."id" AS actor_id,
        actor.email AS actor_email,
@@ -510,17 +590,19 @@ LIMIT %(limit)s
 LIST_SQL = """
 SELECT i."publicId", i.slug, i."displayName", i.status::text AS status,
        i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt",
-       live."liveTokens", live."lastUsedAt"
+       tokens."liveTokens", tokens."nextExpiresAt", tokens."lastUsedAt"
 FROM agent_identity i
 CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (
-               WHERE t."revokedAt" IS NULL
-                 AND (t."expiresAt" IS NULL OR t."expiresAt" > timezone('utc', now()))
-           ) AS "liveTokens",
+    SELECT count(*) FILTER (WHERE t.live) AS "liveTokens",
+           min(t."expiresAt") FILTER (WHERE t.live) AS "nextExpiresAt",
            max(t."lastUsedAt") AS "lastUsedAt"
-    FROM agent_token t
-    WHERE t."agentIdentityId" = i."id"
-) AS live
+    FROM (
+        SELECT "expiresAt", "lastUsedAt",
+               "revokedAt" IS NULL AND ("expiresAt" IS NULL OR "expiresAt" > timezone('utc', now())) AS live
+        FROM agent_token
+        WHERE "agentIdentityId" = i."id"
+    ) AS t
+) AS tokens
 WHERE i."workspaceId" = %(workspace_id)s
   AND (%(status)s::agent_identity_status IS NULL OR i.status = %(status)s::agent_identity_status)
 ORDER BY i."createdAt" DESC, i."id" DESC
@@ -550,8 +632,9 @@ WITH identity_after AS (
     RETURNING *
 ),
 new_token AS (
-    INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "createdBy")
-    SELECT %(token_public_id)s, identity_after."id", %(token_name)s, %(token_hash)s, %(scopes)s, %(actor_id)s
+    INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt", "createdBy")
+    SELECT %(token_public_id)s, identity_after."id", %(token_name)s, %(token_hash)s, %(scopes)s,
+           %(expires_at)s, %(actor_id)s
     FROM identity_after
     RETURNING "id", "agentIdentityId"
 ),
@@ -559,7 +642,7 @@ subject AS (
     SELECT "agentIdentityId" AS identity_id, "id" AS token_id FROM new_token
 )""" + AUDIT_INSERT
 
-# rotate and revoke retire the tokens they read under the identity lock.
+# rotate and both kinds of revoke retire the tokens they read under the identity lock.
 RETIRE_TOKENS = """
 WITH retired AS (
     UPDATE agent_token
@@ -567,16 +650,26 @@ WITH retired AS (
     WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = %(identity_id)s AND "revokedAt" IS NULL
 )"""
 
-ROTATE_SQL = RETIRE_TOKENS + """,
+# A change to an identity's tokens stamps the identity's updatedAt.
+TOUCH_IDENTITY = """,
 identity_after AS (
     UPDATE agent_identity SET "updatedAt" = timezone('utc', now()) WHERE "id" = %(identity_id)s
     RETURNING *
+)"""
+
+# A rotation with a grace window shortens the old live tokens' lives instead
+# of revoking them (LEAST ignores a NULL "expiresAt").
+ROTATE_SQL = RETIRE_TOKENS + TOUCH_IDENTITY + """,
+graced AS (
+    UPDATE agent_token
+    SET "expiresAt" = LEAST("expiresAt", %(grace_until)s)
+    WHERE "id" = ANY(%(grace_token_ids)s) AND "agentIdentityId" = %(identity_id)s AND "revokedAt" IS NULL
 ),
 new_token AS (
     INSERT INTO agent_token
-        ("publicId", "agentIdentityId", name, "tokenHash", scopes, "createdBy", "rotatedFromId")
+        ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt", "createdBy", "rotatedFromId")
     VALUES (%(token_public_id)s, %(identity_id)s, %(token_name)s, %(token_hash)s, %(scopes)s,
-            %(actor_id)s, %(rotated_from_id)s)
+            %(expires_at)s, %(actor_id)s, %(rotated_from_id)s)
     RETURNING "id", "agentIdentityId"
 ),
 subject AS (
@@ -603,52 +696,79 @@ subject AS (
 )""" + AUDIT_INSERT
 
 
-def check_access(
-    conn, args: argparse.Namespace, *, slug: str | None = None, lock: bool = False, must_exist: bool = True
-) -> dict:
-    """Run the workspace and actor check; return the workspace, actor and identity.
+REVOKE_TOKEN_SQL = RETIRE_TOKENS + TOUCH_IDENTITY + """,
+subject AS (
+    SELECT %(identity_id)s::bigint AS identity_id, %(token_id)s::bigint AS token_id
+)""" + AUDIT_INSERT
 
-    Raises exit 3 for a missing or deleted workspace, exit 4 for an actor who
-    may not manage it, and exit 3 for a slug that names no identity (unless
-    must_exist is false, as for create). With lock, the identity row stays
-    locked until the transaction ends.
+# verify finds a token by its public id, with its identity and workspace;
+# expiry is judged by the database's clock, as a server should.
+VERIFY_SQL = """
+SELECT t."publicId", t."tokenHash", t.scopes, t."expiresAt", t."revokedAt",
+       t."expiresAt" IS NOT NULL AND t."expiresAt" <= timezone('utc', now()) AS expired,
+       to_jsonb(i) AS identity,
+       w."publicId" AS "workspacePublicId",
+       w."deletedAt" IS NOT NULL AS "workspaceDeleted"
+FROM agent_token t
+JOIN agent_identity i ON i."id" = t."agentIdentityId"
+JOIN workspace w ON w."id" = i."workspaceId"
+WHERE t."publicId" = %(token_public_id)s
+"""
+
+
+def check_access(
+    conn,
+    workspace: str,
+    email: str,
+    *,
+    slug: str | None = None,
+    lock: bool = False,
+    must_exist: bool = True,
+    allow_deleted: bool = False,
+) -> dict:
+    """Run the workspace and actor check; return the workspace, actor, identity and now.
+
+    Raises exit 3 for a missing (or, unless allow_deleted, deleted) workspace,
+    exit 4 for an actor who may not manage it, and exit 3 for a slug that
+    names no identity (unless must_exist is false, as for create). With lock,
+    the identity row stays locked until the transaction ends. `now` is the
+    transaction's clock, which every later statement of it shares.
     """
     from psycopg import sql
     from psycopg.rows import dict_row
 
     query = sql.SQL(ACCESS_SQL).format(lock=sql.SQL("FOR UPDATE" if lock else ""))
-    params = {
-        "workspace": args.workspace_public_id,
-        "email": args.actor_email,
-        "permission": MANAGE_PERMISSION,
-        "slug": slug,
-    }
+    params = {"workspace": workspace, "email": email, "permission": MANAGE_PERMISSION, "slug": slug}
     row = conn.cursor(row_factory=dict_row).execute(query, params).fetchone()
-    workspace = args.workspace_public_id
     if row["workspace_id"] is None:
         raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} not found")
-    if row["workspace_deleted"]:
+    if row["workspace_deleted"] and not allow_deleted:
         raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} has been deleted")
     if row["actor_id"] is None:
-        raise AdminError(EXIT_FORBIDDEN, f"no Kan user has the email {args.actor_email}")
+        raise AdminError(EXIT_FORBIDDEN, f"no Kan user has the email {email}")
     if not row["is_member"]:
-        raise AdminError(
-            EXIT_FORBIDDEN, f"{row['actor_email']} is not an active member of workspace {workspace}"
-        )
+        raise AdminError(EXIT_FORBIDDEN, f"{row['actor_email']} is not an active member of workspace {workspace}")
     if not row["is_manager"]:
         raise AdminError(
-            EXIT_FORBIDDEN,
-            f"{row['actor_email']} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
+            EXIT_FORBIDDEN, f"{row['actor_email']} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}"
         )
     identity = row["identity"]
     if slug is not None and identity is None and must_exist:
         raise AdminError(EXIT_NOT_FOUND, f"no agent identity {slug} in workspace {workspace}")
     return {
+        "now": row["now"],
         "workspace_id": row["workspace_id"],
         "actor_id": row["actor_id"],
         "actor_email": row["actor_email"],
         "identity": identity,
     }
+
+
+def check_identity(conn, args: argparse.Namespace, *, lock: bool = False, must_exist: bool = True) -> dict:
+    """check_access for the workspace and slug a command was given."""
+    return check_access(
+        conn, args.workspace_public_id, args.actor_email, slug=args.slug, lock=lock, must_exist=must_exist
+    )
 
 
 def fetch_tokens(conn, identity_id: int) -> list[dict]:
@@ -704,7 +824,9 @@ def iso_text(value: str | datetime | None) -> str | None:
     return iso(value)
 
 
-def token_view(token: dict) -> dict:
+def token_view(token: dict, now: datetime) -> dict:
+    """A token as inspect shows it: never its hash."""
+    live = is_live(token, now)
     return {
         "publicId": token["publicId"],
         "name": token["name"],
@@ -714,11 +836,25 @@ def token_view(token: dict) -> dict:
         "lastUsedAt": iso(token["lastUsedAt"]),
         "revokedAt": iso(token["revokedAt"]),
         "rotatedFromPublicId": token["rotatedFromPublicId"],
+        "live": live,
+        "expiringSoon": live and expiring_soon(token["expiresAt"], now),
     }
 
 
 def is_live(token: dict, now: datetime) -> bool:
     return token["revokedAt"] is None and (token["expiresAt"] is None or token["expiresAt"] > now)
+
+
+def expiring_soon(expires_at: datetime | None, now: datetime) -> bool:
+    return expires_at is not None and expires_at - now <= EXPIRING_SOON
+
+
+def expiry_warning(token_public_id: str, slug: str, expires_at: datetime, now: datetime) -> str:
+    return f"warning: token {token_public_id} of agent identity {slug} expires {relative(expires_at, now)} ({iso(expires_at)})"
+
+
+def expires_at(expiry: Duration, now: datetime) -> datetime | None:
+    return None if expiry.delta is None else now + expiry.delta
 
 
 def mutation_result(args: argparse.Namespace, changed: bool, **fields) -> dict:
@@ -757,10 +893,62 @@ def issue_token() -> IssuedToken:
     return IssuedToken(public_id, secret, hash_token(secret))
 
 
-def token_result(issued: IssuedToken | None, name: str, scopes: list[str], **extra) -> dict:
-    """The token part of create's and rotate's result; a dry run has no id and no secret."""
-    token = {"publicId": issued and issued.public_id, "name": name, "scopes": scopes, "expiresAt": None, **extra}
-    if issued:
+@contextlib.contextmanager
+def token_file(path: str | None, dry_run: bool):
+    """Where a new token goes: None for stdout, else a file descriptor.
+
+    The file is created (mode 0600, never over an existing file or through a
+    link) before the transaction, so a refusal writes nothing; it is removed
+    again if anything fails before the token is in it.
+    """
+    if path is None or path == "-":
+        yield None
+        return
+    if dry_run:
+        if os.path.lexists(path):
+            raise AdminError(EXIT_CONFLICT, f"token file {path} exists; a token file is never overwritten")
+        yield None
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise AdminError(EXIT_CONFLICT, f"token file {path} exists; a token file is never overwritten") from None
+    except OSError as exc:
+        raise AdminError(EXIT_USAGE, f"cannot create token file {path}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        yield fd
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+
+
+def write_token_file(fd: int | None, issued: IssuedToken | None, path: str) -> None:
+    """Put the committed token in its file; the change is already in the database."""
+    if fd is None or issued is None:
+        return
+    try:
+        os.write(fd, (issued.secret + "\n").encode("ascii"))
+        os.fsync(fd)
+    except OSError as exc:
+        raise AdminError(
+            EXIT_INTERNAL,
+            f"the change was committed but the token could not be written to {path} ({exc.strerror}); "
+            "rotate to issue another",
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def token_result(issued: IssuedToken | None, name: str, scopes: list[str], expires: datetime | None,
+                 file: str | None, **extra) -> dict:
+    """The token part of create's and rotate's result: the secret, or where it went."""
+    token = {"publicId": issued and issued.public_id, "name": name, "scopes": scopes,
+             "expiresAt": iso(expires), **extra}
+    if issued and file not in (None, "-"):
+        token["tokenFile"] = file
+    elif issued:
         token["secret"] = issued.secret
     return token
 
@@ -784,88 +972,154 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
         "displayName": args.display_name,
         "status": "active",
     }
-    try:
-        with conn.transaction():
-            access = check_access(conn, args, slug=args.slug, must_exist=False)
-            if access["identity"] is not None:
-                raise slug_taken(args)
-            audit = audit_params(args, access, "identity.created", {
-                "previousStatus": None,
-                "newStatus": "active",
-                "slug": args.slug,
-                "displayName": args.display_name,
-                "scopes": args.scopes,
-                "tokenPublicId": issued and issued.public_id,
-                "tokenName": args.token_name,
-            })
-            if issued:
-                identity = write(conn, CREATE_SQL, {
-                    **audit,
-                    "identity_public_id": identity["publicId"],
+    with token_file(args.token_file, args.dry_run) as fd:
+        try:
+            with conn.transaction():
+                access = check_identity(conn, args, must_exist=False)
+                if access["identity"] is not None:
+                    raise slug_taken(args)
+                expires = expires_at(args.expires_in, access["now"])
+                audit = audit_params(args, access, "identity.created", {
+                    "previousStatus": None,
+                    "newStatus": "active",
                     "slug": args.slug,
-                    "display_name": args.display_name,
-                    "token_public_id": issued.public_id,
-                    "token_name": args.token_name,
-                    "token_hash": issued.hash,
+                    "displayName": args.display_name,
                     "scopes": args.scopes,
+                    "tokenPublicId": issued and issued.public_id,
+                    "tokenName": args.token_name,
+                    "expiresIn": args.expires_in.text,
+                    "expiresAt": iso(expires),
                 })
-    except errors.UniqueViolation as exc:
-        # Another run took the slug between our check and our insert.
-        if exc.diag.constraint_name == "agent_identity_workspace_slug_unique":
-            raise slug_taken(args) from None
-        raise
+                if issued:
+                    identity = write(conn, CREATE_SQL, {
+                        **audit,
+                        "identity_public_id": identity["publicId"],
+                        "slug": args.slug,
+                        "display_name": args.display_name,
+                        "token_public_id": issued.public_id,
+                        "token_name": args.token_name,
+                        "token_hash": issued.hash,
+                        "scopes": args.scopes,
+                        "expires_at": expires,
+                    })
+        except errors.UniqueViolation as exc:
+            # Another run took the slug between our check and our insert.
+            if exc.diag.constraint_name == "agent_identity_workspace_slug_unique":
+                raise slug_taken(args) from None
+            raise
+        write_token_file(fd, issued, args.token_file)
     return mutation_result(
         args,
         True,
         identity=identity_view(identity, args.workspace_public_id),
-        token=token_result(issued, args.token_name, args.scopes),
+        token=token_result(issued, args.token_name, args.scopes, expires, args.token_file),
         auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
     )
 
 
 def cmd_rotate(conn, args: argparse.Namespace) -> dict:
-    """Issue a new token with the same scopes and revoke every live one."""
+    """Issue a new token with the same scopes; revoke the live ones, or let them run out the grace."""
     issued = None if args.dry_run else issue_token()
+    with token_file(args.token_file, args.dry_run) as fd:
+        with conn.transaction():
+            access = check_identity(conn, args, lock=True)
+            identity, now = access["identity"], access["now"]
+            if identity["status"] == "revoked":
+                raise AdminError(
+                    EXIT_CONFLICT, f"agent identity {args.slug} is revoked; a revoked identity gets no tokens"
+                )
+            tokens = fetch_tokens(conn, identity["id"])
+            if not tokens:
+                raise AdminError(EXIT_CONFLICT, f"agent identity {args.slug} has no token to rotate")
+            # The token the new one follows: the newest live one, else the newest.
+            source = next((t for t in tokens if is_live(t, now)), tokens[0])
+            token_name = args.token_name or source["name"]
+            scopes = list(source["scopes"])
+            expires = expires_at(args.expires_in, now)
+            if args.grace.delta:
+                grace_until = now + args.grace.delta
+                retired = []
+                graced = [
+                    (t, min(t["expiresAt"], grace_until) if t["expiresAt"] else grace_until)
+                    for t in tokens if is_live(t, now)
+                ]
+            else:
+                grace_until = None
+                retired = [t for t in tokens if t["revokedAt"] is None]
+                graced = []
+            audit = audit_params(args, access, "identity.token_rotated", {
+                "previousStatus": identity["status"],
+                "newStatus": identity["status"],
+                "scopes": scopes,
+                "tokenPublicId": issued and issued.public_id,
+                "tokenName": token_name,
+                "expiresIn": args.expires_in.text,
+                "expiresAt": iso(expires),
+                "rotatedFromTokenPublicId": source["publicId"],
+                "revokedTokenPublicIds": [t["publicId"] for t in retired],
+                "grace": args.grace.text,
+                "gracedTokens": [{"publicId": t["publicId"], "expiresAt": iso(until)} for t, until in graced],
+            })
+            if issued:
+                identity = write(conn, ROTATE_SQL, {
+                    **audit,
+                    "identity_id": identity["id"],
+                    "revoke_token_ids": [t["id"] for t in retired],
+                    "grace_token_ids": [t["id"] for t, _ in graced],
+                    "grace_until": grace_until,
+                    "token_public_id": issued.public_id,
+                    "token_name": token_name,
+                    "token_hash": issued.hash,
+                    "scopes": scopes,
+                    "expires_at": expires,
+                    "rotated_from_id": source["id"],
+                })
+        write_token_file(fd, issued, args.token_file)
+    metadata = audit["metadata"]
+    return mutation_result(
+        args,
+        True,
+        identity=identity_view(identity, args.workspace_public_id),
+        token=token_result(issued, token_name, scopes, expires, args.token_file,
+                           rotatedFromPublicId=source["publicId"]),
+        revokedTokenPublicIds=metadata["revokedTokenPublicIds"],
+        gracedTokens=metadata["gracedTokens"],
+        auditEvent={"action": audit["action"], "metadata": metadata},
+    )
+
+
+def cmd_revoke(conn, args: argparse.Namespace) -> dict:
+    """revoke: one token with --token, else the whole identity."""
+    return cmd_revoke_token(conn, args) if args.token else cmd_set_status(conn, args)
+
+
+def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
+    """Revoke one token of an identity, leaving the identity and its other tokens alone."""
     with conn.transaction():
-        access = check_access(conn, args, slug=args.slug, lock=True)
+        access = check_identity(conn, args, lock=True)
         identity = access["identity"]
-        if identity["status"] == "revoked":
-            raise AdminError(EXIT_CONFLICT, f"agent identity {args.slug} is revoked; a revoked identity gets no tokens")
-        tokens = fetch_tokens(conn, identity["id"])
-        if not tokens:
-            raise AdminError(EXIT_CONFLICT, f"agent identity {args.slug} has no token to rotate")
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
-        unrevoked = [t for t in tokens if t["revokedAt"] is None]
-        # The token the new one follows: the newest live one, else the newest.
-        source = next((t for t in tokens if is_live(t, now)), tokens[0])
-        token_name = args.token_name or source["name"]
-        scopes = list(source["scopes"])
-        audit = audit_params(args, access, "identity.token_rotated", {
+        token = next((t for t in fetch_tokens(conn, identity["id"]) if t["publicId"] == args.token), None)
+        if token is None:
+            raise AdminError(EXIT_NOT_FOUND, f"agent identity {args.slug} has no token {args.token}")
+        if token["revokedAt"] is not None:
+            return mutation_result(
+                args, False, identity=identity_view(identity, args.workspace_public_id),
+                message=f"token {args.token} of agent identity {args.slug} is already revoked; nothing to change",
+            )
+        audit = audit_params(args, access, "identity.token_revoked", {
             "previousStatus": identity["status"],
             "newStatus": identity["status"],
-            "scopes": scopes,
-            "tokenPublicId": issued and issued.public_id,
-            "tokenName": token_name,
-            "rotatedFromTokenPublicId": source["publicId"],
-            "revokedTokenPublicIds": [t["publicId"] for t in unrevoked],
+            "revokedTokenPublicIds": [token["publicId"]],
         })
-        if issued:
-            identity = write(conn, ROTATE_SQL, {
-                **audit,
-                "identity_id": identity["id"],
-                "revoke_token_ids": [t["id"] for t in unrevoked],
-                "token_public_id": issued.public_id,
-                "token_name": token_name,
-                "token_hash": issued.hash,
-                "scopes": scopes,
-                "rotated_from_id": source["id"],
+        if not args.dry_run:
+            identity = write(conn, REVOKE_TOKEN_SQL, {
+                **audit, "identity_id": identity["id"], "token_id": token["id"], "revoke_token_ids": [token["id"]],
             })
     return mutation_result(
         args,
         True,
         identity=identity_view(identity, args.workspace_public_id),
-        token=token_result(issued, token_name, scopes, rotatedFromPublicId=source["publicId"]),
-        revokedTokenPublicIds=audit["metadata"]["revokedTokenPublicIds"],
+        revokedTokenPublicIds=[token["publicId"]],
         auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
     )
 
@@ -874,7 +1128,7 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
     """pause, resume and revoke: move an identity to another status."""
     new_status, allowed_from, action = TRANSITIONS[args.command]
     with conn.transaction():
-        access = check_access(conn, args, slug=args.slug, lock=True)
+        access = check_identity(conn, args, lock=True)
         identity = access["identity"]
         previous = identity["status"]
         if previous == new_status:
@@ -921,15 +1175,14 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
     from psycopg.rows import dict_row
 
     with conn.transaction():
-        access = check_access(conn, args, slug=args.slug)
-        identity = access["identity"]
+        access = check_identity(conn, args)
+        identity, now = access["identity"], access["now"]
         tokens = fetch_tokens(conn, identity["id"])
         events = conn.cursor(row_factory=dict_row).execute(
             EVENTS_SQL, {"identity_id": identity["id"], "limit": args.events}
         ).fetchall()
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
     view = identity_view(identity, args.workspace_public_id)
-    view["tokens"] = [dict(token_view(t), live=is_live(t, now)) for t in tokens]
+    view["tokens"] = [token_view(t, now) for t in tokens]
     view["events"] = [
         {
             "publicId": e["publicId"],
@@ -942,7 +1195,11 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
         }
         for e in events
     ]
-    return {"ok": True, "command": "inspect", "identity": view}
+    warnings = [
+        expiry_warning(t["publicId"], args.slug, t["expiresAt"], now)
+        for t in tokens if is_live(t, now) and expiring_soon(t["expiresAt"], now)
+    ]
+    return {"ok": True, "command": "inspect", "now": iso(now), "identity": view, "warnings": warnings}
 
 
 def cmd_list(conn, args: argparse.Namespace) -> dict:
@@ -950,15 +1207,110 @@ def cmd_list(conn, args: argparse.Namespace) -> dict:
     from psycopg.rows import dict_row
 
     with conn.transaction():
-        access = check_access(conn, args)
+        access = check_access(conn, args.workspace_public_id, args.actor_email)
         rows = conn.cursor(row_factory=dict_row).execute(
             LIST_SQL, {"workspace_id": access["workspace_id"], "status": args.status}
         ).fetchall()
+    now = access["now"]
     identities = [
-        dict(identity_view(row, args.workspace_public_id), liveTokens=row["liveTokens"], lastUsedAt=iso(row["lastUsedAt"]))
+        dict(
+            identity_view(row, args.workspace_public_id),
+            liveTokens=row["liveTokens"],
+            nextExpiresAt=iso(row["nextExpiresAt"]),
+            expiringSoon=expiring_soon(row["nextExpiresAt"], now),
+            lastUsedAt=iso(row["lastUsedAt"]),
+        )
         for row in rows
     ]
-    return {"ok": True, "command": "list", "workspacePublicId": args.workspace_public_id, "identities": identities}
+    warnings = [
+        f"warning: agent identity {row['slug']} has a live token that expires "
+        f"{relative(row['nextExpiresAt'], now)} ({iso(row['nextExpiresAt'])})"
+        for row in rows if expiring_soon(row["nextExpiresAt"], now)
+    ]
+    return {
+        "ok": True, "command": "list", "now": iso(now), "workspacePublicId": args.workspace_public_id,
+        "identities": identities, "warnings": warnings,
+    }
+
+
+def read_token(args: argparse.Namespace) -> str:
+    """One token from --token-file or standard input; never from the command line."""
+    if args.token_file and args.token_file != "-":
+        try:
+            with open(args.token_file, encoding="utf-8", errors="replace") as source:
+                text = source.read(TOKEN_INPUT_MAX + 1)
+        except OSError as exc:
+            raise AdminError(EXIT_USAGE, f"cannot read token file {args.token_file}: {exc.strerror}") from None
+    elif sys.stdin is None:
+        text = ""
+    elif sys.stdin.isatty():
+        import getpass
+
+        text = getpass.getpass("token (not echoed): ")
+    else:
+        text = sys.stdin.read(TOKEN_INPUT_MAX + 1)
+    token = text.strip()
+    if not token:
+        raise AdminError(EXIT_USAGE, "no token given: pipe it to standard input, or use --token-file PATH")
+    return token
+
+
+def verify_result(reason: str | None, row: dict | None = None) -> dict:
+    result = {"ok": True, "command": "verify", "valid": reason is None, "reason": reason,
+              "identity": None, "token": None}
+    if row is not None:
+        result["identity"] = identity_view(row["identity"], row["workspacePublicId"])
+        result["token"] = {"publicId": row["publicId"], "scopes": list(row["scopes"]),
+                           "expiresAt": iso(row["expiresAt"])}
+    return result
+
+
+def verify_format(args: argparse.Namespace) -> dict | None:
+    """The verdict when the token's form alone refuses it, before any database work."""
+    args.presented_token = read_token(args)
+    args.token_public_id, defect = parse_token(args.presented_token)
+    return verify_result(defect) if defect else None
+
+
+def cmd_verify(conn, args: argparse.Namespace) -> dict:
+    """Say whether the server should accept a token now, and if not, why. Writes nothing."""
+    from argon2 import PasswordHasher
+    from argon2.exceptions import InvalidHashError, VerifyMismatchError
+    from psycopg.rows import dict_row
+
+    with conn.transaction():
+        if args.workspace_public_id:
+            check_access(conn, args.workspace_public_id, args.actor_email, allow_deleted=True)
+        row = conn.cursor(row_factory=dict_row).execute(
+            VERIFY_SQL, {"token_public_id": args.token_public_id}
+        ).fetchone()
+        if row is None or args.workspace_public_id not in (None, row["workspacePublicId"]):
+            return verify_result("unknown_token")
+        if not args.workspace_public_id:
+            try:
+                check_access(conn, row["workspacePublicId"], args.actor_email, allow_deleted=True)
+            except AdminError as exc:
+                # Say nothing about the token, not even its workspace.
+                raise AdminError(
+                    exc.exit_code, f"{args.actor_email} may not verify this token: that needs "
+                    f"{MANAGE_PERMISSION} in the token's workspace"
+                ) from None
+    try:
+        PasswordHasher().verify(row["tokenHash"], args.presented_token)
+    except VerifyMismatchError:
+        return verify_result("hash_mismatch", row)
+    except InvalidHashError:
+        raise AdminError(EXIT_INTERNAL, f"the stored hash of token {row['publicId']} is not an argon2 hash") from None
+    status = row["identity"]["status"]
+    reason = (
+        "token_revoked" if row["revokedAt"] is not None
+        else "token_expired" if row["expired"]
+        else "identity_paused" if status == "paused"
+        else "identity_revoked" if status == "revoked"
+        else "workspace_deleted" if row["workspaceDeleted"]
+        else None
+    )
+    return verify_result(reason, row)
 
 
 OFFLINE_COMMANDS = {"help": cmd_help, "schema": cmd_schema}
@@ -967,9 +1319,10 @@ DATABASE_COMMANDS = {
     "rotate": cmd_rotate,
     "pause": cmd_set_status,
     "resume": cmd_set_status,
-    "revoke": cmd_set_status,
+    "revoke": cmd_revoke,
     "inspect": cmd_inspect,
     "list": cmd_list,
+    "verify": cmd_verify,
 }
 MUTATING_COMMANDS = ("create", "rotate", "pause", "resume", "revoke")
 
@@ -988,6 +1341,11 @@ def run(args: argparse.Namespace) -> dict:
             )
     else:
         args.dry_run = False
+    if args.command == "verify":
+        # A malformed or mistyped token is refused before any connection, as a server should.
+        verdict = verify_format(args)
+        if verdict:
+            return verdict
     args.actor_email = actor_email(args)
     url = database_url(args)
 
@@ -1021,41 +1379,56 @@ def render_identity_line(identity: dict) -> str:
     )
 
 
-# What a mutation did, and what a dry run would do.
+# What a mutation did, and what a dry run would do, by audit action.
 MUTATION_VERBS = {
-    "create": ("created", "would create"),
-    "rotate": ("rotated the token of", "would rotate the token of"),
-    "pause": ("paused", "would pause"),
-    "resume": ("resumed", "would resume"),
-    "revoke": ("revoked", "would revoke"),
+    "identity.created": ("created", "would create"),
+    "identity.token_rotated": ("rotated the token of", "would rotate the token of"),
+    "identity.paused": ("paused", "would pause"),
+    "identity.resumed": ("resumed", "would resume"),
+    "identity.revoked": ("revoked", "would revoke"),
+    "identity.token_revoked": ("revoked a token of", "would revoke a token of"),
     "issue": ("issued", "would issue"),
     "revoke token": ("revoked", "would revoke"),
     "record": ("recorded", "would record"),
 }
 
 
+def render_expiry(expires_at: str | None, now: datetime | None = None) -> str:
+    if expires_at is None:
+        return "never"
+    if now is None:
+        return expires_at
+    return f"{expires_at} ({relative(datetime.fromisoformat(expires_at.rstrip('Z')), now)})"
+
+
 def render_mutation(result: dict) -> tuple[list[str], list[str]]:
     """Lines for stdout and for stderr after create, rotate, pause, resume or revoke."""
     if not result["changed"]:
         return [result["message"]], []
+    dry_run = result["dryRun"]
 
     def verb(name: str) -> str:
-        return MUTATION_VERBS[name][result["dryRun"]]
+        return MUTATION_VERBS[name][dry_run]
 
-    lines = [f"{verb(result['command'])} agent identity {render_identity_line(result['identity'])}"]
+    action = result["auditEvent"]["action"]
+    lines = [f"{verb(action)} agent identity {render_identity_line(result['identity'])}"]
     token = result.get("token")
     if token:
         lines.append(
             f"{verb('issue')} token {token['publicId'] or '(new)'} \"{token['name']}\" "
-            f"with scopes {','.join(token['scopes'])}"
+            f"with scopes {','.join(token['scopes'])}, expiring {render_expiry(token['expiresAt'])}"
         )
     revoked = result.get("revokedTokenPublicIds") or []
     if revoked:
         lines.append(f"{verb('revoke token')} token{'s' if len(revoked) > 1 else ''} {', '.join(revoked)}")
-    lines.append(f"{verb('record')} audit event {result['auditEvent']['action']}")
+    for graced in result.get("gracedTokens") or []:
+        lines.append(f"{'would let' if dry_run else 'let'} token {graced['publicId']} work until {graced['expiresAt']}")
+    lines.append(f"{verb('record')} audit event {action}")
     notes = []
-    if result["dryRun"]:
+    if dry_run:
         notes.append("dry run: nothing was written")
+    elif token and "tokenFile" in token:
+        lines.append(f"token: written to {token['tokenFile']} (mode 0600)")
     elif token:
         lines.append(f"token: {token['secret']}")
         notes.append("store this token now: it is shown once and only its hash is kept")
@@ -1064,6 +1437,7 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
 
 def render_inspect(result: dict) -> list[str]:
     identity = result["identity"]
+    now = datetime.fromisoformat(result["now"].rstrip("Z"))
     lines = [
         f"identity   {identity['slug']} ({identity['publicId']})",
         f"name       {identity['displayName']}",
@@ -1079,7 +1453,7 @@ def render_inspect(result: dict) -> list[str]:
         ["PUBLIC ID", "NAME", "SCOPES", "LIVE", "CREATED", "EXPIRES", "LAST USED", "REVOKED", "ROTATED FROM"],
         [
             [t["publicId"], t["name"], ",".join(t["scopes"]), "yes" if t["live"] else "no", t["createdAt"],
-             t["expiresAt"] or "never", t["lastUsedAt"], t["revokedAt"], t["rotatedFromPublicId"]]
+             render_expiry(t["expiresAt"], now), t["lastUsedAt"], t["revokedAt"], t["rotatedFromPublicId"]]
             for t in identity["tokens"]
         ],
     ))
@@ -1094,13 +1468,28 @@ def render_inspect(result: dict) -> list[str]:
 def render_list(result: dict) -> list[str]:
     if not result["identities"]:
         return [f"no agent identities in workspace {result['workspacePublicId']}"]
+    now = datetime.fromisoformat(result["now"].rstrip("Z"))
     return [format_table(
-        ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "LAST USED", "CREATED", "DISPLAY NAME"],
+        ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "NEXT EXPIRY", "LAST USED", "CREATED", "DISPLAY NAME"],
         [
-            [i["slug"], i["publicId"], i["status"], str(i["liveTokens"]), i["lastUsedAt"], i["createdAt"], i["displayName"]]
+            [i["slug"], i["publicId"], i["status"], str(i["liveTokens"]),
+             render_expiry(i["nextExpiresAt"], now) if i["liveTokens"] else None,
+             i["lastUsedAt"], i["createdAt"], i["displayName"]]
             for i in result["identities"]
         ],
     )]
+
+
+def render_verify(result: dict) -> list[str]:
+    token, identity = result["token"], result["identity"]
+    verdict = "valid" if result["valid"] else f"not valid: {result['reason']}"
+    if token is None:
+        return [verdict]
+    return [
+        verdict,
+        f"token      {token['publicId']}, scopes {','.join(token['scopes'])}, expiring {render_expiry(token['expiresAt'])}",
+        f"identity   {render_identity_line(identity)}",
+    ]
 
 
 class Output:
@@ -1112,6 +1501,7 @@ class Output:
         self.as_json = as_json
 
     def result(self, result: dict) -> None:
+        self.notes(result.get("warnings", []))
         if self.as_json:
             self._json(result)
             return
@@ -1125,10 +1515,15 @@ class Output:
             lines = render_inspect(result)
         elif command == "list":
             lines = render_list(result)
+        elif command == "verify":
+            lines = render_verify(result)
         else:
             lines, notes = render_mutation(result)
         self.stdout.write("\n".join(lines) + "\n")
         self.stdout.flush()
+        self.notes(notes)
+
+    def notes(self, notes: list[str]) -> None:
         for note in notes:
             self.stderr.write(f"{PROG}: {note}\n")
 
@@ -1174,11 +1569,19 @@ examples:
   agent-identity create --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --display-name "Release bot" --token-name ci --scopes boards:read,cards:write \\
       --reason "ticket OPS-12" --dry-run
-  agent-identity create ... --confirm      # prints the token once""",
+  agent-identity create ... --expires-in 30d --token-file release-bot.token --confirm""",
     "rotate": """\
 examples:
   agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "leaked in a log" --confirm
+  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --grace 1h \\
+      --token-file new.token --confirm       # the old token keeps working for an hour
   agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --token-name ci-2025 --dry-run""",
+    "verify": """\
+examples:
+  agent-identity verify < release-bot.token
+  agent-identity verify --token-file release-bot.token --workspace-public-id Ab12Cd34Ef56 --json
+The token is read from standard input or a file, never from the command line;
+exit 0 when valid, 7 when not.""",
     "pause": """\
 example:
   agent-identity pause --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "investigating" --confirm""",
@@ -1186,8 +1589,9 @@ example:
 example:
   agent-identity resume --workspace-public-id Ab12Cd34Ef56 --slug release-bot --confirm""",
     "revoke": """\
-example:
-  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "retired" --confirm""",
+examples:
+  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "retired" --confirm
+  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot --token Tk12Tk34Tk56 --confirm""",
     "inspect": """\
 examples:
   agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot
@@ -1250,6 +1654,13 @@ def build_parser() -> ArgumentParser:
             sub.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
         return sub
 
+    def token_options(sub: argparse.ArgumentParser) -> None:
+        """What create and rotate share: how long the new token lives, and where it goes."""
+        sub.add_argument("--expires-in", type=parse_expires_in, default=EXPIRES_DEFAULT, metavar="DURATION",
+                         help=f"30m, 12h, 90d, 1w ... at most 365d, or never (default {EXPIRES_DEFAULT})")
+        sub.add_argument("--token-file", metavar="PATH",
+                         help="write the token to this new file (mode 0600) instead of stdout; - is stdout")
+
     sub = command("help", "show usage for the tool or one command", workspace=False, slug=False)
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
     command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
@@ -1259,14 +1670,23 @@ def build_parser() -> ArgumentParser:
     sub.add_argument("--token-name", required=True, type=parse_display_name, metavar="T")
     sub.add_argument("--scopes", required=True, type=parse_scopes, metavar="a,b",
                      help=f"comma-separated, from: {', '.join(SCOPES)}")
+    token_options(sub)
 
-    sub = command("rotate", "issue a new token with the same scopes and revoke the live ones", mutating=True)
+    sub = command("rotate", "issue a new token with the same scopes; revoke the live ones, or give them a grace",
+                  mutating=True)
     sub.add_argument("--token-name", type=parse_display_name, metavar="T",
                      help="name of the new token (default: the old one's)")
+    sub.add_argument("--grace", type=parse_grace, default="0", metavar="DURATION",
+                     help="let the old live tokens work this much longer instead of revoking them "
+                          "(at most 7d; default 0: revoke at once)")
+    token_options(sub)
 
     command("pause", "pause an active identity (its tokens stop working until resumed)", mutating=True)
     command("resume", "resume a paused identity", mutating=True)
-    command("revoke", "revoke an identity and all its tokens, for good", mutating=True)
+    sub = command("revoke", "revoke an identity and all its tokens for good, or with --token one token",
+                  mutating=True)
+    sub.add_argument("--token", type=parse_public_id, metavar="TOKEN_PUBLIC_ID",
+                     help="revoke only this token (its public id, as inspect shows), leaving the identity alone")
 
     sub = command("inspect", "show an identity, its tokens and its latest audit events")
     sub.add_argument("--events", type=parse_event_count, default=EVENTS_DEFAULT, metavar="N",
@@ -1274,6 +1694,12 @@ def build_parser() -> ArgumentParser:
 
     sub = command("list", "list a workspace's identities, newest first", slug=False)
     sub.add_argument("--status", choices=STATUSES)
+
+    sub = command("verify", "say whether the server would accept a token (read from stdin), and if not, why",
+                  workspace=False, slug=False)
+    sub.add_argument("--workspace-public-id", type=parse_public_id, metavar="W",
+                     help="the workspace the token must belong to (default: the token's own)")
+    sub.add_argument("--token-file", metavar="PATH", help="read the token from this file instead of stdin")
 
     parser.commands = dict(subparsers.choices)
     return parser
@@ -1288,9 +1714,9 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = args.command
-        return_value = run(args)
-        out.result(return_value)
-        return EXIT_OK
+        result = run(args)
+        out.result(result)
+        return EXIT_INVALID_TOKEN if result.get("valid") is False else EXIT_OK
     except AdminError as exc:
         out.error(command, exc)
         return exc.exit_code

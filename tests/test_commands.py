@@ -1,5 +1,8 @@
 """Every command end to end: the CLI as a subprocess, then the rows it left behind."""
 
+import re
+from datetime import timedelta
+
 import pytest
 from argon2 import PasswordHasher
 
@@ -34,7 +37,7 @@ def test_create_writes_identity_token_and_audit_event(db, operator):
     assert out["identity"]["status"] == "active"
     assert out["identity"]["workspacePublicId"] == operator.workspace["publicId"]
     assert out["token"]["scopes"] == ["boards:read", "cards:write"]
-    assert tool.parse_token(secret) == out["token"]["publicId"]
+    assert tool.parse_token(secret) == (out["token"]["publicId"], None)
 
     identity = identity_row(db, operator, "release-bot")
     assert identity["publicId"] == out["identity"]["publicId"]
@@ -56,7 +59,9 @@ def test_create_writes_identity_token_and_audit_event(db, operator):
         "previousStatus": None, "newStatus": "active", "slug": "release-bot",
         "displayName": "Agent release-bot", "scopes": ["boards:read", "cards:write"],
         "tokenPublicId": token["publicId"], "tokenName": "primary", "toolVersion": tool.__version__,
+        "expiresIn": "90d", "expiresAt": tool.iso(token["expiresAt"]),
     }
+    assert token["expiresAt"] - token["createdAt"] == timedelta(days=90)
 
 
 def test_the_token_is_printed_once_and_stored_nowhere(db, operator):
@@ -65,7 +70,7 @@ def test_the_token_is_printed_once_and_stored_nowhere(db, operator):
     assert result.code == 0, result.stderr
     [secret_line] = [line for line in result.stdout.splitlines() if "kan_agent_" in line]
     token = secret_line.removeprefix("token: ")
-    assert tool.parse_token(token)
+    assert tool.parse_token(token)[1] is None
     assert result.stdout.count(token) == 1
     assert "kan_agent_" not in result.stderr
     assert "shown once" in result.stderr
@@ -317,7 +322,7 @@ def test_inspect_shows_tokens_without_hashes_and_the_latest_events(db, operator)
     assert identity["tokens"][0]["rotatedFromPublicId"] == identity["tokens"][1]["publicId"]
     assert set(identity["tokens"][0]) == {
         "publicId", "name", "scopes", "createdAt", "expiresAt", "lastUsedAt", "revokedAt",
-        "rotatedFromPublicId", "live",
+        "rotatedFromPublicId", "live", "expiringSoon",
     }
     assert [e["action"] for e in identity["events"]] == ["identity.paused", "identity.token_rotated"]
     assert "argon2" not in result.stdout
@@ -352,9 +357,10 @@ def test_list_is_newest_first_and_filters_by_status(operator):
 def test_list_human_output_is_an_aligned_table(operator):
     operator.create("tabled")
     header, row = operator("list", json=False).stdout.splitlines()
-    assert header.startswith("SLUG    PUBLIC ID     STATUS  LIVE TOKENS  LAST USED  CREATED")
+    assert header.startswith("SLUG    PUBLIC ID     STATUS  LIVE TOKENS  NEXT EXPIRY")
     assert row.startswith("tabled  ")
     assert row[header.index("STATUS"):].startswith("active  1 ")
+    assert re.search(r"\(in (89|90) days\)", row[header.index("NEXT EXPIRY"):].split("  ")[0])
 
 
 def test_an_empty_workspace_lists_nothing(operator):

@@ -16,7 +16,7 @@ def test_token_has_the_documented_shape():
     token = tool.new_token(public_id)
     assert re.fullmatch(r"kan_agent_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}", token)
     assert token.startswith(f"kan_agent_{public_id}_")
-    assert tool.parse_token(token) == public_id
+    assert tool.parse_token(token) == (public_id, None)
 
 
 def test_token_checksum_is_crc32_of_everything_before_it():
@@ -36,12 +36,12 @@ def test_a_mistyped_token_fails_its_checksum():
     position = len("kan_agent_") + 20
     replacement = "A" if token[position] != "A" else "B"
     mistyped = token[:position] + replacement + token[position + 1:]
-    assert tool.parse_token(mistyped) is None
+    assert tool.parse_token(mistyped) == (None, "bad_checksum")
 
 
 @pytest.mark.parametrize("text", ["", "kan_agent_", "kan_agent_short_x", "ghp_" + "a" * 40, "kan_agent_" + "a" * 12 + "_" + "b" * 10])
 def test_malformed_tokens_are_rejected(text):
-    assert tool.parse_token(text) is None
+    assert tool.parse_token(text) == (None, "malformed")
 
 
 def test_secrets_differ_and_carry_256_bits():
