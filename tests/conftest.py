@@ -44,8 +44,9 @@ def kan(db):
 def cli(database):
     """Run the CLI against this run's database: cli("list", "--workspace-public-id", ...)."""
 
-    def run(*args: str, env: dict[str, str] | None = None, dsn: str | None = database) -> support.Run:
-        return support.run_cli(list(args), dsn, env)
+    def run(*args: str, env: dict[str, str] | None = None, dsn: str | None = database,
+            input: str | None = None) -> support.Run:
+        return support.run_cli(list(args), dsn, env, input=input)
 
     return run
 

@@ -100,15 +100,18 @@ class Run:
         return json.loads(self.stdout)
 
 
-def run_cli(args: list[str], dsn: str | None, env: dict[str, str] | None = None, timeout: float = 60) -> Run:
+def run_cli(args: list[str], dsn: str | None, env: dict[str, str] | None = None, timeout: float = 60,
+            input: str | None = None, cwd: str | Path | None = None) -> Run:
     """Run agent_identity_admin.py as a subprocess, the way pnpm and operators do."""
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         env=cli_env(dsn, **(env or {})),
-        stdin=subprocess.DEVNULL,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
     )
     return Run(list(args), completed.returncode, completed.stdout, completed.stderr)
 
@@ -204,11 +207,16 @@ class Operator:
     workspace: dict
     email: str
 
-    def __call__(self, command: str, *args: str, json: bool = True) -> Run:
+    def __call__(self, command: str, *args: str, json: bool = True, input: str | None = None) -> Run:
         return self.cli(
             command, "--workspace-public-id", self.workspace["publicId"], *args, *(["--json"] if json else []),
-            env={"AGENT_IDENTITY_ADMIN_EMAIL": self.email},
+            env={"AGENT_IDENTITY_ADMIN_EMAIL": self.email}, input=input,
         )
+
+    def verify(self, token: str, *args: str) -> Run:
+        """verify a token as this operator, handing it over on standard input."""
+        return self.cli("verify", "--json", *args, env={"AGENT_IDENTITY_ADMIN_EMAIL": self.email},
+                        input=token + "\n")
 
     def create(self, slug: str, *args: str, scopes: str = "boards:read,cards:write") -> Run:
         result = self("create", "--slug", slug, "--display-name", f"Agent {slug}", "--token-name", "primary",

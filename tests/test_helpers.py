@@ -142,3 +142,55 @@ def test_redact_hides_the_password():
 def test_format_table_aligns_columns():
     table = tool.format_table(["A", "LONGER"], [["xxxx", None], ["y", "z"]])
     assert table.splitlines() == ["A     LONGER", "xxxx  -", "y     z"]
+
+
+@pytest.mark.parametrize("text, delta", [
+    ("30m", timedelta(minutes=30)), ("12h", timedelta(hours=12)), ("90d", timedelta(days=90)),
+    ("1w", timedelta(weeks=1)), ("365d", timedelta(days=365)), ("52w", timedelta(weeks=52)),
+])
+def test_expiry_durations(text, delta):
+    assert tool.parse_expires_in(text) == tool.Duration(text, delta)
+
+
+def test_never_must_be_said_by_name():
+    assert tool.parse_expires_in("never") == tool.Duration("never", None)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("366d", "longer than the limit of 365 days"), ("53w", "longer than the limit of 365 days"),
+    ("8761h", "longer than the limit of 365 days"), ("0d", "longer than zero"), ("0", "not a duration"),
+    ("90", "not a duration"), ("1y", "not a duration"), ("-1d", "not a duration"), ("1.5d", "not a duration"),
+    ("", "not a duration"), ("9999999d", "not a duration"),
+])
+def test_bad_expiry_durations(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        tool.parse_expires_in(text)
+
+
+def test_grace_is_zero_to_seven_days():
+    assert tool.parse_grace("0") == tool.Duration("0", timedelta(0))
+    assert tool.parse_grace("0m").delta == timedelta(0)
+    assert tool.parse_grace("7d").delta == timedelta(days=7)
+    assert tool.parse_grace("1w").delta == timedelta(days=7)
+    with pytest.raises(argparse.ArgumentTypeError, match="limit of 7 days"):
+        tool.parse_grace("169h")
+    with pytest.raises(argparse.ArgumentTypeError, match="not a duration"):
+        tool.parse_grace("never")
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (12 * 86400 + 5, "in 12 days"), (86400, "in 1 day"), (3 * 3600 + 59, "in 3 hours"), (61, "in 1 minute"),
+    (30, "in less than a minute"), (-3 * 86400, "3 days ago"), (-7200, "2 hours ago"),
+])
+def test_relative_times(seconds, text):
+    now = datetime(2026, 1, 1)
+    assert tool.relative(now + timedelta(seconds=seconds), now) == text
+
+
+def test_token_shaped_text_is_scrubbed_from_messages():
+    token = tool.new_token(tool.new_public_id())
+    assert tool.scrub_tokens(f"bad value {token}!") == (
+        "bad value kan_agent_***! (a token on the command line lands in shell history and the process list: rotate it)"
+    )
+    assert tool.scrub_tokens("kan_agent_partial_") .startswith("kan_agent_*** ")
+    assert tool.scrub_tokens("nothing to see") == "nothing to see"

@@ -1,0 +1,98 @@
+"""The server's side, proven: server/verify-agent-token.ts, run by Node, agrees with `verify`.
+
+Skipped where node or npm is absent (and AGENT_IDENTITY_REQUIRE_NODE, which
+CI sets, is not). Where they are present, the session installs server/'s
+locked dependencies itself (npm ci), so the README's test command is enough.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+import agent_identity_admin as tool
+from tests import support
+
+SERVER = support.REPO / "server"
+VERIFIER = SERVER / "verify-agent-token.ts"
+
+
+@pytest.fixture(scope="session")
+def node_bin() -> Path:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        if os.environ.get("AGENT_IDENTITY_REQUIRE_NODE"):
+            pytest.fail("AGENT_IDENTITY_REQUIRE_NODE is set but node or npm is missing")
+        pytest.skip("node and npm are needed to run the server-side verifier")
+    if not (SERVER / "node_modules" / ".package-lock.json").exists():
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=SERVER, check=True,
+                       capture_output=True, timeout=600)
+    return SERVER / "node_modules" / ".bin"
+
+
+def node_verdicts(node_bin: Path, database: str, tokens: list[str]) -> list[dict]:
+    """Run the TypeScript verifier over the tokens, connected through libpq's PG* variables."""
+    params = conninfo_to_dict(database)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
+    env.update(PGHOST=params.get("host", "localhost"), PGPORT=str(params.get("port", 5432)),
+               PGUSER=params.get("user", "postgres"), PGDATABASE=params["dbname"],
+               PGPASSWORD=params.get("password", ""))
+    completed = subprocess.run([str(node_bin / "tsx"), str(VERIFIER)], input="\n".join(tokens) + "\n",
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    return [json.loads(line) for line in completed.stdout.splitlines()]
+
+
+def test_node_and_verify_agree_on_every_token(db, operator, node_bin, database):
+    tokens = {}
+    first = operator.create("node-rotated").json["token"]["secret"]
+    tokens["rotated out"] = first
+    tokens["valid"] = operator("rotate", "--slug", "node-rotated", "--confirm").json["token"]["secret"]
+    expired = operator.create("node-expired").json["token"]
+    db.execute("""UPDATE agent_token SET "expiresAt" = timezone('utc', now()) - interval '1 minute'
+                  WHERE "publicId" = %s""", (expired["publicId"],))
+    tokens["expired"] = expired["secret"]
+    tokens["paused"] = operator.create("node-paused").json["token"]["secret"]
+    operator("pause", "--slug", "node-paused", "--confirm")
+    tokens["revoked"] = operator.create("node-revoked").json["token"]["secret"]
+    operator("revoke", "--slug", "node-revoked", "--confirm")
+    tokens["malformed"] = first[:-1]
+    tokens["bad checksum"] = first[:-7] + ("A" if first[-7] != "A" else "B") + first[-6:]
+    tokens["unknown"] = tool.new_token(tool.new_public_id())
+    body = first[: len("kan_agent_") + 13] + "Z" * 43
+    tokens["hash mismatch"] = body + tool.token_checksum(body)
+
+    expected = {
+        "rotated out": "token_revoked", "valid": None, "expired": "token_expired", "paused": "identity_paused",
+        "revoked": "token_revoked", "malformed": "malformed", "bad checksum": "bad_checksum",
+        "unknown": "unknown_token", "hash mismatch": "hash_mismatch",
+    }
+    cli_reasons = {name: operator.verify(token).json["reason"] for name, token in tokens.items()}
+    node = dict(zip(tokens, node_verdicts(node_bin, database, list(tokens.values()))))
+    node_reasons = {name: None if verdict["valid"] else verdict["reason"] for name, verdict in node.items()}
+    assert cli_reasons == expected
+    assert node_reasons == expected
+    assert node["valid"]["scopes"] == ["boards:read", "cards:write"]
+
+    db.execute('UPDATE workspace SET "deletedAt" = now() WHERE id = %s', (operator.workspace["id"],))
+    try:
+        assert operator.verify(tokens["valid"]).json["reason"] == "workspace_deleted"
+        assert node_verdicts(node_bin, database, [tokens["valid"]]) == [{"valid": False, "reason": "workspace_deleted"}]
+    finally:
+        db.execute('UPDATE workspace SET "deletedAt" = NULL WHERE id = %s', (operator.workspace["id"],))
+
+
+def test_the_verifier_typechecks(node_bin):
+    completed = subprocess.run([str(node_bin / "tsc"), "--noEmit", "-p", str(SERVER)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_docs_show_the_verifier_as_it_is():
+    """docs/tokens.md quotes server/verify-agent-token.ts whole, so the two cannot drift."""
+    doc = (support.REPO / "docs" / "tokens.md").read_text()
+    assert "```ts\n" + VERIFIER.read_text() + "```\n" in doc
