@@ -153,7 +153,7 @@ exit codes:
   5  conflict or invalid state (slug taken, identity revoked, ...)
   6  database unreachable, or the agent tables are missing (apply `agent-identity schema`)
   7  verify: the token is not valid (the output says why)
-  130 interrupted (Ctrl-C); the transaction was rolled back"""
+  130 interrupted (Ctrl-C); a transaction not yet committed was rolled back"""
 
 
 class AdminError(Exception):
@@ -1733,7 +1733,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         out.error(command, exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        out.error(command, AdminError(EXIT_INTERRUPTED, "interrupted; nothing was written"))
+        out.error(command, AdminError(EXIT_INTERRUPTED, "interrupted; a change not yet committed was rolled back"))
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`list | head`): stop quietly.
