@@ -99,6 +99,15 @@ SLUG_MAX = 64
 NAME_MAX = 255
 REASON_MAX = 1000
 EMAIL_MAX = 255
+# Session limits: how long to wait for another session's lock on an identity
+# (--lock-timeout), the longest any statement may run, and how long a
+# transaction may sit idle (a suspended tool must not hold locks for ever).
+LOCK_TIMEOUT_DEFAULT = "5"
+LOCK_TIMEOUT_MAX = 600
+STATEMENT_TIMEOUT_MS = 30_000
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+CONNECT_TIMEOUT_DEFAULT = 5
+PATH_MAX = 4096
 EVENTS_DEFAULT = 10
 EVENTS_MAX = 1000
 
@@ -163,6 +172,18 @@ class AdminError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.message = message
+
+
+class AccessDenied(AdminError):
+    """Exit 4 from the access check, with what its access.denied audit event records."""
+
+    def __init__(self, message: str, *, workspace_id: int, actor_id, condition: str,
+                 token_public_id: str | None = None):
+        super().__init__(EXIT_FORBIDDEN, message)
+        self.workspace_id = workspace_id
+        self.actor_id = actor_id
+        self.condition = condition
+        self.token_public_id = token_public_id
 
 
 # --- Pure helpers: validation -----------------------------------------------
@@ -268,8 +289,32 @@ def parse_grace(value: str) -> Duration:
     return parse_duration(value, maximum=GRACE_MAX, allow_zero=True)
 
 
+def parse_lock_timeout(value: str) -> float:
+    """Seconds to wait for a lock: more than 0, at most 600."""
+    try:
+        seconds = float(value) if value.isascii() else float("nan")
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= LOCK_TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most {LOCK_TIMEOUT_MAX}")
+    return seconds
+
+
+def parse_path(value: str) -> str:
+    """A file path: anything the system allows, which excludes NUL."""
+    if not value or "\x00" in value or len(value) > PATH_MAX:
+        raise argparse.ArgumentTypeError("is not a usable file path")
+    return value
+
+
+def parse_database_url(value: str) -> str:
+    if "\x00" in value:
+        raise argparse.ArgumentTypeError("contains a NUL byte")
+    return value
+
+
 def parse_event_count(value: str) -> int:
-    if not value.isdigit() or int(value) > EVENTS_MAX:
+    if not (value.isascii() and value.isdigit()) or int(value) > EVENTS_MAX:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {EVENTS_MAX}")
     return int(value)
 
@@ -462,8 +507,8 @@ def schema_sql() -> str:
 # --- Database access --------------------------------------------------------
 
 
-def connect(url: str):
-    """Open a connection with UTC, our application_name and a connect timeout.
+def connect(url: str, lock_timeout: float):
+    """Open a connection with UTC, our application_name, and time limits on everything.
 
     The password is never part of a message: libpq echoes fragments of a bad
     connection string, so that error gets a message of our own.
@@ -478,9 +523,15 @@ def connect(url: str):
             EXIT_USAGE, "the database URL is not valid (check --database-url, DATABASE_URL or POSTGRES_URL)"
         ) from None
     password = params.get("password") or os.environ.get("PGPASSWORD")
-    params["options"] = " ".join(filter(None, [params.get("options"), "-c TimeZone=UTC"]))
+    params["options"] = " ".join(filter(None, [
+        params.get("options"),
+        "-c TimeZone=UTC",
+        f"-c lock_timeout={int(lock_timeout * 1000)}",
+        f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+    ]))
     params["application_name"] = APPLICATION_NAME
-    params.setdefault("connect_timeout", os.environ.get("PGCONNECT_TIMEOUT") or 5)
+    params.setdefault("connect_timeout", os.environ.get("PGCONNECT_TIMEOUT") or CONNECT_TIMEOUT_DEFAULT)
     try:
         return psycopg.connect(**params, autocommit=True)
     except psycopg.Error as exc:
@@ -492,10 +543,21 @@ def connect(url: str):
         ) from None
 
 
-def database_error(exc: Exception) -> AdminError:
+def database_error(exc: Exception, lock_timeout: float) -> AdminError:
     """Translate a psycopg error met while running a command."""
     from psycopg import errors
 
+    if isinstance(exc, errors.LockNotAvailable):
+        return AdminError(
+            EXIT_CONFLICT,
+            f"the identity is busy: another session is changing it (waited {lock_timeout:g} s for its lock); "
+            "nothing was written: try again, or wait longer with --lock-timeout",
+        )
+    if isinstance(exc, errors.QueryCanceled):
+        return AdminError(
+            EXIT_DATABASE,
+            f"the database did not answer within {STATEMENT_TIMEOUT_MS // 1000} s; nothing was written",
+        )
     if isinstance(exc, (errors.UndefinedTable, errors.UndefinedObject, errors.UndefinedColumn)):
         missing = exc.diag.message_primary or str(exc)
         if "agent_" in missing:
@@ -707,6 +769,19 @@ subject AS (
 )""" + AUDIT_INSERT
 
 
+# A refused attempt, recorded in a transaction of its own after the
+# command's has rolled back: what was tried, by whom, and which condition failed.
+ACCESS_DENIED_SQL = """
+INSERT INTO agent_audit_event
+    ("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action,
+     "actorUserId", "actorEmail", reason, metadata)
+SELECT %(audit_public_id)s, %(workspace_id)s,
+       (SELECT i."id" FROM agent_identity i WHERE i."workspaceId" = %(workspace_id)s AND i.slug = %(slug)s),
+       (SELECT t."id" FROM agent_token t JOIN agent_identity i ON i."id" = t."agentIdentityId"
+        WHERE i."workspaceId" = %(workspace_id)s AND t."publicId" = %(token_public_id)s),
+       'access.denied', %(actor_id)s, %(actor_email)s, %(reason)s, %(metadata)s
+"""
+
 REVOKE_TOKEN_SQL = RETIRE_TOKENS + TOUCH_IDENTITY + """,
 subject AS (
     SELECT %(identity_id)s::bigint AS identity_id, %(token_id)s::bigint AS token_id
@@ -755,14 +830,15 @@ def check_access(
         raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} not found")
     if row["workspace_deleted"] and not allow_deleted:
         raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} has been deleted")
+    denied = {"workspace_id": row["workspace_id"], "actor_id": row["actor_id"]}
     if row["actor_id"] is None:
-        raise AdminError(EXIT_FORBIDDEN, f"no Kan user has the email {email}")
+        raise AccessDenied(f"no Kan user has the email {email}", condition="not_a_kan_user", **denied)
     if not row["is_member"]:
-        raise AdminError(EXIT_FORBIDDEN, f"{row['actor_email']} is not an active member of workspace {workspace}")
+        raise AccessDenied(f"{row['actor_email']} is not an active member of workspace {workspace}",
+                           condition="not_an_active_member", **denied)
     if not row["is_manager"]:
-        raise AdminError(
-            EXIT_FORBIDDEN, f"{row['actor_email']} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}"
-        )
+        raise AccessDenied(f"{row['actor_email']} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
+                           condition="lacks_workspace_manage", **denied)
     identity = row["identity"]
     if slug is not None and identity is None and must_exist:
         raise AdminError(EXIT_NOT_FOUND, f"no agent identity {slug} in workspace {workspace}")
@@ -794,6 +870,34 @@ def write(conn, statement: str, params: dict) -> dict:
 
     params = dict(params, metadata=Jsonb(params["metadata"]))
     return conn.execute(statement, params).fetchone()[0]
+
+
+def record_denial(conn, args: argparse.Namespace, denied: AccessDenied) -> None:
+    """Write the access.denied event of a refused command, in its own transaction."""
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    params = {
+        "audit_public_id": new_public_id(),
+        "workspace_id": denied.workspace_id,
+        "slug": getattr(args, "slug", None),
+        "token_public_id": denied.token_public_id,
+        "actor_id": denied.actor_id,
+        "actor_email": args.actor_email,
+        "reason": getattr(args, "reason", None),
+        "metadata": Jsonb({
+            "command": args.command,
+            "condition": denied.condition,
+            "slug": getattr(args, "slug", None),
+            "tokenPublicId": denied.token_public_id,
+            "toolVersion": __version__,
+        }),
+    }
+    try:
+        with conn.transaction():
+            conn.execute(ACCESS_DENIED_SQL, params)
+    except psycopg.Error as exc:
+        denied.message += f" (this refusal could not be audited: {exc.diag.message_primary or type(exc).__name__})"
 
 
 def audit_params(args: argparse.Namespace, access: dict, action: str, metadata: dict) -> dict:
@@ -1300,11 +1404,13 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
         if not args.workspace_public_id:
             try:
                 check_access(conn, row["workspacePublicId"], args.actor_email, allow_deleted=True)
-            except AdminError as exc:
-                # Say nothing about the token, not even its workspace.
-                raise AdminError(
-                    exc.exit_code, f"{args.actor_email} may not verify this token: that needs "
-                    f"{MANAGE_PERMISSION} in the token's workspace"
+            except AccessDenied as denied:
+                # Say nothing about the token, not even its workspace; the audit event knows.
+                raise AccessDenied(
+                    f"{args.actor_email} may not verify this token: that needs {MANAGE_PERMISSION} "
+                    "in the token's workspace",
+                    workspace_id=denied.workspace_id, actor_id=denied.actor_id, condition=denied.condition,
+                    token_public_id=args.token_public_id,
                 ) from None
     try:
         PasswordHasher().verify(row["tokenHash"], args.presented_token)
@@ -1362,11 +1468,15 @@ def run(args: argparse.Namespace) -> dict:
 
     import psycopg
 
-    conn = connect(url)
+    conn = connect(url, args.lock_timeout)
     try:
         return DATABASE_COMMANDS[args.command](conn, args)
+    except AccessDenied as denied:
+        if not args.dry_run:
+            record_denial(conn, args, denied)
+        raise
     except psycopg.Error as exc:
-        raise database_error(exc) from exc
+        raise database_error(exc, args.lock_timeout) from exc
     finally:
         conn.close()
 
@@ -1567,11 +1677,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", metavar="URL",
+    parser.add_argument("--database-url", metavar="URL", type=parse_database_url,
                         help="PostgreSQL URL (default: DATABASE_URL, else POSTGRES_URL, else libpq's PG* variables)")
     parser.add_argument("--admin-user-email", metavar="EMAIL",
                         help="the Kan user you act as (default: AGENT_IDENTITY_ADMIN_EMAIL)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    parser.add_argument("--lock-timeout", type=parse_lock_timeout, metavar="SECONDS",
+                        help=f"how long to wait while another session changes the same identity "
+                             f"(default {LOCK_TIMEOUT_DEFAULT}); then exit 5, nothing written")
     parser.add_argument("--debug", action="store_true", help="show a traceback for internal errors")
 
 
@@ -1646,6 +1759,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     add_global_options(parser)
+    parser.set_defaults(lock_timeout=parse_lock_timeout(LOCK_TIMEOUT_DEFAULT))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, *, workspace: bool = True, slug: bool = True, mutating: bool = False):
@@ -1670,7 +1784,7 @@ def build_parser() -> ArgumentParser:
         """What create and rotate share: how long the new token lives, and where it goes."""
         sub.add_argument("--expires-in", type=parse_expires_in, default=EXPIRES_DEFAULT, metavar="DURATION",
                          help=f"30m, 12h, 90d, 1w ... at most 365d, or never (default {EXPIRES_DEFAULT})")
-        sub.add_argument("--token-file", metavar="PATH",
+        sub.add_argument("--token-file", metavar="PATH", type=parse_path,
                          help="write the token to this new file (mode 0600) instead of stdout; - is stdout")
 
     sub = command("help", "show usage for the tool or one command", workspace=False, slug=False)
@@ -1711,7 +1825,8 @@ def build_parser() -> ArgumentParser:
                   workspace=False, slug=False)
     sub.add_argument("--workspace-public-id", type=parse_public_id, metavar="W",
                      help="the workspace the token must belong to (default: the token's own)")
-    sub.add_argument("--token-file", metavar="PATH", help="read the token from this file instead of stdin")
+    sub.add_argument("--token-file", metavar="PATH", type=parse_path,
+                     help="read the token from this file instead of stdin")
 
     parser.commands = dict(subparsers.choices)
     return parser

@@ -223,3 +223,17 @@ class Operator:
                       "--scopes", scopes, "--confirm", *args)
         assert result.code == 0, result.stderr + result.stdout
         return result
+
+
+def added_rows(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Rows present after and not before, by table; fails if any row changed or went away."""
+    import json
+
+    added = {}
+    for table, rows in after.items():
+        gone = set(before[table]) - set(rows)
+        assert not gone, f"{table}: rows changed or deleted: {sorted(gone)[:3]}"
+        new = sorted(set(rows) - set(before[table]))
+        if new:
+            added[table] = [json.loads(row) for row in new]
+    return added

@@ -8,6 +8,7 @@ else the legacy role decides, and only admin manages.
 
 import pytest
 
+import agent_identity_admin as tool
 from tests import support
 
 MANAGE = "workspace:manage"
@@ -111,16 +112,46 @@ def test_soft_deleted_workspace_is_not_found(kan, cli):
     assert result.json["error"]["message"] == f"workspace {workspace['publicId']} has been deleted"
 
 
-def test_a_refused_mutation_writes_nothing(kan, cli, db):
+def test_a_refused_mutation_writes_only_its_access_denied_event(kan, cli, db):
     workspace, member = kan.workspace(), kan.user()
     kan.member(workspace, member, role="member")
+    intruder = support.Operator(cli, workspace, member["email"])
+    attempt = ["create", "--slug", "sneaky", "--display-name", "Sneaky", "--token-name", "t",
+               "--scopes", "boards:read", "--reason", "just looking"]
+
     before = support.snapshot(db)
-    result = support.Operator(cli, workspace, member["email"])(
-        "create", "--slug", "sneaky", "--display-name", "Sneaky", "--token-name", "t",
-        "--scopes", "boards:read", "--confirm",
-    )
-    assert result.code == 4
-    assert support.snapshot(db) == before
+    assert intruder(*attempt, "--dry-run").code == 4
+    assert support.snapshot(db) == before, "a refused dry run writes nothing at all"
+
+    assert intruder(*attempt, "--confirm").code == 4
+    [event] = support.added_rows(before, support.snapshot(db)).pop("agent_audit_event")
+    assert support.added_rows(before, support.snapshot(db)).keys() == {"agent_audit_event"}
+    assert event["action"] == "access.denied"
+    assert (event["actorEmail"], event["actorUserId"]) == (member["email"], str(member["id"]))
+    assert (event["workspaceId"], event["agentIdentityId"], event["reason"]) == (workspace["id"], None, "just looking")
+    assert event["metadata"] == {"command": "create", "condition": "lacks_workspace_manage", "slug": "sneaky",
+                                 "tokenPublicId": None, "toolVersion": tool.__version__}
+
+
+@pytest.mark.parametrize("setup, condition", [
+    (lambda kan, ws: kan.user(), "not_an_active_member"),
+    (lambda kan, ws: {"email": "ghost@example.com", "id": None}, "not_a_kan_user"),
+])
+def test_each_refusal_names_its_condition(kan, cli, db, setup, condition):
+    workspace = kan.workspace()
+    actor = setup(kan, workspace)
+    before = support.snapshot(db)
+    assert support.Operator(cli, workspace, actor["email"])("list").code == 4
+    [event] = support.added_rows(before, support.snapshot(db))["agent_audit_event"]
+    assert (event["metadata"]["condition"], event["metadata"]["command"]) == (condition, "list")
+    assert event["actorEmail"] == actor["email"]
+
+
+def test_a_missing_workspace_records_no_denial(kan, cli, db):
+    user = kan.user()
+    before = support.snapshot(db)
+    assert support.Operator(cli, {"publicId": "Zz11Zz11Zz11"}, user["email"])("list").code == 3
+    assert support.added_rows(before, support.snapshot(db)) == {}
 
 
 def test_managing_workspace_a_gives_no_power_over_workspace_b(kan, cli, db, operator):
@@ -139,5 +170,11 @@ def test_managing_workspace_a_gives_no_power_over_workspace_b(kan, cli, db, oper
 
     own_workspace_other_slug = operator("revoke", "--slug", "b-bot", "--confirm")
     assert own_workspace_other_slug.code == 3
-    assert support.snapshot(db) == before
-    assert other("inspect", "--slug", "b-bot").json["identity"]["status"] == "active"
+    added = support.added_rows(before, support.snapshot(db))
+    assert added.keys() == {"agent_audit_event"}, "nothing but the record of the refusals"
+    assert [(e["action"], e["metadata"]["command"]) for e in added["agent_audit_event"]] == [
+        ("access.denied", command) for command in ("rotate", "revoke", "pause", "inspect", "list")]
+    inspected = other("inspect", "--slug", "b-bot").json["identity"]
+    assert inspected["status"] == "active"
+    assert [e["action"] for e in inspected["events"]][:4] == ["access.denied"] * 4, "the owner sees the attempts"
+    assert inspected["events"][0]["actorEmail"] == operator.email

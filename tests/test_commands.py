@@ -400,14 +400,16 @@ def test_a_database_without_kan_tables_is_named_as_such(server_dsn, cli):
     assert "does not look like a Kan database" in result.stderr
 
 
-def test_the_session_is_utc_and_named(database):
-    """connect() sets TimeZone and application_name, keeping options the URL already has."""
+def test_the_session_is_utc_named_and_time_limited(database):
+    """connect() sets the zone, name and time limits, keeping options the URL already has."""
     url = database + " options='-c search_path=public'"
-    with tool.connect(url) as conn:
+    with tool.connect(url, lock_timeout=2.5) as conn:
         settings = conn.execute(
-            "SELECT current_setting('TimeZone'), current_setting('application_name'), current_setting('search_path')"
+            """SELECT current_setting('TimeZone'), current_setting('application_name'),
+                      current_setting('search_path'), current_setting('lock_timeout'),
+                      current_setting('statement_timeout'), current_setting('idle_in_transaction_session_timeout')"""
         ).fetchone()
-    assert settings == ("UTC", "agent-identity", "public")
+    assert settings == ("UTC", "agent-identity", "public", "2500ms", "30s", "1min")
 
 
 def test_timestamps_are_utc_whatever_the_database_zone(db, operator):

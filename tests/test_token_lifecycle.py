@@ -261,11 +261,15 @@ def test_each_reason_a_server_refuses_for(db, kan, cli, operator):
         db.execute('UPDATE workspace SET "deletedAt" = NULL WHERE id = %s', (operator.workspace["id"],))
 
 
-def test_verify_needs_manage_on_the_tokens_workspace_and_says_nothing_else(kan, cli, operator):
+def test_verify_needs_manage_on_the_tokens_workspace_and_says_nothing_else(kan, cli, db, operator):
     token = operator.create("private").json["token"]
     outsider_workspace, outsider = kan.managed_workspace()
+    before = support.snapshot(db)
     result = cli("verify", "--json", env={"AGENT_IDENTITY_ADMIN_EMAIL": outsider["email"]}, input=token["secret"])
     assert result.code == 4
+    [event] = support.added_rows(before, support.snapshot(db))["agent_audit_event"]
+    assert (event["action"], event["workspaceId"]) == ("access.denied", operator.workspace["id"])
+    assert event["metadata"]["tokenPublicId"] == token["publicId"] and event["agentTokenId"] is not None
     message = result.json["error"]["message"]
     assert message == f"{outsider['email']} may not verify this token: that needs workspace:manage in the token's workspace"
     assert operator.workspace["publicId"] not in result.stdout + result.stderr
