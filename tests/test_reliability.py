@@ -1,0 +1,157 @@
+"""Concurrency and faults: nothing lost, nothing half-written, nothing hung, no traceback."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from tests import scenarios, support
+
+
+def assert_clean(figures: scenarios.Figures):
+    assert figures.tracebacks == 0, figures.problems
+    assert figures.undocumented_exits == 0, figures.problems
+    assert figures.lost_writes == 0, figures.problems
+    assert figures.problems == []
+
+
+def test_sixteen_concurrent_rotations(database, operator):
+    operator.create("spinner")
+    figures = scenarios.concurrent_rotations(database, operator.workspace, operator.email, "spinner")
+    assert_clean(figures)
+    assert figures.successes == 16, figures.exit_codes
+
+
+def test_sixteen_concurrent_creates_of_one_slug(database, operator):
+    figures = scenarios.concurrent_creates(database, operator.workspace, operator.email, "contested")
+    assert_clean(figures)
+    assert figures.exit_codes == {0: 1, 5: 15}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_concurrent_mixed_changes_replay_to_the_final_state(database, operator, seed):
+    operator.create(f"mixed-{seed}")
+    figures = scenarios.concurrent_mixed(database, operator.workspace, operator.email, f"mixed-{seed}", seed=seed)
+    assert_clean(figures)
+    assert set(figures.exit_codes) <= {0, 5}
+
+
+# --- faults -------------------------------------------------------------------
+
+
+class HeldLock:
+    """Another session holding the identity's row lock, as a concurrent operator would."""
+
+    def __init__(self, dsn: str, workspace_id: int, slug: str):
+        self.conn = psycopg.connect(dsn)
+        self.conn.execute('SELECT id FROM agent_identity WHERE "workspaceId" = %s AND slug = %s FOR UPDATE',
+                          (workspace_id, slug))
+
+    def release(self):
+        self.conn.rollback()
+        self.conn.close()
+
+
+def start(database, email, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(support.SCRIPT), *args],
+                            env=support.cli_env(database, AGENT_IDENTITY_ADMIN_EMAIL=email),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def waiting_backend(db, timeout: float = 15) -> int:
+    """The pid of the tool's backend once it waits on a lock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = db.execute("""SELECT pid FROM pg_stat_activity
+                            WHERE application_name = 'agent-identity' AND wait_event_type = 'Lock'""").fetchone()
+        if row:
+            return row[0]
+        time.sleep(0.05)
+    raise AssertionError("the tool never waited on the lock")
+
+
+def test_a_held_lock_makes_the_tool_give_up_after_the_lock_timeout(db, database, operator):
+    operator.create("held")
+    before = support.snapshot(db)
+    lock = HeldLock(database, operator.workspace["id"], "held")
+    try:
+        started = time.monotonic()
+        result = operator("rotate", "--slug", "held", "--lock-timeout", "1", "--confirm")
+        elapsed = time.monotonic() - started
+    finally:
+        lock.release()
+    assert result.code == 5
+    assert result.json["error"]["message"].startswith(
+        "the identity is busy: another session is changing it (waited 1 s for its lock); nothing was written")
+    assert 1 <= elapsed < 4
+    assert support.snapshot(db) == before
+
+
+def test_a_killed_connection_is_exit_6_with_nothing_written(db, database, operator):
+    operator.create("severed")
+    before = support.snapshot(db)
+    lock = HeldLock(database, operator.workspace["id"], "severed")
+    try:
+        process = start(database, operator.email, "rotate", "--workspace-public-id", operator.workspace["publicId"],
+                        "--slug", "severed", "--lock-timeout", "30", "--confirm")
+        db.execute("SELECT pg_terminate_backend(%s)", (waiting_backend(db),))
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        lock.release()
+    assert process.returncode == 6, stderr
+    assert stderr.startswith("agent-identity: error: lost the database connection: ")
+    assert stderr.rstrip().endswith("nothing was written")
+    assert len(stderr.splitlines()) == 1 and stdout == ""
+    assert support.snapshot(db) == before
+
+
+def test_ctrl_c_during_a_mutation_rolls_back(db, database, operator):
+    operator.create("interrupted")
+    before = support.snapshot(db)
+    lock = HeldLock(database, operator.workspace["id"], "interrupted")
+    try:
+        process = start(database, operator.email, "revoke", "--workspace-public-id", operator.workspace["publicId"],
+                        "--slug", "interrupted", "--lock-timeout", "30", "--confirm")
+        waiting_backend(db)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        lock.release()
+    assert process.returncode == 130, stderr
+    assert stderr == "agent-identity: error: interrupted; a change not yet committed was rolled back\n"
+    assert support.snapshot(db) == before
+
+
+def test_a_server_that_never_answers_is_exit_6_within_the_connect_timeout():
+    """A port that accepts connections but never speaks PostgreSQL."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    try:
+        started = time.monotonic()
+        result = support.run_cli(["list", "--workspace-public-id", "Ab12Cd34Ef56"],
+                                 f"postgresql://admin:Hush-Hush-42@127.0.0.1:{port}/kan",
+                                 {"AGENT_IDENTITY_ADMIN_EMAIL": "a@example.com"})
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    assert result.code == 6
+    assert result.stderr.startswith(f"agent-identity: error: cannot connect to the database at 127.0.0.1:{port}: ")
+    assert "Hush-Hush-42" not in result.stderr
+    assert 4 <= elapsed < 9, elapsed
+
+
+def test_a_refused_port_is_exit_6_at_once():
+    started = time.monotonic()
+    result = support.run_cli(["list", "--workspace-public-id", "Ab12Cd34Ef56"],
+                             "postgresql://admin:Hush-Hush-42@127.0.0.1:9/kan",
+                             {"AGENT_IDENTITY_ADMIN_EMAIL": "a@example.com"})
+    assert result.code == 6
+    assert "127.0.0.1:9" in result.stderr and "Hush-Hush-42" not in result.stderr
+    assert time.monotonic() - started < 3
