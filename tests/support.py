@@ -237,3 +237,28 @@ def added_rows(before: dict[str, list[str]], after: dict[str, list[str]]) -> dic
         if new:
             added[table] = [json.loads(row) for row in new]
     return added
+
+
+LEAST_PRIVILEGE_MARKER = "<!-- least-privilege-sql:"
+LEAST_PRIVILEGE_ROLE = "agent_identity_admin"
+
+
+def least_privilege_sql(role: str, password: str) -> str:
+    """docs/security.md's least-privilege block, for another role name and password."""
+    doc = (REPO / "docs" / "security.md").read_text()
+    block = doc.split(LEAST_PRIVILEGE_MARKER, 1)[1].split("```sql\n", 1)[1].split("```", 1)[0]
+    return block.replace(LEAST_PRIVILEGE_ROLE, role).replace("'change-me'", f"'{password}'")
+
+
+@contextlib.contextmanager
+def least_privilege_role(dsn: str):
+    """Create the documented role (under a name of its own) and yield a DSN connecting as it."""
+    role, password = f"{LEAST_PRIVILEGE_ROLE}_{secrets.token_hex(4)}", secrets.token_hex(12)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(least_privilege_sql(role, password))
+    try:
+        yield make_conninfo(dsn, user=role, password=password)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')

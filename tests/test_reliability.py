@@ -20,23 +20,23 @@ def assert_clean(figures: scenarios.Figures):
     assert figures.problems == []
 
 
-def test_sixteen_concurrent_rotations(database, operator):
+def test_sixteen_concurrent_rotations(cli_dsn, operator):
     operator.create("spinner")
-    figures = scenarios.concurrent_rotations(database, operator.workspace, operator.email, "spinner")
+    figures = scenarios.concurrent_rotations(cli_dsn, operator.workspace, operator.email, "spinner")
     assert_clean(figures)
     assert figures.successes == 16, figures.exit_codes
 
 
-def test_sixteen_concurrent_creates_of_one_slug(database, operator):
-    figures = scenarios.concurrent_creates(database, operator.workspace, operator.email, "contested")
+def test_sixteen_concurrent_creates_of_one_slug(cli_dsn, operator):
+    figures = scenarios.concurrent_creates(cli_dsn, operator.workspace, operator.email, "contested")
     assert_clean(figures)
     assert figures.exit_codes == {0: 1, 5: 15}
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_concurrent_mixed_changes_replay_to_the_final_state(database, operator, seed):
+def test_concurrent_mixed_changes_replay_to_the_final_state(cli_dsn, operator, seed):
     operator.create(f"mixed-{seed}")
-    figures = scenarios.concurrent_mixed(database, operator.workspace, operator.email, f"mixed-{seed}", seed=seed)
+    figures = scenarios.concurrent_mixed(cli_dsn, operator.workspace, operator.email, f"mixed-{seed}", seed=seed)
     assert_clean(figures)
     assert set(figures.exit_codes) <= {0, 5}
 
@@ -92,12 +92,12 @@ def test_a_held_lock_makes_the_tool_give_up_after_the_lock_timeout(db, database,
     assert support.snapshot(db) == before
 
 
-def test_a_killed_connection_is_exit_6_with_nothing_written(db, database, operator):
+def test_a_killed_connection_is_exit_6_with_nothing_written(db, database, cli_dsn, operator):
     operator.create("severed")
     before = support.snapshot(db)
     lock = HeldLock(database, operator.workspace["id"], "severed")
     try:
-        process = start(database, operator.email, "rotate", "--workspace-public-id", operator.workspace["publicId"],
+        process = start(cli_dsn, operator.email, "rotate", "--workspace-public-id", operator.workspace["publicId"],
                         "--slug", "severed", "--lock-timeout", "30", "--confirm")
         db.execute("SELECT pg_terminate_backend(%s)", (waiting_backend(db),))
         stdout, stderr = process.communicate(timeout=30)
@@ -110,12 +110,12 @@ def test_a_killed_connection_is_exit_6_with_nothing_written(db, database, operat
     assert support.snapshot(db) == before
 
 
-def test_ctrl_c_during_a_mutation_rolls_back(db, database, operator):
+def test_ctrl_c_during_a_mutation_rolls_back(db, database, cli_dsn, operator):
     operator.create("interrupted")
     before = support.snapshot(db)
     lock = HeldLock(database, operator.workspace["id"], "interrupted")
     try:
-        process = start(database, operator.email, "revoke", "--workspace-public-id", operator.workspace["publicId"],
+        process = start(cli_dsn, operator.email, "revoke", "--workspace-public-id", operator.workspace["publicId"],
                         "--slug", "interrupted", "--lock-timeout", "30", "--confirm")
         waiting_backend(db)
         process.send_signal(signal.SIGINT)
