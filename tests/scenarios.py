@@ -136,7 +136,7 @@ def concurrent_mixed(dsn: str, workspace: dict, email: str, slug: str, runs: int
         for _ in range(runs)
     ]
     results = run_at_once(dsn, email, commands)
-    figures = tally("concurrent pause/resume/revoke/rotate", results)
+    figures = tally(f"concurrent mixed changes, seed {seed}", results)
     with psycopg.connect(dsn) as conn:
         ident = identity_id(conn, workspace["id"], slug)
         final = conn.execute("SELECT status::text FROM agent_identity WHERE id = %s", (ident,)).fetchone()[0]
@@ -157,4 +157,144 @@ def concurrent_mixed(dsn: str, workspace: dict, email: str, slug: str, runs: int
         figures.problems.append(f"revoked, yet {live} tokens are not revoked")
     changed = sum(1 for run in results if run.code == 0 and run.json.get("changed"))
     figures.lost_writes = abs(changed - (len(events) - 1))
+    return figures
+
+
+# --- hostile input: main() driven with generated argument lists -------------------
+
+COMMANDS = ["create", "rotate", "pause", "resume", "revoke", "inspect", "list", "verify", "help", "schema"]
+FLAGS = [
+    "--workspace-public-id", "--slug", "--display-name", "--token-name", "--scopes", "--reason", "--confirm",
+    "--dry-run", "--json", "--events", "--status", "--token", "--token-file", "--expires-in", "--grace",
+    "--lock-timeout", "--admin-user-email", "--database-url", "--debug", "--version", "-h", "--bogus", "--",
+    "--conf", "--dry",
+]
+# Values at and over every limit, and the usual suspects. None holds "/", so a
+# token file can only be made in the scratch folder the fuzzing runs in.
+HOSTILE = [
+    "", " ", "-", "x" * 100_000, "'; DROP TABLE agent_identity; --", "\x00", "a\x00b", "\x1b[2J", "line\nbreak",
+    "\u202eevil", "\ud800", "ünïcødé", "🤖 bot", "a" * 64, "a" * 65, "x" * 255, "x" * 256, "r" * 1000, "r" * 1001,
+    "0", "-1", "²", "1e309", "nan", "inf", "1000", "1001", "365d", "366d", "never", "7d", "8d", "0m", "30m",
+    "boards:read", "boards:read,cards:write", "boards:reed", ",", "%s", "%(slug)s", "{lock}", "$1", "kan_agent_",
+    "active", "paused", "revoked", "a@b", "ghost@example.com", "Ab12Cd34Ef56", "token.txt", "-", "..",
+]
+MUTATING = {"create", "rotate", "pause", "resume", "revoke"}
+
+
+def argv_strategy(workspace_public_id: str, slug: str, email: str):
+    """Mostly nonsense, sometimes a valid command with hostile values in its slots."""
+    from hypothesis import strategies as st
+
+    text = st.text(alphabet=st.characters(blacklist_characters="/"), max_size=40)
+    value = st.one_of(st.sampled_from(HOSTILE), text, st.sampled_from([workspace_public_id, slug, email]),
+                      st.from_regex(r"[a-z0-9][a-z0-9-]{0,10}", fullmatch=True))
+    word = st.one_of(st.sampled_from(FLAGS), value)
+    nonsense = st.builds(lambda before, command, after: before + command + after,
+                         st.lists(word, max_size=4), st.lists(st.sampled_from(COMMANDS + ["frob"]), max_size=1),
+                         st.lists(word, max_size=10))
+    w = ["--workspace-public-id", workspace_public_id]
+    templates = st.one_of(
+        st.builds(lambda s, d, t, sc, r, mode: ["create", *w, "--slug", s, "--display-name", d, "--token-name", t,
+                                                "--scopes", sc, "--reason", r, mode],
+                  st.one_of(st.from_regex(r"[a-z0-9][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True), value),
+                  value, value, st.sampled_from(["boards:read", "cards:read,cards:write", "x"]), value,
+                  st.sampled_from(["--confirm", "--dry-run"])),
+        st.builds(lambda command, r, mode: [command, *w, "--slug", slug, "--reason", r, mode],
+                  st.sampled_from(["rotate", "pause", "resume"]), value, st.sampled_from(["--confirm", "--dry-run"])),
+        st.builds(lambda command, extra: [command, *w, *extra], st.sampled_from(["list", "inspect"]),
+                  st.lists(word, max_size=4)),
+        st.builds(lambda command, s, extra: [command, *w, "--slug", s, *extra],
+                  st.sampled_from(["inspect", "rotate", "revoke"]), value, st.lists(word, max_size=3)),
+        st.builds(lambda command, actor, mode: [command, *w, "--slug", slug, "--admin-user-email", actor, mode],
+                  st.sampled_from(["inspect", "pause", "revoke", "list"]),
+                  st.one_of(st.sampled_from(["ghost@example.com", email.upper()]), value),
+                  st.sampled_from(["--confirm", "--dry-run", "--json"])),
+    )
+    # Mostly nonsense: a valid create or rotate costs an argon2 hash (~0.1 s).
+    return st.one_of(nonsense, nonsense, nonsense, templates)
+
+
+def fingerprint(conn: psycopg.Connection) -> tuple:
+    """The agent tables' contents, less access.denied events; and how many of those there are."""
+    return conn.execute("""
+        SELECT (SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY id), '')) FROM agent_identity t),
+               (SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY id), '')) FROM agent_token t),
+               (SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY id), '')) FROM agent_audit_event t
+                WHERE action <> 'access.denied'),
+               (SELECT count(*) FROM agent_audit_event WHERE action = 'access.denied')
+    """).fetchone()
+
+
+def fuzz_main(dsn: str, workspace: dict, email: str, slug: str, examples: int, fail_fast: bool = True) -> Figures:
+    """Drive main() in this process with generated argument lists and standard input.
+
+    For every example: no traceback, no internal error (exit 1), a documented exit
+    code, and the agent tables unchanged unless a confirmed mutation succeeded (a
+    refusal, exit 4, may add its access.denied event). Derandomized: the same
+    examples every run.
+    """
+    import contextlib
+    import io
+    import os
+    import tempfile
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    import agent_identity_admin as tool
+
+    figures = Figures("hypothesis: main() on generated argv")
+    conn = psycopg.connect(dsn, autocommit=True)
+
+    @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(argv=argv_strategy(workspace["publicId"], slug, email),
+           stdin=st.sampled_from(["", "garbage\n", "kan_agent_x\n", tool.new_token(tool.new_public_id())]))
+    def example(argv, stdin):
+        figures.runs += 1
+        before = fingerprint(conn)
+        out, err = io.StringIO(), io.StringIO()
+        saved_stdin, sys.stdin = sys.stdin, io.StringIO(stdin)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = tool.main(argv, out, err)
+        finally:
+            sys.stdin = saved_stdin
+        after = fingerprint(conn)
+        figures.exit_codes[code] = figures.exit_codes.get(code, 0) + 1
+        problem = None
+        if "Traceback" in err.getvalue():
+            figures.tracebacks += 1
+            problem = "traceback"
+        elif code not in DOCUMENTED_EXIT_CODES or code in (1, 130):
+            figures.undocumented_exits += 1
+            problem = f"exit {code}: {err.getvalue().strip()[:300]}"
+        elif after[:3] != before[:3] and not (code == 0 and "--confirm" in argv):
+            figures.lost_writes += 1
+            problem = "the agent tables changed"
+        elif after[3] != before[3] and code != 4:
+            figures.lost_writes += 1
+            problem = "an access.denied event without a refusal"
+        if problem:
+            figures.problems.append(f"{problem} for argv {[a[:60] for a in argv]}")
+            if fail_fast:
+                raise AssertionError(figures.problems[-1])
+
+    saved_env = {key: os.environ.get(key) for key in ("DATABASE_URL", "POSTGRES_URL", "AGENT_IDENTITY_ADMIN_EMAIL")}
+    saved_cwd = os.getcwd()
+    try:
+        os.environ.update(DATABASE_URL=dsn, AGENT_IDENTITY_ADMIN_EMAIL=email)
+        os.environ.pop("POSTGRES_URL", None)
+        with tempfile.TemporaryDirectory(prefix="agent-identity-fuzz-") as scratch:
+            os.chdir(scratch)
+            example()
+    finally:
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        conn.close()
+    figures.successes, figures.conflicts = figures.exit_codes.get(0, 0), figures.exit_codes.get(5, 0)
     return figures
