@@ -92,38 +92,40 @@ def test_a_held_lock_makes_the_tool_give_up_after_the_lock_timeout(db, database,
     assert support.snapshot(db) == before
 
 
-def test_a_killed_connection_is_exit_6_with_nothing_written(db, database, cli_dsn, operator):
-    operator.create("severed")
-    before = support.snapshot(db)
-    lock = HeldLock(database, operator.workspace["id"], "severed")
+def interrupt_while_waiting(db, database, cli_dsn, operator, command: str, slug: str, interrupt) -> support.Run:
+    """Run a mutation while another session holds the identity's lock, and call
+    interrupt(backend_pid, process) once the tool waits for it."""
+    lock = HeldLock(database, operator.workspace["id"], slug)
     try:
-        process = start(cli_dsn, operator.email, "rotate", "--workspace-public-id", operator.workspace["publicId"],
-                        "--slug", "severed", "--lock-timeout", "30", "--confirm")
-        db.execute("SELECT pg_terminate_backend(%s)", (waiting_backend(db),))
+        process = start(cli_dsn, operator.email, command, "--workspace-public-id", operator.workspace["publicId"],
+                        "--slug", slug, "--lock-timeout", "30", "--confirm")
+        interrupt(waiting_backend(db), process)
         stdout, stderr = process.communicate(timeout=30)
     finally:
         lock.release()
-    assert process.returncode == 6, stderr
-    assert stderr.startswith("agent-identity: error: lost the database connection: ")
-    assert stderr.rstrip().endswith("nothing was written")
-    assert len(stderr.splitlines()) == 1 and stdout == ""
+    return support.Run([command], process.returncode, stdout, stderr)
+
+
+def test_a_killed_connection_is_exit_6_with_nothing_written(db, database, cli_dsn, operator):
+    operator.create("severed")
+    before = support.snapshot(db)
+    result = interrupt_while_waiting(
+        db, database, cli_dsn, operator, "rotate", "severed",
+        lambda backend, process: db.execute("SELECT pg_terminate_backend(%s)", (backend,)))
+    assert result.code == 6, result.stderr
+    assert result.stderr.startswith("agent-identity: error: lost the database connection: ")
+    assert result.stderr.rstrip().endswith("nothing was written")
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
     assert support.snapshot(db) == before
 
 
 def test_ctrl_c_during_a_mutation_rolls_back(db, database, cli_dsn, operator):
     operator.create("interrupted")
     before = support.snapshot(db)
-    lock = HeldLock(database, operator.workspace["id"], "interrupted")
-    try:
-        process = start(cli_dsn, operator.email, "revoke", "--workspace-public-id", operator.workspace["publicId"],
-                        "--slug", "interrupted", "--lock-timeout", "30", "--confirm")
-        waiting_backend(db)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        lock.release()
-    assert process.returncode == 130, stderr
-    assert stderr == "agent-identity: error: interrupted; a change not yet committed was rolled back\n"
+    result = interrupt_while_waiting(db, database, cli_dsn, operator, "revoke", "interrupted",
+                                     lambda backend, process: process.send_signal(signal.SIGINT))
+    assert result.code == 130, result.stderr
+    assert result.stderr == "agent-identity: error: interrupted; a change not yet committed was rolled back\n"
     assert support.snapshot(db) == before
 
 
