@@ -108,6 +108,8 @@ STATEMENT_TIMEOUT_MS = 30_000
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
 CONNECT_TIMEOUT_DEFAULT = 5
 PATH_MAX = 4096
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 1000
 EVENTS_DEFAULT = 10
 EVENTS_MAX = 1000
 
@@ -311,6 +313,12 @@ def parse_database_url(value: str) -> str:
     if "\x00" in value:
         raise argparse.ArgumentTypeError("contains a NUL byte")
     return value
+
+
+def parse_list_limit(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= LIST_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {LIST_LIMIT_MAX}")
+    return int(value)
 
 
 def parse_event_count(value: str) -> int:
@@ -620,7 +628,7 @@ manager AS (
 ),
 target AS (
     SELECT i."id", i."publicId", i.slug, i."displayName", i.status::text AS status,
-           i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt"
+           i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt", i.xmin::text AS version
     FROM agent_identity i
     WHERE i."workspaceId" = (SELECT "id" FROM ws WHERE NOT deleted)
       AND i.slug = %(slug)s
@@ -634,21 +642,29 @@ SELECT timezone('utc', now()) AS now,
        actor.email AS actor_email,
        EXISTS (SELECT 1 FROM membership) AS is_member,
        EXISTS (SELECT 1 FROM manager) AS is_manager,
-       to_jsonb(target) AS identity
+       to_jsonb(target) AS identity,
+       {tokens} AS tokens,
+       (SELECT i.xmin::text FROM agent_identity i WHERE i."id" = target."id") AS seen_version
 FROM (SELECT) AS one
 LEFT JOIN ws ON true
 LEFT JOIN actor ON true
 LEFT JOIN target ON true
 """
 
-TOKENS_SQL = """
-SELECT t."id", t."publicId", t.name, t.scopes, t."createdAt", t."expiresAt", t."lastUsedAt",
-       t."revokedAt", source."publicId" AS "rotatedFromPublicId"
-FROM agent_token t
-LEFT JOIN agent_token source ON source."id" = t."rotatedFromId"
-WHERE t."agentIdentityId" = %(identity_id)s
-ORDER BY t."id" DESC
-"""
+# An identity's tokens, newest first, never their hashes, as one JSON array.
+# The access query reads them in the same statement as its lock (for the
+# commands that need them); if it had to wait for that lock, its snapshot is
+# older than the lock and they are read again (see check_access).
+TOKENS_SQL = """(
+    SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY t."id" DESC), '[]'::jsonb)
+    FROM (
+        SELECT t."id", t."publicId", t.name, t.scopes, t."createdAt", t."expiresAt", t."lastUsedAt",
+               t."revokedAt", source."publicId" AS "rotatedFromPublicId"
+        FROM agent_token t
+        LEFT JOIN agent_token source ON source."id" = t."rotatedFromId"
+        WHERE t."agentIdentityId" = {identity}
+    ) AS t
+)"""
 
 EVENTS_SQL = """
 SELECT e."publicId", e.action, e."actorEmail", e.reason, e.metadata, e."createdAt",
@@ -678,7 +694,14 @@ CROSS JOIN LATERAL (
 ) AS tokens
 WHERE i."workspaceId" = %(workspace_id)s
   AND (%(status)s::agent_identity_status IS NULL OR i.status = %(status)s::agent_identity_status)
+  AND (%(after_created)s::timestamp IS NULL OR (i."createdAt", i."id") < (%(after_created)s, %(after_id)s))
 ORDER BY i."createdAt" DESC, i."id" DESC
+LIMIT %(limit)s
+"""
+
+# Where a page of list starts: just after the identity named by --after.
+LIST_CURSOR_SQL = """
+SELECT "createdAt", "id" FROM agent_identity WHERE "workspaceId" = %(workspace_id)s AND "publicId" = %(after)s
 """
 
 # Every mutation is one statement. Its own CTEs end in `identity_after` (the
@@ -809,10 +832,12 @@ def check_access(
     *,
     slug: str | None = None,
     lock: bool = False,
+    tokens: bool = False,
     must_exist: bool = True,
     allow_deleted: bool = False,
 ) -> dict:
-    """Run the workspace and actor check; return the workspace, actor, identity and now.
+    """Run the workspace and actor check; return the workspace, actor, identity and now
+    (and with tokens, the identity's tokens).
 
     Raises exit 3 for a missing (or, unless allow_deleted, deleted) workspace,
     exit 4 for an actor who may not manage it, and exit 3 for a slug that
@@ -823,7 +848,10 @@ def check_access(
     from psycopg import sql
     from psycopg.rows import dict_row
 
-    query = sql.SQL(ACCESS_SQL).format(lock=sql.SQL("FOR UPDATE" if lock else ""))
+    query = sql.SQL(ACCESS_SQL).format(
+        lock=sql.SQL("FOR UPDATE" if lock else ""),
+        tokens=sql.SQL(TOKENS_SQL).format(identity=sql.SQL('target."id"')) if tokens else sql.SQL("NULL::jsonb"),
+    )
     params = {"workspace": workspace, "email": email, "permission": MANAGE_PERMISSION, "slug": slug}
     row = conn.cursor(row_factory=dict_row).execute(query, params).fetchone()
     if row["workspace_id"] is None:
@@ -842,26 +870,36 @@ def check_access(
     identity = row["identity"]
     if slug is not None and identity is None and must_exist:
         raise AdminError(EXIT_NOT_FOUND, f"no agent identity {slug} in workspace {workspace}")
+    token_list = row["tokens"]
+    if tokens and identity is not None and identity["version"] != row["seen_version"]:
+        # We waited for the lock while another session changed the identity (every
+        # change to its tokens touches it too): read them again, in a snapshot
+        # taken after the lock.
+        token_list = conn.execute(
+            sql.SQL("SELECT {tokens}").format(tokens=sql.SQL(TOKENS_SQL).format(identity=sql.Placeholder("id"))),
+            {"id": identity["id"]},
+        ).fetchone()[0]
     return {
         "now": row["now"],
         "workspace_id": row["workspace_id"],
         "actor_id": row["actor_id"],
         "actor_email": row["actor_email"],
         "identity": identity,
+        "tokens": [token_times(t) for t in token_list or []],
     }
 
 
-def check_identity(conn, args: argparse.Namespace, *, lock: bool = False, must_exist: bool = True) -> dict:
+def token_times(token: dict) -> dict:
+    """A token from JSON, its times made datetimes again."""
+    times = ("createdAt", "expiresAt", "lastUsedAt", "revokedAt")
+    return {**token, **{key: token[key] and datetime.fromisoformat(token[key]) for key in times}}
+
+
+def check_identity(conn, args: argparse.Namespace, *, lock: bool = False, tokens: bool = False,
+                   must_exist: bool = True) -> dict:
     """check_access for the workspace and slug a command was given."""
-    return check_access(
-        conn, args.workspace_public_id, args.actor_email, slug=args.slug, lock=lock, must_exist=must_exist
-    )
-
-
-def fetch_tokens(conn, identity_id: int) -> list[dict]:
-    from psycopg.rows import dict_row
-
-    return conn.cursor(row_factory=dict_row).execute(TOKENS_SQL, {"identity_id": identity_id}).fetchall()
+    return check_access(conn, args.workspace_public_id, args.actor_email, slug=args.slug, lock=lock,
+                        tokens=tokens, must_exist=must_exist)
 
 
 def write(conn, statement: str, params: dict) -> dict:
@@ -1137,13 +1175,12 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
     issued = None if args.dry_run else issue_token()
     with token_file(args.token_file, args.dry_run) as fd:
         with conn.transaction():
-            access = check_identity(conn, args, lock=True)
-            identity, now = access["identity"], access["now"]
+            access = check_identity(conn, args, lock=True, tokens=True)
+            identity, now, tokens = access["identity"], access["now"], access["tokens"]
             if identity["status"] == "revoked":
                 raise AdminError(
                     EXIT_CONFLICT, f"agent identity {args.slug} is revoked; a revoked identity gets no tokens"
                 )
-            tokens = fetch_tokens(conn, identity["id"])
             if not tokens:
                 raise AdminError(EXIT_CONFLICT, f"agent identity {args.slug} has no token to rotate")
             # The token the new one follows: the newest live one, else the newest.
@@ -1211,9 +1248,9 @@ def cmd_revoke(conn, args: argparse.Namespace) -> dict:
 def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
     """Revoke one token of an identity, leaving the identity and its other tokens alone."""
     with conn.transaction():
-        access = check_identity(conn, args, lock=True)
+        access = check_identity(conn, args, lock=True, tokens=True)
         identity = access["identity"]
-        token = next((t for t in fetch_tokens(conn, identity["id"]) if t["publicId"] == args.token), None)
+        token = next((t for t in access["tokens"] if t["publicId"] == args.token), None)
         if token is None:
             raise AdminError(EXIT_NOT_FOUND, f"agent identity {args.slug} has no token {args.token}")
         if token["revokedAt"] is not None:
@@ -1243,7 +1280,7 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
     """pause, resume and revoke: move an identity to another status."""
     new_status, allowed_from, action = TRANSITIONS[args.command]
     with conn.transaction():
-        access = check_identity(conn, args, lock=True)
+        access = check_identity(conn, args, lock=True, tokens=new_status == "revoked")
         identity = access["identity"]
         previous = identity["status"]
         if previous == new_status:
@@ -1257,9 +1294,7 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
                 f"cannot {args.command} agent identity {args.slug}: it is {previous}"
                 + (" and revocation is final" if previous == "revoked" else ""),
             )
-        revoked_tokens = []
-        if new_status == "revoked":
-            revoked_tokens = [t for t in fetch_tokens(conn, identity["id"]) if t["revokedAt"] is None]
+        revoked_tokens = [t for t in access["tokens"] if t["revokedAt"] is None]
         metadata = {
             "previousStatus": previous,
             "newStatus": new_status,
@@ -1289,13 +1324,12 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
     """Show an identity, its tokens (never their hashes) and its latest events."""
     from psycopg.rows import dict_row
 
-    with conn.transaction():
-        access = check_identity(conn, args)
-        identity, now = access["identity"], access["now"]
-        tokens = fetch_tokens(conn, identity["id"])
-        events = conn.cursor(row_factory=dict_row).execute(
-            EVENTS_SQL, {"identity_id": identity["id"], "limit": args.events}
-        ).fetchall()
+    # Reads need no transaction: each statement sees what was committed when it began.
+    access = check_identity(conn, args, tokens=True)
+    identity, now, tokens = access["identity"], access["now"], access["tokens"]
+    events = conn.cursor(row_factory=dict_row).execute(
+        EVENTS_SQL, {"identity_id": identity["id"], "limit": args.events}
+    ).fetchall()
     view = identity_view(identity, args.workspace_public_id)
     view["tokens"] = [token_view(t, now) for t in tokens]
     view["events"] = [
@@ -1318,14 +1352,22 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
 
 
 def cmd_list(conn, args: argparse.Namespace) -> dict:
-    """List a workspace's identities, newest first."""
+    """List a workspace's identities, newest first, a page at a time."""
     from psycopg.rows import dict_row
 
-    with conn.transaction():
-        access = check_access(conn, args.workspace_public_id, args.actor_email)
-        rows = conn.cursor(row_factory=dict_row).execute(
-            LIST_SQL, {"workspace_id": access["workspace_id"], "status": args.status}
-        ).fetchall()
+    access = check_access(conn, args.workspace_public_id, args.actor_email)
+    after_created = after_id = None
+    if args.after:
+        cursor = conn.execute(LIST_CURSOR_SQL, {"workspace_id": access["workspace_id"], "after": args.after}).fetchone()
+        if cursor is None:
+            raise AdminError(EXIT_NOT_FOUND, f"no agent identity {args.after} in workspace {args.workspace_public_id}")
+        after_created, after_id = cursor
+    rows = conn.cursor(row_factory=dict_row).execute(LIST_SQL, {
+        "workspace_id": access["workspace_id"], "status": args.status, "limit": args.limit + 1,
+        "after_created": after_created, "after_id": after_id,
+    }).fetchall()
+    more = len(rows) > args.limit
+    rows = rows[:args.limit]
     now = access["now"]
     identities = [
         dict(
@@ -1344,7 +1386,7 @@ def cmd_list(conn, args: argparse.Namespace) -> dict:
     ]
     return {
         "ok": True, "command": "list", "now": iso(now), "workspacePublicId": args.workspace_public_id,
-        "identities": identities, "warnings": warnings,
+        "identities": identities, "nextCursor": rows[-1]["publicId"] if more else None, "warnings": warnings,
     }
 
 
@@ -1393,25 +1435,24 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
     from argon2.exceptions import InvalidHashError, VerifyMismatchError
     from psycopg.rows import dict_row
 
-    with conn.transaction():
-        if args.workspace_public_id:
-            check_access(conn, args.workspace_public_id, args.actor_email, allow_deleted=True)
-        row = conn.cursor(row_factory=dict_row).execute(
-            VERIFY_SQL, {"token_public_id": args.token_public_id}
-        ).fetchone()
-        if row is None or args.workspace_public_id not in (None, row["workspacePublicId"]):
-            return verify_result("unknown_token")
-        if not args.workspace_public_id:
-            try:
-                check_access(conn, row["workspacePublicId"], args.actor_email, allow_deleted=True)
-            except AccessDenied as denied:
-                # Say nothing about the token, not even its workspace; the audit event knows.
-                raise AccessDenied(
-                    f"{args.actor_email} may not verify this token: that needs {MANAGE_PERMISSION} "
-                    "in the token's workspace",
-                    workspace_id=denied.workspace_id, actor_id=denied.actor_id, condition=denied.condition,
-                    token_public_id=args.token_public_id,
-                ) from None
+    if args.workspace_public_id:
+        check_access(conn, args.workspace_public_id, args.actor_email, allow_deleted=True)
+    row = conn.cursor(row_factory=dict_row).execute(
+        VERIFY_SQL, {"token_public_id": args.token_public_id}
+    ).fetchone()
+    if row is None or args.workspace_public_id not in (None, row["workspacePublicId"]):
+        return verify_result("unknown_token")
+    if not args.workspace_public_id:
+        try:
+            check_access(conn, row["workspacePublicId"], args.actor_email, allow_deleted=True)
+        except AccessDenied as denied:
+            # Say nothing about the token, not even its workspace; the audit event knows.
+            raise AccessDenied(
+                f"{args.actor_email} may not verify this token: that needs {MANAGE_PERMISSION} "
+                "in the token's workspace",
+                workspace_id=denied.workspace_id, actor_id=denied.actor_id, condition=denied.condition,
+                token_public_id=args.token_public_id,
+            ) from None
     try:
         PasswordHasher().verify(row["tokenHash"], args.presented_token)
     except VerifyMismatchError:
@@ -1589,6 +1630,7 @@ def render_inspect(result: dict) -> list[str]:
 def render_list(result: dict) -> list[str]:
     if not result["identities"]:
         return [f"no agent identities in workspace {result['workspacePublicId']}"]
+    more = [f"more: add --after {result['nextCursor']}"] if result["nextCursor"] else []
     now = datetime.fromisoformat(result["now"].rstrip("Z"))
     return [format_table(
         ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "NEXT EXPIRY", "LAST USED", "CREATED", "DISPLAY NAME"],
@@ -1598,7 +1640,7 @@ def render_list(result: dict) -> list[str]:
              i["lastUsedAt"], i["createdAt"], i["displayName"]]
             for i in result["identities"]
         ],
-    )]
+    )] + more
 
 
 def render_verify(result: dict) -> list[str]:
@@ -1724,7 +1766,8 @@ examples:
     "list": """\
 examples:
   agent-identity list --workspace-public-id Ab12Cd34Ef56
-  agent-identity list --workspace-public-id Ab12Cd34Ef56 --status active --json""",
+  agent-identity list --workspace-public-id Ab12Cd34Ef56 --status active --json
+  agent-identity list --workspace-public-id Ab12Cd34Ef56 --limit 100 --after Xy12Xy34Xy56""",
     "schema": """\
 example:
   agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL\"""",
@@ -1818,8 +1861,12 @@ def build_parser() -> ArgumentParser:
     sub.add_argument("--events", type=parse_event_count, default=EVENTS_DEFAULT, metavar="N",
                      help=f"how many audit events to show (default {EVENTS_DEFAULT})")
 
-    sub = command("list", "list a workspace's identities, newest first", slug=False)
+    sub = command("list", "list a workspace's identities, newest first, a page at a time", slug=False)
     sub.add_argument("--status", choices=STATUSES)
+    sub.add_argument("--limit", type=parse_list_limit, default=LIST_LIMIT_DEFAULT, metavar="N",
+                     help=f"identities per page (default {LIST_LIMIT_DEFAULT}, at most {LIST_LIMIT_MAX})")
+    sub.add_argument("--after", type=parse_public_id, metavar="PUBLIC_ID",
+                     help="start after this identity: the nextCursor of the previous page")
 
     sub = command("verify", "say whether the server would accept a token (read from stdin), and if not, why",
                   workspace=False, slug=False)

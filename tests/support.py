@@ -262,3 +262,45 @@ def least_privilege_role(dsn: str):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f'DROP OWNED BY "{role}"')
             conn.execute(f'DROP ROLE "{role}"')
+
+
+def round_trips(argv: list[str], dsn: str, email: str, stdin: str = "") -> tuple[int, int, list[str]]:
+    """Run main() in this process with libpq's protocol trace on from just after the
+    connection is made; return (exit code, round trips, the statements sent).
+
+    A round trip is each time the client, having sent something, waits for the server.
+    """
+    import io
+    import os
+    import tempfile
+    from unittest import mock
+
+    from psycopg import pq
+
+    real_connect = tool.connect
+    trace = tempfile.NamedTemporaryFile(prefix="agent-identity-trace-")
+
+    def traced_connect(*args, **kwargs):
+        conn = real_connect(*args, **kwargs)
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        return conn
+
+    environment = {"DATABASE_URL": dsn, "AGENT_IDENTITY_ADMIN_EMAIL": email}
+    with mock.patch.object(tool, "connect", traced_connect), mock.patch.dict(os.environ, environment), \
+            mock.patch.object(sys, "stdin", io.StringIO(stdin)):
+        code = tool.main(argv, io.StringIO(), io.StringIO())
+    import re
+
+    # One message per "F\t" (sent) or "B\t" (received) line; a statement's own newlines continue it.
+    messages = [message.split("\t", 3) for message in re.split(r"\n(?=[FB]\t)", open(trace.name).read().strip())]
+    trace.close()
+    directions = [message[0] for message in messages]
+    trips = sum(1 for sent, received in zip(directions, directions[1:]) if (sent, received) == ("F", "B"))
+    statements = []
+    for direction, _, kind, rest in (m for m in messages if len(m) == 4):
+        if direction == "F" and kind == "Parse":  # ' "" "<sql>" <n> <oids>'
+            statements.append(rest.split('"', 3)[3].rsplit('"', 1)[0].strip())
+        elif direction == "F" and kind == "Query":  # ' "<sql>"'
+            statements.append(rest.strip()[1:-1].strip())
+    return code, trips, statements

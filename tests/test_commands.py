@@ -421,3 +421,31 @@ def test_timestamps_are_utc_whatever_the_database_zone(db, operator):
     created = identity_row(db, operator, "utc")["createdAt"]
     now_utc = db.execute("SELECT timezone('utc', now())").fetchone()[0]
     assert abs((now_utc - created).total_seconds()) < 60
+
+
+def test_list_pages_with_a_keyset_cursor(operator):
+    for n in range(5):
+        operator.create(f"page-{n}")
+    seen, cursor, pages = [], None, 0
+    while True:
+        result = operator("list", "--limit", "2", *(["--after", cursor] if cursor else []))
+        assert result.code == 0, result.stderr
+        seen += [i["slug"] for i in result.json["identities"]]
+        cursor, pages = result.json["nextCursor"], pages + 1
+        if cursor is None:
+            break
+    assert seen == [f"page-{n}" for n in reversed(range(5))]
+    assert pages == 3
+    human = operator("list", "--limit", "2", json=False)
+    assert human.stdout.splitlines()[-1].startswith("more: add --after ")
+
+
+def test_list_default_page_is_fifty(operator):
+    assert operator("list").json["nextCursor"] is None
+
+
+@pytest.mark.parametrize("args, code", [(["--limit", "0"], 2), (["--limit", "1001"], 2),
+                                         (["--after", "Zz99Zz99Zz99"], 3)])
+def test_list_page_arguments_are_checked(operator, args, code):
+    result = operator("list", *args)
+    assert result.code == code, result.stderr

@@ -1,0 +1,67 @@
+"""Few round trips: every command's statements, counted on the wire (libpq's trace).
+
+Budgets after connecting: a mutation at most 4 round trips, commit included; the
+access check, workspace and identity lookup one query; reads 2 (3 for verify
+without --workspace-public-id, which learns the workspace from the token).
+"""
+
+import pytest
+
+from tests import support
+
+
+@pytest.fixture
+def counted(cli_dsn, operator):
+    """round_trips() of a command as the operator, with its workspace."""
+
+    def count(command, *args, stdin=""):
+        argv = [command, "--workspace-public-id", operator.workspace["publicId"], *args] if command != "verify" \
+            else [command, *args]
+        return support.round_trips(argv, cli_dsn, operator.email, stdin)
+
+    return count
+
+
+@pytest.mark.parametrize("command, args", [
+    ("create", ["--slug", "fresh", "--display-name", "F", "--token-name", "t", "--scopes", "boards:read"]),
+    ("rotate", ["--slug", "counted"]),
+    ("rotate", ["--slug", "counted", "--grace", "1h"]),
+    ("pause", ["--slug", "counted"]),
+    ("revoke", ["--slug", "counted"]),
+])
+@pytest.mark.parametrize("mode", ["--confirm", "--dry-run"])
+def test_a_mutation_takes_at_most_four_round_trips(counted, operator, command, args, mode):
+    operator.create("counted")
+    code, trips, statements = counted(command, *args, mode)
+    assert code == 0
+    assert trips <= 4, statements
+    assert statements[0] == "BEGIN" and statements[-1] in ("COMMIT", "ROLLBACK")
+    assert sum("workspace_members" in statement for statement in statements) == 1, "one access query"
+
+
+def test_resume_and_revoking_one_token_too(counted, operator):
+    token = operator.create("counted").json["token"]["publicId"]
+    operator("pause", "--slug", "counted", "--confirm")
+    assert counted("resume", "--slug", "counted", "--confirm")[1] <= 4
+    assert counted("revoke", "--slug", "counted", "--token", token, "--confirm")[1] <= 4
+
+
+@pytest.mark.parametrize("command, args, budget", [
+    ("list", [], 2),
+    ("inspect", ["--slug", "counted"], 2),
+    ("verify", ["--workspace-public-id", "WORKSPACE"], 2),
+    ("verify", [], 3),
+])
+def test_reads(counted, operator, command, args, budget):
+    token = operator.create("counted").json["token"]["secret"]
+    args = [operator.workspace["publicId"] if arg == "WORKSPACE" else arg for arg in args]
+    code, trips, statements = counted(command, *args, stdin=token)
+    assert code == 0
+    assert trips <= budget, statements
+
+
+def test_a_no_op_takes_no_write(counted, operator):
+    operator.create("counted")
+    code, trips, statements = counted("resume", "--slug", "counted", "--confirm")
+    assert code == 0 and trips == 3
+    assert not any(statement.lstrip().upper().startswith(("INSERT", "UPDATE", "WITH")) for statement in statements[2:])
