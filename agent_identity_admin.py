@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import json
 import os
 import re
-import secrets
 import sys
 import unicodedata
 import zlib
@@ -230,6 +228,8 @@ def parse_scopes(value: str) -> list[str]:
         if not scope:
             continue
         if scope not in SCOPES:
+            import difflib
+
             close = difflib.get_close_matches(scope, SCOPES, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise argparse.ArgumentTypeError(
@@ -330,9 +330,16 @@ def parse_event_count(value: str) -> int:
 # --- Pure helpers: public ids, tokens, hashing ------------------------------
 
 
+def random_base62(length: int) -> str:
+    """Characters from the operating system's random source (only commands that make ids load it)."""
+    import secrets
+
+    return "".join(secrets.choice(BASE62) for _ in range(length))
+
+
 def new_public_id() -> str:
     """A 12-character base62 public id, as Kan makes them."""
-    return "".join(secrets.choice(BASE62) for _ in range(PUBLIC_ID_LENGTH))
+    return random_base62(PUBLIC_ID_LENGTH)
 
 
 def base62(number: int, width: int) -> str:
@@ -350,7 +357,7 @@ def token_checksum(body: str) -> str:
 
 def new_token(token_public_id: str) -> str:
     """kan_agent_<token publicId>_<43 random base62><6 base62 CRC32 checksum>."""
-    body = TOKEN_PREFIX + token_public_id + "_" + "".join(secrets.choice(BASE62) for _ in range(SECRET_LENGTH))
+    body = TOKEN_PREFIX + token_public_id + "_" + random_base62(SECRET_LENGTH)
     return body + token_checksum(body)
 
 
@@ -499,6 +506,12 @@ CREATE INDEX IF NOT EXISTS "agent_audit_event_identity_created_idx"
     ON agent_audit_event ("agentIdentityId", "createdAt" DESC, "id" DESC);
 CREATE INDEX IF NOT EXISTS "agent_audit_event_workspace_created_idx"
     ON agent_audit_event ("workspaceId", "createdAt" DESC, "id" DESC);
+
+-- On Kan's own workspace_members, which has no index on these columns: the
+-- access check finds the actor's memberships in a workspace through it, so
+-- it stays an index lookup however many members Kan has. Additive only.
+CREATE INDEX IF NOT EXISTS "agent_identity_workspace_members_user_idx"
+    ON workspace_members ("userId", "workspaceId");
 
 -- Like Kan's own tables: row level security on, no policies. The table owner
 -- (the role migrations run as) is not subject to it.

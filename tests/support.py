@@ -304,3 +304,33 @@ def round_trips(argv: list[str], dsn: str, email: str, stdin: str = "") -> tuple
         elif direction == "F" and kind == "Query":  # ' "<sql>"'
             statements.append(rest.strip()[1:-1].strip())
     return code, trips, statements
+
+
+# A workspace grown large: identities, tokens (one in ten live) and audit
+# events, made in the database with generate_series (bench --scale, query plan tests).
+SCALE_SEED = ["""
+INSERT INTO agent_identity ("publicId", "workspaceId", slug, "displayName", status, "createdAt")
+SELECT 'I' || lpad(to_hex(g), 11, '0'), %(workspace_id)s, 'seeded-' || g, 'Seeded ' || g, 'active',
+       timezone('utc', now()) - interval '1 second' * g
+FROM generate_series(1, %(identities)s) AS g
+""", """
+INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt", "revokedAt", "createdAt")
+SELECT 'T' || lpad(to_hex(g), 11, '0'), i."id", 'token ' || g, %(hash)s, '{boards:read}',
+       timezone('utc', now()) + interval '90 days',
+       CASE WHEN g %% 10 <> 0 THEN timezone('utc', now()) END, timezone('utc', now()) - interval '1 second' * g
+FROM generate_series(1, %(tokens)s) AS g
+JOIN agent_identity i ON i."publicId" = 'I' || lpad(to_hex(1 + g %% %(identities)s), 11, '0')
+""", """
+INSERT INTO agent_audit_event ("publicId", "workspaceId", "agentIdentityId", action, "actorEmail", metadata, "createdAt")
+SELECT 'E' || lpad(to_hex(g), 11, '0'), %(workspace_id)s, first."id" + g %% %(identities)s, 'identity.paused',
+       'seed@example.com', '{"seeded": true}', timezone('utc', now()) - interval '1 second' * g
+FROM generate_series(1, %(events)s) AS g, (SELECT min("id") AS "id" FROM agent_identity
+                                            WHERE "workspaceId" = %(workspace_id)s) AS first
+""", "ANALYZE"]
+
+
+def seed_scale(conn: psycopg.Connection, workspace_id: int, *, identities: int, tokens: int, events: int) -> None:
+    params = {"workspace_id": workspace_id, "hash": tool.hash_token("seed"),
+              "identities": identities, "tokens": tokens, "events": events}
+    for statement in SCALE_SEED:
+        conn.execute(statement, params if "%(" in statement else None)

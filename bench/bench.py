@@ -1,0 +1,243 @@
+"""Time agent-identity as whole processes, beside the floors it cannot beat.
+
+    python bench/bench.py [--runs 15] [--scale]
+
+Starts an embedded PostgreSQL (or uses AGENT_IDENTITY_TEST_DSN) holding a
+throwaway Kan database with one workspace and its admin. Every round runs each
+command and each floor once, in the same order, so machine noise falls on all
+of them alike; after --warmup rounds, --runs rounds are timed and medians
+reported, each beside its floor, its ratio and its target, with the server
+round trips the command takes after connecting.
+
+Floors: `python -I -c pass`; `python -c` that imports psycopg, connects and
+runs `select 1`; one argon2 hash with the tool's parameters (in-process);
+`psql -c 'select 1'` where psql exists (what an operator would use by hand).
+
+--scale then seeds the workspace with 10,000 identities, 100,000 tokens and
+1,000,000 audit events and times inspect, list, create, rotate and verify
+again: each should stay within 1.2x of its time on the empty database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import psycopg  # noqa: E402
+
+import agent_identity_admin as tool  # noqa: E402
+from tests import support  # noqa: E402
+
+PSYCOPG_FLOOR = "import os, psycopg; psycopg.connect(os.environ['DATABASE_URL']).execute('select 1').fetchone()"
+class Bench:
+    """The commands to time, against one workspace, each a function giving an argv and stdin."""
+
+    def __init__(self, dsn: str, workspace: dict, email: str, folder: Path):
+        self.dsn, self.workspace, self.email, self.folder = dsn, workspace, email, folder
+        self.env = bench_env(dsn, AGENT_IDENTITY_ADMIN_EMAIL=email)
+        self.w = ["--workspace-public-id", workspace["publicId"]]
+        self.counter = 0
+        created = self.cli(["create", *self.w, "--slug", "bench", "--display-name", "Bench", "--token-name", "t",
+                            "--scopes", "boards:read", "--token-file", str(folder / "bench.token"), "--confirm"])
+        assert created.returncode == 0, created.stderr
+
+    def cli(self, args, stdin=None):
+        return subprocess.run([sys.executable, str(support.SCRIPT), *args], env=self.env, input=stdin,
+                              capture_output=True, text=True, timeout=120)
+
+    def next_slug(self) -> str:
+        self.counter += 1
+        return f"bench-{os.getpid()}-{self.counter}"
+
+    def commands(self) -> dict:
+        w = self.w
+        return {
+            "help": lambda: (["help"], None, 0),
+            "--version": lambda: (["--version"], None, 0),
+            "schema": lambda: (["schema"], None, 0),
+            "usage error (exit 2)": lambda: (["rotate", *w, "--slug", "bench"], None, 2),
+            "inspect": lambda: (["inspect", *w, "--slug", "bench"], None, 0),
+            "list": lambda: (["list", *w], None, 0),
+            "pause": lambda: (["pause", *w, "--slug", "bench", "--confirm"], None, 0),
+            "resume": lambda: (["resume", *w, "--slug", "bench", "--confirm"], None, 0),
+            "revoke": lambda: self.fresh_then(["revoke", *w, "--confirm"]),
+            "create": lambda: (["create", *w, "--slug", self.next_slug(), "--display-name", "B", "--token-name", "t",
+                                "--scopes", "boards:read", "--token-file", str(self.folder / self.next_slug()),
+                                "--confirm"], None, 0),
+            "rotate": lambda: (["rotate", *w, "--slug", "bench", "--grace", "1h", "--token-file",
+                                str(self.folder / self.next_slug()), "--confirm"], None, 0),
+            "verify": lambda: (["verify", *w, "--token-file", str(self.folder / "bench.token")], None, None),
+        }
+
+    def fresh_then(self, argv):
+        slug = self.next_slug()
+        self.cli(["create", *self.w, "--slug", slug, "--display-name", "B", "--token-name", "t",
+                  "--scopes", "boards:read", "--token-file", str(self.folder / slug), "--confirm"])
+        return [*argv, "--slug", slug], None, 0
+
+
+def bench_env(dsn: str, **extra: str) -> dict[str, str]:
+    """The CLI's environment, less PYTHONDONTWRITEBYTECODE: timed as on a machine that
+    caches bytecode (the default), which the floors' imports of psycopg already enjoy."""
+    env = support.cli_env(dsn, **extra)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def floors(dsn: str) -> dict:
+    python = sys.executable
+    env = bench_env(dsn)
+    found = {
+        "python -I -c pass": ([python, "-I", "-c", "pass"], env),
+        "psycopg connect + select 1": ([python, "-c", PSYCOPG_FLOOR], env),
+    }
+    if shutil.which("psql"):
+        found["psql -c 'select 1'"] = (["psql", dsn, "-Atqc", "select 1"], env)
+    return found
+
+
+def timed(argv, env, stdin=None, expect=None) -> float:
+    started = time.perf_counter()
+    completed = subprocess.run(argv, env=env, input=stdin, capture_output=True, text=True, timeout=120)
+    elapsed = (time.perf_counter() - started) * 1000
+    if expect is not None and completed.returncode != expect:
+        raise SystemExit(f"bench: {argv[2:4]} exited {completed.returncode}: {completed.stderr.strip()[:300]}")
+    return elapsed
+
+
+# Two ways to start the tool: the installed console script (its module's
+# bytecode is cached), and the file itself as the Kan monorepo's pnpm script
+# runs it (Python compiles a script's source on every run; no cache for __main__).
+ENTRY_POINT = Path(sys.executable).parent / "agent-identity"
+INVOCATIONS = {"": [str(ENTRY_POINT)], " (script)": [sys.executable, str(support.SCRIPT)]}
+
+
+def measure(bench: Bench, dsn: str, names: list[str], runs: int, warmup: int) -> dict[str, float]:
+    """Interleaved rounds: every floor, and every command both ways, once per round; medians of the timed rounds."""
+    commands = bench.commands()
+    floor_commands = floors(dsn)
+    samples: dict[str, list[float]] = {}
+    for round_number in range(warmup + runs):
+        for name, (argv, env) in floor_commands.items():
+            samples.setdefault(name, []).append(timed(argv, env))
+        for name in names:
+            for suffix, prefix in INVOCATIONS.items():
+                args, stdin, expect = commands[name]()
+                samples.setdefault(name + suffix, []).append(timed([*prefix, *args], bench.env, stdin, expect))
+    return {name: statistics.median(values[warmup:]) for name, values in samples.items()}
+
+
+def argon2_hash_ms(runs: int) -> float:
+    token = tool.new_token(tool.new_public_id())
+    tool.hash_token(token)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        tool.hash_token(token)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def round_trip_counts(bench: Bench) -> dict[str, int]:
+    counts = {}
+    for name, make in bench.commands().items():
+        args, stdin, expect = make()
+        if name in ("help", "--version", "schema", "usage error (exit 2)"):
+            counts[name] = 0  # no connection
+            continue
+        if name == "verify":
+            stdin, args = (bench.folder / "bench.token").read_text(), args[:3]
+        counts[name] = support.round_trips(args, bench.dsn, bench.email, stdin or "")[1]
+    return counts
+
+
+TARGETS = {  # command: (floor, highest ratio)
+    "help": ("python -I -c pass", 3.0), "--version": ("python -I -c pass", 3.0), "schema": ("python -I -c pass", 3.0),
+    "usage error (exit 2)": ("python -I -c pass", 3.0),
+    "inspect": ("psycopg connect + select 1", 1.15), "list": ("psycopg connect + select 1", 1.15),
+    "pause": ("psycopg connect + select 1", 1.15), "resume": ("psycopg connect + select 1", 1.15),
+    "revoke": ("psycopg connect + select 1", 1.15), "verify": ("psycopg + one argon2 hash", 1.15),
+    "create": ("psycopg + one argon2 hash", 1.15), "rotate": ("psycopg + one argon2 hash", 1.15),
+}
+
+
+def report(medians: dict[str, float], trips: dict[str, int], argon2: float, title: str) -> int:
+    medians = dict(medians, **{"psycopg + one argon2 hash": medians["psycopg connect + select 1"] + argon2})
+    print(f"\n{title}")
+    print(f"{'':<28}{'median ms':>10}  {'floor':<28}{'ratio':>7}  {'target':>6}  {'round trips':>11}")
+    for name in [n for n in medians if n.removesuffix(" (script)") not in TARGETS]:
+        print(f"{name:<28}{medians[name]:>10.1f}  {'(floor)':<28}")
+    print(f"{'one argon2 hash (in-process)':<28}{argon2:>10.1f}  {'(floor)':<28}")
+    missed = 0
+    for name, (floor, target) in TARGETS.items():
+        for suffix in INVOCATIONS:
+            if name + suffix not in medians:
+                continue
+            ratio = medians[name + suffix] / medians[floor]
+            missed += ratio > target and not suffix
+            mark = "ok" if ratio <= target else "over"
+            print(f"{name + suffix:<28}{medians[name + suffix]:>10.1f}  {floor:<28}{ratio:>7.2f}  {target:>5.2f}x  "
+                  f"{trips.get(name, '-'):>11}  {mark}")
+    return missed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--scale", action="store_true", help="also time against 10,000 identities")
+    args = parser.parse_args()
+
+    with support.test_server() as server_dsn, tempfile.TemporaryDirectory(prefix="agent-identity-bench-") as folder:
+        dsn = support.create_database(server_dsn)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                workspace, admin = support.Kan(conn).managed_workspace()
+                version = conn.execute("SHOW server_version").fetchone()[0]
+            bench = Bench(dsn, workspace, admin["email"], Path(folder))
+            print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, PostgreSQL {version}, "
+                  f"{args.runs} timed rounds after {args.warmup}")
+            if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+                print("note: PYTHONDONTWRITEBYTECODE is set here; the timed processes run without it, as by default")
+            argon2 = argon2_hash_ms(args.runs)
+            names = list(bench.commands())
+            empty = measure(bench, dsn, names, args.runs, args.warmup)
+            missed = report(empty, round_trip_counts(bench), argon2, "empty database")
+            if args.scale:
+                missed += scale(bench, dsn, workspace, empty, args)
+        finally:
+            support.drop_database(server_dsn, dsn)
+    return 1 if missed else 0
+
+
+def scale(bench: Bench, dsn: str, workspace: dict, empty: dict[str, float], args) -> int:
+    sizes = {"identities": 10_000, "tokens": 100_000, "events": 1_000_000}
+    started = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        support.seed_scale(conn, workspace["id"], **sizes)
+    print(f"\nseeded {sizes['identities']:,} identities, {sizes['tokens']:,} tokens and {sizes['events']:,} "
+          f"audit events in {time.perf_counter() - started:.0f} s")
+    names = ["inspect", "list", "create", "rotate", "verify"]
+    seeded = measure(bench, dsn, names, args.runs, args.warmup)
+    print(f"{'':<28}{'empty ms':>10}{'seeded ms':>11}{'ratio':>8}  target")
+    missed = 0
+    for name in [n + suffix for n in names for suffix in INVOCATIONS]:
+        ratio = seeded[name] / empty[name]
+        missed += ratio > 1.2 and not name.endswith(" (script)")
+        print(f"{name:<28}{empty[name]:>10.1f}{seeded[name]:>11.1f}{ratio:>8.2f}  1.20x  "
+              f"{'ok' if ratio <= 1.2 else 'MISSED'}")
+    return missed
+
+
+if __name__ == "__main__":
+    sys.exit(main())

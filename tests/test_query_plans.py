@@ -1,0 +1,98 @@
+"""Every statement the tool sends uses an index on a grown database: EXPLAIN shows no
+sequential scan of the agent tables or workspace_members (Kan's table, which the
+index of `agent-identity schema` serves)."""
+
+import io
+import os
+from unittest import mock
+
+import psycopg
+import pytest
+
+import agent_identity_admin as tool
+from tests import support
+
+WATCHED = {"agent_identity", "agent_token", "agent_audit_event", "workspace_members"}
+GROWN = {"identities": 2_000, "tokens": 20_000, "events": 100_000}
+
+
+@pytest.fixture(scope="module")
+def grown(server_dsn):
+    """A database of its own: one workspace grown large, among many members elsewhere."""
+    dsn = support.create_database(server_dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        kan = support.Kan(conn)
+        workspace, admin = kan.managed_workspace()
+        crowd = kan.workspace()
+        conn.execute("""
+            WITH users AS (
+                INSERT INTO "user" (email, "emailVerified")
+                SELECT 'crowd-' || g || '@example.com', true FROM generate_series(1, 5000) AS g
+                RETURNING id)
+            INSERT INTO workspace_members ("publicId", email, "userId", "workspaceId", "createdBy", role, status)
+            SELECT 'M' || lpad(to_hex(row_number() OVER ()), 11, '0'), 'crowd', id, %s, id, 'member', 'active'
+            FROM users""", (crowd["id"],))
+        support.seed_scale(conn, workspace["id"], **GROWN)
+    yield dsn, workspace, admin["email"]
+    support.drop_database(server_dsn, dsn)
+
+
+def plans_of(argv, dsn, email, stdin=""):
+    """Run main() in-process, EXPLAINing each statement (with its values) before it runs."""
+    real_execute = psycopg.Cursor.execute
+    plans = []
+
+    def explaining(cursor, query, params=None, **kwargs):
+        text = query.as_string(cursor.connection) if hasattr(query, "as_string") else query
+        if text.strip().upper() not in ("BEGIN", "COMMIT", "ROLLBACK"):
+            row = real_execute(cursor, "EXPLAIN (FORMAT JSON) " + text, params).fetchone()
+            plans.append((text, row["QUERY PLAN"] if isinstance(row, dict) else row[0]))
+        return real_execute(cursor, query, params, **kwargs)
+
+    with mock.patch.object(psycopg.Cursor, "execute", explaining), \
+            mock.patch.dict(os.environ, {"DATABASE_URL": dsn, "AGENT_IDENTITY_ADMIN_EMAIL": email}), \
+            mock.patch("sys.stdin", io.StringIO(stdin)):
+        code = tool.main(argv, io.StringIO(), io.StringIO())
+    return code, plans
+
+
+def scans(plan: dict):
+    yield plan["Node Type"], plan.get("Relation Name")
+    for child in plan.get("Plans", []):
+        yield from scans(child)
+
+
+def test_every_command_uses_indexes(grown, tmp_path):
+    dsn, workspace, email = grown
+    w = ["--workspace-public-id", workspace["publicId"]]
+    token_file = tmp_path / "t"
+    support.run_cli(["create", *w, "--slug", "planned", "--display-name", "P", "--token-name", "t",
+                     "--scopes", "boards:read", "--token-file", str(token_file), "--confirm"], dsn,
+                    {"AGENT_IDENTITY_ADMIN_EMAIL": email})
+    token = token_file.read_text().strip()
+    commands = [
+        (["inspect", *w, "--slug", "seeded-17", "--events", "20"], ""),
+        (["list", *w], ""),
+        (["list", *w, "--after", "I00000000011", "--status", "active"], ""),
+        (["create", *w, "--slug", "planned-2", "--display-name", "P", "--token-name", "t",
+          "--scopes", "boards:read", "--token-file", str(tmp_path / "t2"), "--confirm"], ""),
+        (["rotate", *w, "--slug", "seeded-18", "--grace", "1h", "--token-file", str(tmp_path / "t3"),
+          "--confirm"], ""),
+        (["pause", *w, "--slug", "seeded-19", "--confirm"], ""),
+        (["resume", *w, "--slug", "seeded-19", "--confirm"], ""),
+        (["revoke", *w, "--slug", "seeded-20", "--confirm"], ""),
+        (["revoke", *w, "--slug", "planned", "--token", token[10:22], "--dry-run"], ""),
+        (["verify"], token),
+        (["verify", *w], token),
+        (["inspect", *w, "--slug", "seeded-21", "--admin-user-email", "crowd-7@example.com"], ""),
+    ]
+    seen = 0
+    for argv, stdin in commands:
+        code, plans = plans_of(argv, dsn, email, stdin)
+        assert code in (0, 4), argv
+        for text, plan in plans:
+            seen += 1
+            sequential = {relation for node, relation in scans(plan[0]["Plan"])
+                          if node == "Seq Scan" and relation in WATCHED}
+            assert not sequential, f"{argv[0]}: sequential scan of {sequential} in\n{text[:400]}"
+    assert seen >= 20
