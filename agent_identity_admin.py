@@ -1911,9 +1911,10 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         out.error(command, AdminError(EXIT_INTERRUPTED, "interrupted; a change not yet committed was rolled back"))
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (`list | head`): stop quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # The reader went away (`list | head`): stop quietly, and point stdout at
+        # /dev/null so Python's flush at exit does not complain either.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.stdout.fileno())
         return EXIT_OK
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK

@@ -449,3 +449,19 @@ def test_list_default_page_is_fifty(operator):
 def test_list_page_arguments_are_checked(operator, args, code):
     result = operator("list", *args)
     assert result.code == code, result.stderr
+
+
+def test_a_closed_pipe_ends_list_quietly(operator, cli_dsn, monkeypatch):
+    """`list | head`: when the reader has gone, the tool stops with exit 0 and says nothing."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    operator.create("piped")
+    monkeypatch.setenv("DATABASE_URL", cli_dsn)
+    monkeypatch.setenv("AGENT_IDENTITY_ADMIN_EMAIL", operator.email)
+    stderr = io.StringIO()
+    code = tool.main(["list", "--workspace-public-id", operator.workspace["publicId"]], ClosedPipe(), stderr)
+    assert (code, stderr.getvalue()) == (0, "")
