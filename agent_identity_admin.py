@@ -1916,6 +1916,14 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.stdout.fileno())
         return EXIT_OK
+    except ImportError as exc:
+        # psycopg and argon2 are imported only when needed, so this is where their absence shows.
+        out.error(command, AdminError(
+            EXIT_INTERNAL,
+            f"{exc.name or 'a dependency'} is not installed for {sys.executable}: "
+            "pip install 'psycopg[binary]>=3.2' 'argon2-cffi>=23.1' (or run the installed agent-identity)",
+        ))
+        return EXIT_INTERNAL
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except Exception as exc:

@@ -263,3 +263,19 @@ def test_help_and_usage_errors_import_neither_psycopg_nor_argon2():
     )
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
     assert completed.stdout == "[]\n", completed.stderr
+
+
+def test_a_missing_dependency_says_what_to_install():
+    """Run by a python3 without psycopg (as a pnpm script may be): one clear line, exit 1."""
+    import subprocess
+    import sys
+
+    from tests.support import SCRIPT, cli_env
+
+    completed = subprocess.run(
+        [sys.executable, "-S", str(SCRIPT), "list", "--workspace-public-id", "Ab12Cd34Ef56"],
+        env=cli_env(UNREACHABLE, **ACTOR), capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 1
+    assert completed.stderr == (
+        f"agent-identity: error: psycopg is not installed for {sys.executable}: pip install "
+        "'psycopg[binary]>=3.2' 'argon2-cffi>=23.1' (or run the installed agent-identity)\n")
