@@ -1484,6 +1484,124 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
     return verify_result(reason, row)
 
 
+# What doctor checks the agent tables against: the columns `schema` creates.
+EXPECTED_COLUMNS = {
+    "agent_identity": {
+        "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
+        "slug": "character varying(64)", "displayName": "character varying(255)",
+        "status": "agent_identity_status", "createdBy": "uuid",
+        "createdAt": "timestamp without time zone", "updatedAt": "timestamp without time zone",
+        "pausedAt": "timestamp without time zone", "revokedAt": "timestamp without time zone",
+    },
+    "agent_token": {
+        "id": "bigint", "publicId": "character varying(12)", "agentIdentityId": "bigint",
+        "name": "character varying(255)", "tokenHash": "text", "scopes": "text[]",
+        "expiresAt": "timestamp without time zone", "lastUsedAt": "timestamp without time zone",
+        "createdBy": "uuid", "createdAt": "timestamp without time zone",
+        "revokedAt": "timestamp without time zone", "revokedBy": "uuid", "rotatedFromId": "bigint",
+    },
+    "agent_audit_event": {
+        "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
+        "agentIdentityId": "bigint", "agentTokenId": "bigint", "action": "character varying(64)",
+        "actorUserId": "uuid", "actorEmail": "character varying(255)", "reason": "text",
+        "metadata": "jsonb", "createdAt": "timestamp without time zone",
+    },
+}
+KAN_TABLES = ("user", "workspace", "workspace_members", "workspace_roles",
+              "workspace_role_permissions", "workspace_member_permissions")
+
+DOCTOR_COLUMNS_SQL = """
+SELECT c.relname AS table, a.attname AS column, format_type(a.atttypid, a.atttypmod) AS type
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = current_schema() AND c.relname = ANY(%(tables)s)
+"""
+
+# Whether this role reads a table's rows: the SELECT privilege, and past row
+# level security (owner, superuser, BYPASSRLS, or a policy that admits it).
+DOCTOR_READABLE_SQL = """
+SELECT c.relname AS table,
+       has_table_privilege(c.oid, 'SELECT') AS can_select,
+       NOT c.relrowsecurity
+         OR pg_has_role(c.relowner, 'MEMBER')
+         OR r.rolsuper OR r.rolbypassrls
+         OR EXISTS (SELECT 1 FROM pg_policies p
+                    WHERE p.schemaname = n.nspname AND p.tablename = c.relname AND p.cmd IN ('SELECT', 'ALL')
+                      AND EXISTS (SELECT 1 FROM unnest(p.roles) AS role
+                                  WHERE role = 'public' OR pg_has_role(role, 'MEMBER'))) AS past_rls
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_roles r ON r.rolname = current_user
+WHERE n.nspname = current_schema() AND c.relname = ANY(%(tables)s)
+"""
+
+
+def cmd_doctor(args: argparse.Namespace) -> dict:
+    """Check what the tool needs, one line each, with how to fix what fails."""
+    checks: list[dict] = []
+
+    def check(name: str, ok: bool, detail: str, fix: str | None = None) -> bool:
+        checks.append({"name": name, "ok": ok, "detail": detail, "fix": None if ok else fix})
+        return ok
+
+    def result() -> dict:
+        return {"ok": True, "command": "doctor", "healthy": all(c["ok"] for c in checks), "checks": checks}
+
+    try:
+        conn = connect(database_url(args), args.lock_timeout)
+    except AdminError as exc:
+        check("connection", False, exc.message, "set --database-url, DATABASE_URL or POSTGRES_URL to the Kan database")
+        return result()
+    import psycopg
+    from psycopg.rows import dict_row
+
+    try:
+        with conn:
+            server = conn.execute("SELECT current_setting('server_version'), current_user, current_database()").fetchone()
+            check("connection", True, f"PostgreSQL {server[0]}, database {server[2]}, as role {server[1]}")
+            cursor = conn.cursor(row_factory=dict_row)
+            tables = [*KAN_TABLES, *EXPECTED_COLUMNS]
+            found: dict[str, dict[str, str]] = {}
+            for row in cursor.execute(DOCTOR_COLUMNS_SQL, {"tables": tables}):
+                found.setdefault(row["table"], {})[row["column"]] = row["type"]
+            missing = [t for t in KAN_TABLES if t not in found]
+            kan_ok = check("Kan tables", not missing,
+                           f"missing: {', '.join(missing)}" if missing else f"{len(KAN_TABLES)} present",
+                           "connect to Kan's database (is this the right one?)")
+            drift = []
+            for table, columns in EXPECTED_COLUMNS.items():
+                if table not in found:
+                    drift.append(f"{table} is missing")
+                    continue
+                for column, expected in columns.items():
+                    actual = found[table].get(column)
+                    if actual != expected:
+                        drift.append(f'{table}."{column}" is {actual or "missing"}, expected {expected}')
+            check("agent tables", not drift, "; ".join(drift) if drift else "3 present, every column as expected",
+                  "apply `agent-identity schema` (a migration if a column differs)")
+            present = [t for t in tables if t in found]
+            blind = [row["table"] for row in cursor.execute(DOCTOR_READABLE_SQL, {"tables": present})
+                     if not (row["can_select"] and row["past_rls"])]
+            if present:
+                check("row level security", not blind,
+                      f"this role cannot read rows of: {', '.join(blind)}" if blind
+                      else f"this role reads all {len(present)} tables",
+                      "connect as the tables' owner, or create the role of docs/security.md")
+            email = args.admin_user_email or os.environ.get("AGENT_IDENTITY_ADMIN_EMAIL")
+            if args.workspace_public_id and not email:
+                check("actor", False, "no actor to check", "give --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL")
+            elif args.workspace_public_id and kan_ok and not blind:
+                try:
+                    check_access(conn, args.workspace_public_id, email)
+                    check("actor", True, f"{email} manages workspace {args.workspace_public_id}")
+                except AdminError as exc:
+                    check("actor", False, exc.message, "an admin of the workspace can grant workspace:manage in Kan")
+    except psycopg.Error as exc:
+        check("database", False, database_error(exc, args.lock_timeout).message, "see the message")
+    return result()
+
+
 OFFLINE_COMMANDS = {"help": cmd_help, "schema": cmd_schema}
 DATABASE_COMMANDS = {
     "create": cmd_create,
@@ -1502,6 +1620,9 @@ def run(args: argparse.Namespace) -> dict:
     """Check the arguments that argparse cannot, then run the command."""
     if args.command in OFFLINE_COMMANDS:
         return OFFLINE_COMMANDS[args.command](args)
+    if args.command == "doctor":
+        # Every failure is one of its checks, the connection's included.
+        return cmd_doctor(args)
     if args.command in MUTATING_COMMANDS:
         if args.confirm and args.dry_run:
             raise AdminError(EXIT_USAGE, "give --confirm or --dry-run, not both")
@@ -1656,6 +1777,19 @@ def render_list(result: dict) -> list[str]:
     )] + more
 
 
+def render_doctor(result: dict, colour: bool) -> list[str]:
+    def mark(ok: bool) -> str:
+        symbol = "✓" if ok else "✗"
+        return f"\033[{32 if ok else 31}m{symbol}\033[0m" if colour else symbol
+
+    lines = []
+    for check in result["checks"]:
+        lines.append(f"{mark(check['ok'])} {check['name']}: {check['detail']}")
+        if check["fix"]:
+            lines.append(f"  fix: {check['fix']}")
+    return lines
+
+
 def render_verify(result: dict) -> list[str]:
     token, identity = result["token"], result["identity"]
     verdict = "valid" if result["valid"] else f"not valid: {result['reason']}"
@@ -1675,6 +1809,8 @@ class Output:
         self.stdout = stdout
         self.stderr = stderr
         self.as_json = as_json
+        # Colour only on a terminal, and never when NO_COLOR is set (no-color.org).
+        self.colour = not os.environ.get("NO_COLOR") and hasattr(stdout, "isatty") and stdout.isatty()
 
     def result(self, result: dict) -> None:
         self.notes(result.get("warnings", []))
@@ -1693,6 +1829,8 @@ class Output:
             lines = render_list(result)
         elif command == "verify":
             lines = render_verify(result)
+        elif command == "doctor":
+            lines = render_doctor(result, colour=self.colour)
         else:
             lines, notes = render_mutation(result)
         self.stdout.write("\n".join(lines) + "\n")
@@ -1756,6 +1894,11 @@ examples:
   agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --grace 1h \\
       --token-file new.token --confirm       # the old token keeps working for an hour
   agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --token-name ci-2025 --dry-run""",
+    "doctor": """\
+examples:
+  agent-identity doctor
+  agent-identity doctor --workspace-public-id Ab12Cd34Ef56 --admin-user-email you@example.com
+Exit 0 when every check passes, 6 otherwise.""",
     "verify": """\
 examples:
   agent-identity verify < release-bot.token
@@ -1881,6 +2024,11 @@ def build_parser() -> ArgumentParser:
     sub.add_argument("--after", type=parse_public_id, metavar="PUBLIC_ID",
                      help="start after this identity: the nextCursor of the previous page")
 
+    sub = command("doctor", "check the connection, the tables, row level security and (with a workspace) your access",
+                  workspace=False, slug=False)
+    sub.add_argument("--workspace-public-id", type=parse_public_id, metavar="W",
+                     help="also check that the actor may manage this workspace")
+
     sub = command("verify", "say whether the server would accept a token (read from stdin), and if not, why",
                   workspace=False, slug=False)
     sub.add_argument("--workspace-public-id", type=parse_public_id, metavar="W",
@@ -1897,13 +2045,16 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     out = Output(stdout or sys.stdout, stderr or sys.stderr, as_json="--json" in argv)
     debug = "--debug" in argv
     # Named in a usage error's JSON even when argparse refuses the rest.
-    command = next((arg for arg in argv if arg in OFFLINE_COMMANDS or arg in DATABASE_COMMANDS), None)
+    command = next((arg for arg in argv if arg in OFFLINE_COMMANDS or arg in DATABASE_COMMANDS or arg == "doctor"),
+                   None)
     try:
         args = build_parser().parse_args(argv)
         command = args.command
         result = run(args)
         out.result(result)
-        return EXIT_INVALID_TOKEN if result.get("valid") is False else EXIT_OK
+        if result.get("valid") is False:
+            return EXIT_INVALID_TOKEN
+        return EXIT_DATABASE if result.get("healthy") is False else EXIT_OK
     except AdminError as exc:
         out.error(command, exc)
         return exc.exit_code

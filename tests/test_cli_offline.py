@@ -46,7 +46,7 @@ def test_help_for_an_unknown_command_is_a_usage_error():
     assert (result.code, result.stdout) == (2, "")
     assert result.stderr == (
         "agent-identity: error: no command 'frobnicate'; commands: "
-        "help, schema, create, rotate, pause, resume, revoke, inspect, list, verify\n"
+        "help, schema, create, rotate, pause, resume, revoke, inspect, list, doctor, verify\n"
     )
 
 

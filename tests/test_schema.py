@@ -79,3 +79,10 @@ def test_deleting_a_workspace_cascades(db, operator):
         "SELECT count(*) FROM agent_identity WHERE \"workspaceId\" = %s", (operator.workspace["id"],)
     ).fetchone()[0]
     assert count == 0
+
+
+def test_doctor_expects_exactly_the_contract():
+    """doctor's idea of the agent tables is the contract the DDL above is checked against."""
+    import agent_identity_admin as tool
+
+    assert tool.EXPECTED_COLUMNS == CONTRACT

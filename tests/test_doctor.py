@@ -1,0 +1,91 @@
+"""doctor: one line per check, a fix for each failure, exit 0 only when all pass."""
+
+import io
+
+import psycopg
+import pytest
+
+import agent_identity_admin as tool
+from tests import support
+
+
+def checks(result: support.Run) -> dict[str, bool]:
+    return {check["name"]: check["ok"] for check in result.json["checks"]}
+
+
+def test_a_healthy_database(cli, operator):
+    result = cli("doctor", "--json", "--workspace-public-id", operator.workspace["publicId"],
+                 env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert result.code == 0, result.stdout
+    assert checks(result) == {"connection": True, "Kan tables": True, "agent tables": True,
+                              "row level security": True, "actor": True}
+    human = cli("doctor", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert human.stdout.splitlines()[2] == "✓ agent tables: 3 present, every column as expected"
+    assert "\033[" not in human.stdout, "no colour when stdout is not a terminal"
+
+
+def test_an_actor_who_may_not_manage(cli, db, kan, operator):
+    outsider = kan.user()
+    before = support.snapshot(db)
+    result = cli("doctor", "--workspace-public-id", operator.workspace["publicId"],
+                 env={"AGENT_IDENTITY_ADMIN_EMAIL": outsider["email"]})
+    assert result.code == 6
+    assert f"✗ actor: {outsider['email']} is not an active member of workspace" in result.stdout
+    assert "  fix: an admin of the workspace can grant workspace:manage in Kan" in result.stdout
+    assert support.snapshot(db) == before, "doctor records no access.denied event"
+
+
+def test_column_drift_is_reported_column_by_column(server_dsn):
+    dsn = support.create_database(server_dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute('ALTER TABLE agent_token ALTER COLUMN "expiresAt" TYPE timestamptz')
+            conn.execute('ALTER TABLE agent_audit_event DROP COLUMN reason')
+        result = support.run_cli(["doctor", "--json"], dsn)
+        assert result.code == 6
+        [agent] = [c for c in result.json["checks"] if c["name"] == "agent tables"]
+        assert agent["detail"] == ('agent_token."expiresAt" is timestamp with time zone, expected timestamp without '
+                                   'time zone; agent_audit_event."reason" is missing, expected text')
+        assert agent["fix"].startswith("apply `agent-identity schema`")
+    finally:
+        support.drop_database(server_dsn, dsn)
+
+
+def test_a_role_that_row_level_security_blinds(database):
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE ROLE agent_identity_blind LOGIN")
+        conn.execute('GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_identity_blind')
+    try:
+        result = support.run_cli(["doctor", "--json"], psycopg.conninfo.make_conninfo(database, user="agent_identity_blind"))
+        assert result.code == 6
+        [rls] = [c for c in result.json["checks"] if c["name"] == "row level security"]
+        assert rls["ok"] is False and "workspace_members" in rls["detail"]
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("DROP OWNED BY agent_identity_blind")
+            conn.execute("DROP ROLE agent_identity_blind")
+
+
+def test_the_documented_least_privilege_role_passes(database):
+    with support.least_privilege_role(database) as dsn:
+        assert support.run_cli(["doctor"], dsn).code == 0
+
+
+def test_an_unreachable_database_is_a_failed_check_not_an_error():
+    result = support.run_cli(["doctor", "--json"], "postgresql://u:Hidden-99@127.0.0.1:9/x")
+    assert result.code == 6
+    assert checks(result) == {"connection": False}
+    assert "Hidden-99" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("no_color, coloured", [("", True), ("1", False)])
+def test_colour_only_on_a_terminal_without_no_color(cli_dsn, monkeypatch, no_color, coloured):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("DATABASE_URL", cli_dsn)
+    monkeypatch.setenv("NO_COLOR", no_color)
+    out = Terminal()
+    tool.main(["doctor"], out, io.StringIO())
+    assert ("\033[32m✓\033[0m" in out.getvalue()) == coloured
