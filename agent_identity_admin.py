@@ -1689,12 +1689,15 @@ MUTATION_VERBS = {
 }
 
 
+def render_time(moment: str | None, now: datetime | None = None) -> str | None:
+    """"2026-11-29T02:12:41Z (3 days ago)": UTC, and how long ago or ahead when now is known."""
+    if moment is None or now is None:
+        return moment
+    return f"{moment} ({relative(datetime.fromisoformat(moment.rstrip('Z')), now)})"
+
+
 def render_expiry(expires_at: str | None, now: datetime | None = None) -> str:
-    if expires_at is None:
-        return "never"
-    if now is None:
-        return expires_at
-    return f"{expires_at} ({relative(datetime.fromisoformat(expires_at.rstrip('Z')), now)})"
+    return "never" if expires_at is None else render_time(expires_at, now)
 
 
 def render_mutation(result: dict) -> tuple[list[str], list[str]]:
@@ -1739,24 +1742,26 @@ def render_inspect(result: dict) -> list[str]:
         f"name       {identity['displayName']}",
         f"workspace  {identity['workspacePublicId']}",
         f"status     {identity['status']}",
-        f"created    {identity['createdAt']}",
+        f"created    {render_time(identity['createdAt'], now)}",
     ]
     for label, key in (("updated", "updatedAt"), ("paused", "pausedAt"), ("revoked", "revokedAt")):
         if identity[key]:
-            lines.append(f"{label:<10} {identity[key]}")
+            lines.append(f"{label:<10} {render_time(identity[key], now)}")
     lines += ["", "tokens"]
     lines.append(format_table(
         ["PUBLIC ID", "NAME", "SCOPES", "LIVE", "CREATED", "EXPIRES", "LAST USED", "REVOKED", "ROTATED FROM"],
         [
-            [t["publicId"], t["name"], ",".join(t["scopes"]), "yes" if t["live"] else "no", t["createdAt"],
-             render_expiry(t["expiresAt"], now), t["lastUsedAt"], t["revokedAt"], t["rotatedFromPublicId"]]
+            [t["publicId"], t["name"], ",".join(t["scopes"]), "yes" if t["live"] else "no",
+             render_time(t["createdAt"], now), render_expiry(t["expiresAt"], now), render_time(t["lastUsedAt"], now),
+             render_time(t["revokedAt"], now), t["rotatedFromPublicId"]]
             for t in identity["tokens"]
         ],
     ))
     lines += ["", "events (newest first)"]
     lines.append(format_table(
         ["WHEN", "ACTION", "ACTOR", "TOKEN", "REASON"],
-        [[e["createdAt"], e["action"], e["actorEmail"], e["tokenPublicId"], e["reason"]] for e in identity["events"]],
+        [[render_time(e["createdAt"], now), e["action"], e["actorEmail"], e["tokenPublicId"], e["reason"]]
+         for e in identity["events"]],
     ))
     return lines
 
@@ -1771,7 +1776,7 @@ def render_list(result: dict) -> list[str]:
         [
             [i["slug"], i["publicId"], i["status"], str(i["liveTokens"]),
              render_expiry(i["nextExpiresAt"], now) if i["liveTokens"] else None,
-             i["lastUsedAt"], i["createdAt"], i["displayName"]]
+             render_time(i["lastUsedAt"], now), render_time(i["createdAt"], now), i["displayName"]]
             for i in result["identities"]
         ],
     )] + more
