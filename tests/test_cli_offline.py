@@ -279,3 +279,11 @@ def test_a_missing_dependency_says_what_to_install():
     assert completed.stderr == (
         f"agent-identity: error: psycopg is not installed for {sys.executable}: pip install "
         "'psycopg[binary]>=3.2' 'argon2-cffi>=23.1' (or run the installed agent-identity)\n")
+
+
+@pytest.mark.parametrize("command", ["create", "rotate", "revoke", "verify", "doctor", "list"])
+def test_command_help_flag_shows_the_same_examples(command):
+    by_flag = offline(command, "--help")
+    assert by_flag.code == 0
+    assert by_flag.stdout == offline("help", command).stdout
+    assert "example" in by_flag.stdout and f"agent-identity {command}" in by_flag.stdout.split("example")[1]
