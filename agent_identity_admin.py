@@ -525,6 +525,34 @@ def schema_sql() -> str:
     return SCHEMA_SQL.format(version=__version__)
 
 
+# The columns `schema` creates, which doctor checks a database against; and the
+# Kan tables the tool reads.
+EXPECTED_COLUMNS = {
+    "agent_identity": {
+        "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
+        "slug": "character varying(64)", "displayName": "character varying(255)",
+        "status": "agent_identity_status", "createdBy": "uuid",
+        "createdAt": "timestamp without time zone", "updatedAt": "timestamp without time zone",
+        "pausedAt": "timestamp without time zone", "revokedAt": "timestamp without time zone",
+    },
+    "agent_token": {
+        "id": "bigint", "publicId": "character varying(12)", "agentIdentityId": "bigint",
+        "name": "character varying(255)", "tokenHash": "text", "scopes": "text[]",
+        "expiresAt": "timestamp without time zone", "lastUsedAt": "timestamp without time zone",
+        "createdBy": "uuid", "createdAt": "timestamp without time zone",
+        "revokedAt": "timestamp without time zone", "revokedBy": "uuid", "rotatedFromId": "bigint",
+    },
+    "agent_audit_event": {
+        "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
+        "agentIdentityId": "bigint", "agentTokenId": "bigint", "action": "character varying(64)",
+        "actorUserId": "uuid", "actorEmail": "character varying(255)", "reason": "text",
+        "metadata": "jsonb", "createdAt": "timestamp without time zone",
+    },
+}
+KAN_TABLES = ("user", "workspace", "workspace_members", "workspace_roles",
+              "workspace_role_permissions", "workspace_member_permissions")
+
+
 # --- Database access --------------------------------------------------------
 
 
@@ -1483,32 +1511,6 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
     )
     return verify_result(reason, row)
 
-
-# What doctor checks the agent tables against: the columns `schema` creates.
-EXPECTED_COLUMNS = {
-    "agent_identity": {
-        "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
-        "slug": "character varying(64)", "displayName": "character varying(255)",
-        "status": "agent_identity_status", "createdBy": "uuid",
-        "createdAt": "timestamp without time zone", "updatedAt": "timestamp without time zone",
-        "pausedAt": "timestamp without time zone", "revokedAt": "timestamp without time zone",
-    },
-    "agent_token": {
-        "id": "bigint", "publicId": "character varying(12)", "agentIdentityId": "bigint",
-        "name": "character varying(255)", "tokenHash": "text", "scopes": "text[]",
-        "expiresAt": "timestamp without time zone", "lastUsedAt": "timestamp without time zone",
-        "createdBy": "uuid", "createdAt": "timestamp without time zone",
-        "revokedAt": "timestamp without time zone", "revokedBy": "uuid", "rotatedFromId": "bigint",
-    },
-    "agent_audit_event": {
-        "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
-        "agentIdentityId": "bigint", "agentTokenId": "bigint", "action": "character varying(64)",
-        "actorUserId": "uuid", "actorEmail": "character varying(255)", "reason": "text",
-        "metadata": "jsonb", "createdAt": "timestamp without time zone",
-    },
-}
-KAN_TABLES = ("user", "workspace", "workspace_members", "workspace_roles",
-              "workspace_role_permissions", "workspace_member_permissions")
 
 DOCTOR_COLUMNS_SQL = """
 SELECT c.relname AS table, a.attname AS column, format_type(a.atttypid, a.atttypmod) AS type
