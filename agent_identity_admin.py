@@ -160,7 +160,8 @@ exit codes:
   3  workspace or identity not found
   4  actor not allowed (not a Kan user, not an active member, or lacks workspace:manage)
   5  conflict or invalid state (slug taken, identity revoked, ...)
-  6  database unreachable, or the agent tables are missing (apply `agent-identity schema`)
+  6  database unreachable, or the agent tables are missing (apply `agent-identity schema`);
+     doctor: a check failed
   7  verify: the token is not valid (the output says why)
   130 interrupted (Ctrl-C); a transaction not yet committed was rolled back"""
 
