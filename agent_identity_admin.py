@@ -404,6 +404,11 @@ def actor_email(args: argparse.Namespace) -> str:
         raise AdminError(EXIT_USAGE, f"admin user email {exc}") from None
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libpq's run to several), or ''."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 def redact(text: str, secret: str | None) -> str:
     """Remove a secret (the database password) from a message."""
     return text.replace(secret, "***") if secret else text
@@ -587,7 +592,7 @@ def connect(url: str, lock_timeout: float):
     except psycopg.Error as exc:
         host = params.get("host") or os.environ.get("PGHOST") or "the local socket"
         port = params.get("port") or os.environ.get("PGPORT") or "5432"
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        detail = first_line(exc) or type(exc).__name__
         raise AdminError(
             EXIT_DATABASE, redact(f"cannot connect to the database at {host}:{port}: {detail}", password)
         ) from None
@@ -620,8 +625,9 @@ def database_error(exc: Exception, lock_timeout: float) -> AdminError:
     sqlstate = exc.sqlstate
     # No SQLSTATE: the client lost the server; 08: connection exceptions; 57P: the server shut down.
     if isinstance(exc, errors.OperationalError) and (sqlstate is None or sqlstate.startswith(("08", "57P"))):
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return AdminError(EXIT_DATABASE, f"lost the database connection: {first_line}; nothing was written")
+        return AdminError(
+            EXIT_DATABASE, f"lost the database connection: {first_line(exc) or type(exc).__name__}; nothing was written"
+        )
     return AdminError(EXIT_INTERNAL, f"unexpected database error {sqlstate}: {exc.diag.message_primary}")
 
 
@@ -2090,8 +2096,9 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
             import traceback
 
             traceback.print_exc(file=out.stderr)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        out.error(command, AdminError(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {first_line} (rerun with --debug)"))
+        out.error(command, AdminError(
+            EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug)"
+        ))
         return EXIT_INTERNAL
 
 
