@@ -316,16 +316,19 @@ def parse_database_url(value: str) -> str:
     return value
 
 
-def parse_list_limit(value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= LIST_LIMIT_MAX:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {LIST_LIMIT_MAX}")
+def parse_count(value: str, lowest: int, highest: int) -> int:
+    """A whole number in ASCII digits (int() would take '٣' and choke on '²') within bounds."""
+    if not (value.isascii() and value.isdigit()) or not lowest <= int(value) <= highest:
+        raise argparse.ArgumentTypeError(f"must be a whole number from {lowest} to {highest}")
     return int(value)
+
+
+def parse_list_limit(value: str) -> int:
+    return parse_count(value, 1, LIST_LIMIT_MAX)
 
 
 def parse_event_count(value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or int(value) > EVENTS_MAX:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {EVENTS_MAX}")
-    return int(value)
+    return parse_count(value, 0, EVENTS_MAX)
 
 
 # --- Pure helpers: public ids, tokens, hashing ------------------------------
