@@ -918,7 +918,7 @@ def check_access(
     if not row["is_manager"]:
         raise AccessDenied(f"{row['actor_email']} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
                            condition="lacks_workspace_manage", **denied)
-    identity = row["identity"]
+    identity = row["identity"] and json_times(row["identity"])
     if slug is not None and identity is None and must_exist:
         raise AdminError(EXIT_NOT_FOUND, f"no agent identity {slug} in workspace {workspace}")
     token_list = row["tokens"]
@@ -936,14 +936,17 @@ def check_access(
         "actor_id": row["actor_id"],
         "actor_email": row["actor_email"],
         "identity": identity,
-        "tokens": [token_times(t) for t in token_list or []],
+        "tokens": [json_times(t) for t in token_list or []],
     }
 
 
-def token_times(token: dict) -> dict:
-    """A token from JSON, its times made datetimes again."""
-    times = ("createdAt", "expiresAt", "lastUsedAt", "revokedAt")
-    return {**token, **{key: token[key] and datetime.fromisoformat(token[key]) for key in times}}
+JSON_TIMES = ("createdAt", "updatedAt", "pausedAt", "revokedAt", "expiresAt", "lastUsedAt")
+
+
+def json_times(record: dict) -> dict:
+    """A row the database sent as JSON (to_jsonb), its timestamps made datetimes again."""
+    return {**record, **{key: record[key] and datetime.fromisoformat(record[key])
+                         for key in JSON_TIMES if key in record}}
 
 
 def check_identity(conn, args: argparse.Namespace, *, lock: bool = False, tokens: bool = False,
@@ -958,7 +961,7 @@ def write(conn, statement: str, params: dict) -> dict:
     from psycopg.types.json import Jsonb
 
     params = dict(params, metadata=Jsonb(params["metadata"]))
-    return conn.execute(statement, params).fetchone()[0]
+    return json_times(conn.execute(statement, params).fetchone()[0])
 
 
 def record_denial(conn, args: argparse.Namespace, denied: AccessDenied) -> None:
@@ -1014,18 +1017,11 @@ def identity_view(identity: dict, workspace_public_id: str) -> dict:
         "displayName": identity["displayName"],
         "status": identity["status"],
         "workspacePublicId": workspace_public_id,
-        "createdAt": iso_text(identity.get("createdAt")),
-        "updatedAt": iso_text(identity.get("updatedAt")),
-        "pausedAt": iso_text(identity.get("pausedAt")),
-        "revokedAt": iso_text(identity.get("revokedAt")),
+        "createdAt": iso(identity.get("createdAt")),
+        "updatedAt": iso(identity.get("updatedAt")),
+        "pausedAt": iso(identity.get("pausedAt")),
+        "revokedAt": iso(identity.get("revokedAt")),
     }
-
-
-def iso_text(value: str | datetime | None) -> str | None:
-    """Timestamps from to_jsonb() arrive as text; give them the same form as the rest."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return iso(value)
 
 
 def token_view(token: dict, now: datetime) -> dict:
@@ -1467,7 +1463,7 @@ def verify_result(reason: str | None, row: dict | None = None) -> dict:
     result = {"ok": True, "command": "verify", "valid": reason is None, "reason": reason,
               "identity": None, "token": None}
     if row is not None:
-        result["identity"] = identity_view(row["identity"], row["workspacePublicId"])
+        result["identity"] = identity_view(json_times(row["identity"]), row["workspacePublicId"])
         result["token"] = {"publicId": row["publicId"], "scopes": list(row["scopes"]),
                            "expiresAt": iso(row["expiresAt"])}
     return result
