@@ -426,16 +426,17 @@ def scrub_tokens(message: str) -> str:
 
 
 def relative(moment: datetime, now: datetime) -> str:
-    """"in 12 days", "3 hours ago": the largest whole unit."""
+    """"in 12 days", "3 hours ago": the largest unit, counted to the nearest whole one, so
+    that times cut to the second (as the output shows them) read the same as exact ones."""
     seconds = (moment - now).total_seconds()
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if abs(seconds) >= size:
-            count = int(abs(seconds) // size)
+            count = int(abs(seconds) / size + 0.5)
             text = f"{count} {unit}{'' if count == 1 else 's'}"
             break
     else:
         text = "less than a minute"
-    return f"in {text}" if seconds >= 0 else f"{text} ago"
+    return f"in {text}" if seconds > 0 else f"{text} ago"
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -194,3 +194,19 @@ def test_token_shaped_text_is_scrubbed_from_messages():
     )
     assert tool.scrub_tokens("kan_agent_partial_") .startswith("kan_agent_*** ")
     assert tool.scrub_tokens("nothing to see") == "nothing to see"
+
+
+def test_relative_times_agree_whether_cut_to_the_second_or_not():
+    """A table shows times cut to the second; a warning uses exact ones: both say the same."""
+    now = datetime(2026, 1, 1, 12, 0, 0, 600_000)
+    expires = datetime(2026, 1, 4, 12, 0, 0, 100_000)  # 2 days 23:59:59.5 ahead
+    cut = lambda moment: moment.replace(microsecond=0)  # noqa: E731
+    assert tool.relative(expires, now) == tool.relative(cut(expires), cut(now)) == "in 3 days"
+    assert tool.relative(now + timedelta(days=1, hours=11), now) == "in 1 day"
+    assert tool.relative(now + timedelta(days=1, hours=12), now) == "in 2 days"
+
+
+def test_a_moment_equal_to_now_is_past():
+    now = datetime(2026, 1, 1)
+    assert tool.relative(now, now) == "less than a minute ago"
+    assert tool.relative(now + timedelta(seconds=1), now) == "in less than a minute"

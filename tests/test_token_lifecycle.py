@@ -89,7 +89,7 @@ def test_a_token_expiring_within_a_week_is_warned_about(operator):
     inspected = operator("inspect", "--slug", "soon")
     assert inspected.json["identity"]["tokens"][0]["expiringSoon"] is True
     assert inspected.stderr.startswith(
-        f"agent-identity: warning: token {soon['publicId']} of agent identity soon expires in 2 days (")
+        f"agent-identity: warning: token {soon['publicId']} of agent identity soon expires in 3 days (")
     later = operator("inspect", "--slug", "later")
     assert later.json["identity"]["tokens"][0]["expiringSoon"] is False
     assert later.stderr == ""
@@ -97,11 +97,11 @@ def test_a_token_expiring_within_a_week_is_warned_about(operator):
     listed = operator("list")
     assert {i["slug"]: i["expiringSoon"] for i in listed.json["identities"]} == {"soon": True, "later": False}
     assert listed.stderr.splitlines() == [
-        f"agent-identity: warning: agent identity soon has a live token that expires in 2 days "
+        f"agent-identity: warning: agent identity soon has a live token that expires in 3 days "
         f"({listed.json['identities'][1]['nextExpiresAt']})"
     ]
     human = operator("inspect", "--slug", "soon", json=False)
-    assert "(in 2 days)" in human.stdout and "warning: token" in human.stderr
+    assert "(in 3 days)" in human.stdout and "warning: token" in human.stderr
 
 
 # --- rotation with a grace window -----------------------------------------------
