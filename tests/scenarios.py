@@ -9,7 +9,6 @@ and returns plain figures.
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -47,12 +46,7 @@ class Figures:
 
 def run_at_once(dsn: str, email: str, commands: list[list[str]]) -> list[support.Run]:
     """Start every command as its own process, then wait for all of them."""
-    env = support.cli_env(dsn, AGENT_IDENTITY_ADMIN_EMAIL=email)
-    processes = [
-        (args, subprocess.Popen([sys.executable, str(support.SCRIPT), *args], env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        for args in commands
-    ]
+    processes = [(args, support.start_cli(args, dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": email})) for args in commands]
     runs = []
     for args, process in processes:
         stdout, stderr = process.communicate(timeout=120)

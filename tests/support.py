@@ -100,20 +100,22 @@ class Run:
         return json.loads(self.stdout)
 
 
+def start_cli(args: list[str], dsn: str | None, env: dict[str, str] | None = None, *,
+              stdin=subprocess.DEVNULL, cwd: str | Path | None = None) -> subprocess.Popen:
+    """Start agent_identity_admin.py as its own process, the way pnpm and operators do."""
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], env=cli_env(dsn, **(env or {})), stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
 def run_cli(args: list[str], dsn: str | None, env: dict[str, str] | None = None, timeout: float = 60,
             input: str | None = None, cwd: str | Path | None = None) -> Run:
-    """Run agent_identity_admin.py as a subprocess, the way pnpm and operators do."""
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        env=cli_env(dsn, **(env or {})),
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
-    return Run(list(args), completed.returncode, completed.stdout, completed.stderr)
+    """Run the CLI to its end: exit code, stdout and stderr."""
+    process = start_cli(args, dsn, env, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, cwd=cwd)
+    try:
+        stdout, stderr = process.communicate(input, timeout=timeout)
+    finally:
+        process.kill()
+    return Run(list(args), process.returncode, stdout, stderr)
 
 
 class Kan:

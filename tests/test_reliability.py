@@ -1,10 +1,8 @@
 """Concurrency and faults: nothing lost, nothing half-written, nothing hung, no traceback."""
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import psycopg
@@ -58,9 +56,7 @@ class HeldLock:
 
 
 def start(database, email, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(support.SCRIPT), *args],
-                            env=support.cli_env(database, AGENT_IDENTITY_ADMIN_EMAIL=email),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return support.start_cli(list(args), database, {"AGENT_IDENTITY_ADMIN_EMAIL": email})
 
 
 def waiting_backend(db, timeout: float = 15) -> int:

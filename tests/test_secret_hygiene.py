@@ -2,8 +2,6 @@
 or the command line of a running tool."""
 
 import json
-import subprocess
-import sys
 
 from psycopg.conninfo import make_conninfo
 
@@ -55,11 +53,8 @@ def test_no_secret_leaks_anywhere(db, kan, cli, cli_dsn, database, operator, tmp
     # A running tool, waiting on a lock: its command line and what it prints when it gives up.
     lock = HeldLock(database, operator.workspace["id"], "hygiene")
     try:
-        process = subprocess.Popen(
-            [sys.executable, str(support.SCRIPT), "revoke", *w, "--slug", "hygiene", "--lock-timeout", "5",
-             "--confirm", "--json"],
-            env=support.cli_env(dsn, **env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
+        process = support.start_cli(
+            ["revoke", *w, "--slug", "hygiene", "--lock-timeout", "5", "--confirm", "--json"], dsn, env)
         waiting_backend(db)
         cmdline = open(f"/proc/{process.pid}/cmdline", "rb").read().decode()
         db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'agent-identity'")

@@ -3,7 +3,6 @@
 import os
 import stat
 import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -314,11 +313,8 @@ def test_verify_takes_no_token_on_the_command_line(operator):
 def test_a_token_never_appears_in_the_process_arguments(cli_dsn, operator):
     """While verify waits for its token on stdin, /proc/<pid>/cmdline holds no secret."""
     token = operator.create("proc").json["token"]["secret"]
-    process = subprocess.Popen(
-        [sys.executable, str(support.SCRIPT), "verify", "--json"],
-        env=support.cli_env(cli_dsn, AGENT_IDENTITY_ADMIN_EMAIL=operator.email),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    process = support.start_cli(["verify", "--json"], cli_dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email},
+                                stdin=subprocess.PIPE)
     try:
         time.sleep(0.3)
         cmdline = open(f"/proc/{process.pid}/cmdline", "rb").read().decode()
