@@ -1,5 +1,6 @@
-"""The wheel: it builds with `python -m build`, says what it needs, installs into a fresh
-virtual environment, and runs there as `agent-identity` and `python -m agent_identity_admin`."""
+"""The wheel: it builds with `python -m build`, says what it needs and under which license,
+installs into a fresh virtual environment, and runs there as `agent-identity` and
+`python -m agent_identity_admin`."""
 
 import subprocess
 import sys
@@ -22,12 +23,19 @@ def test_the_built_wheel_installs_and_runs(tmp_path):
         names = archive.namelist()
         metadata = archive.read(f"agent_identity-{tool.__version__}.dist-info/METADATA").decode()
         entry_points = archive.read(f"agent_identity-{tool.__version__}.dist-info/entry_points.txt").decode()
+        shipped_license = archive.read(f"agent_identity-{tool.__version__}.dist-info/licenses/LICENSE").decode()
     assert "agent_identity_admin.py" in names and not any(name.startswith("tests/") for name in names)
     assert "Requires-Python: >=3.10" in metadata
     runtime = sorted(line.split(": ", 1)[1] for line in metadata.splitlines()
                      if line.startswith("Requires-Dist:") and "extra ==" not in line)
     assert runtime == ["argon2-cffi>=23.1", "psycopg[binary]>=3.2"], "the two chosen dependencies, nothing else"
     assert "Classifier: Programming Language :: Python :: 3.10" in metadata
+    assert "License-Expression: AGPL-3.0-only" in metadata and "License-File: LICENSE" in metadata
+    assert shipped_license == (support.REPO / "LICENSE").read_text()
+    assert shipped_license.startswith("                    GNU AFFERO GENERAL PUBLIC LICENSE\n")
+    urls = sorted(line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Project-URL:"))
+    assert urls == ["Homepage, https://kan.bn", "Issues, https://github.com/kanbn/kan/issues",
+                    "Source, https://github.com/kanbn/kan"]
     assert "agent-identity = agent_identity_admin:main" in entry_points
 
     environment = tmp_path / "venv"
