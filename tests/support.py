@@ -228,16 +228,21 @@ class Operator:
 
 
 def added_rows(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str, list[dict]]:
-    """Rows present after and not before, by table; fails if any row changed or went away."""
+    """Rows present after and not before, by table, oldest first where rows have a serial
+    id (compared as numbers: as text, id 100 sorts before 99); fails if any row changed or
+    went away."""
     import json
+
+    def oldest_first(row: dict):
+        return (row["id"], "") if isinstance(row.get("id"), int) else (0, json.dumps(row, sort_keys=True))
 
     added = {}
     for table, rows in after.items():
         gone = set(before[table]) - set(rows)
         assert not gone, f"{table}: rows changed or deleted: {sorted(gone)[:3]}"
-        new = sorted(set(rows) - set(before[table]))
+        new = [json.loads(row) for row in set(rows) - set(before[table])]
         if new:
-            added[table] = [json.loads(row) for row in new]
+            added[table] = sorted(new, key=oldest_first)
     return added
 
 
