@@ -1,6 +1,7 @@
 """doctor: one line per check, a fix for each failure, exit 0 only when all pass."""
 
 import io
+import secrets
 
 import psycopg
 import pytest
@@ -52,18 +53,19 @@ def test_column_drift_is_reported_column_by_column(server_dsn):
 
 
 def test_a_role_that_row_level_security_blinds(database):
+    blind = f"agent_identity_blind_{secrets.token_hex(4)}"  # roles are server-wide; runs may share a server
     with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute("CREATE ROLE agent_identity_blind LOGIN")
-        conn.execute('GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_identity_blind')
+        conn.execute(f'CREATE ROLE "{blind}" LOGIN')
+        conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{blind}"')
     try:
-        result = support.run_cli(["doctor", "--json"], psycopg.conninfo.make_conninfo(database, user="agent_identity_blind"))
+        result = support.run_cli(["doctor", "--json"], psycopg.conninfo.make_conninfo(database, user=blind))
         assert result.code == 6
         [rls] = [c for c in result.json["checks"] if c["name"] == "row level security"]
         assert rls["ok"] is False and "workspace_members" in rls["detail"]
     finally:
         with psycopg.connect(database, autocommit=True) as conn:
-            conn.execute("DROP OWNED BY agent_identity_blind")
-            conn.execute("DROP ROLE agent_identity_blind")
+            conn.execute(f'DROP OWNED BY "{blind}"')
+            conn.execute(f'DROP ROLE "{blind}"')
 
 
 def test_the_documented_least_privilege_role_passes(database):

@@ -64,7 +64,8 @@ def waiting_backend(db, timeout: float = 15) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = db.execute("""SELECT pid FROM pg_stat_activity
-                            WHERE application_name = 'agent-identity' AND wait_event_type = 'Lock'""").fetchone()
+                            WHERE application_name = 'agent-identity' AND wait_event_type = 'Lock'
+                              AND datname = current_database()""").fetchone()
         if row:
             return row[0]
         time.sleep(0.05)

@@ -57,7 +57,8 @@ def test_no_secret_leaks_anywhere(db, kan, cli, cli_dsn, database, operator, tmp
             ["revoke", *w, "--slug", "hygiene", "--lock-timeout", "5", "--confirm", "--json"], dsn, env)
         waiting_backend(db)
         cmdline = open(f"/proc/{process.pid}/cmdline", "rb").read().decode()
-        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'agent-identity'")
+        db.execute("""SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE application_name = 'agent-identity' AND datname = current_database()""")
         stdout, stderr = process.communicate(timeout=30)
         runs.append(support.Run(["revoke"], process.returncode, stdout, stderr))
     finally:
