@@ -1064,7 +1064,7 @@ def mutation_result(args: argparse.Namespace, changed: bool, **fields) -> dict:
 
 def cmd_help(args: argparse.Namespace) -> dict:
     """Print usage, for the whole tool or one command."""
-    parser = build_parser()
+    parser = args.parser
     if args.topic is None:
         text = parser.format_help()
     elif args.topic in parser.commands:
@@ -2002,6 +2002,7 @@ def build_parser() -> ArgumentParser:
 
     sub = command("help", "show usage for the tool or one command", workspace=False, slug=False)
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
+    sub.set_defaults(parser=parser)  # the text help prints is this parser's own
     command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
 
     sub = command("create", "create an active identity and its first token", mutating=True)
