@@ -1551,7 +1551,8 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
     checks: list[dict] = []
 
     def check(name: str, ok: bool, detail: str, fix: str | None = None) -> bool:
-        checks.append({"name": name, "ok": ok, "detail": detail, "fix": None if ok else fix})
+        # A detail may quote what the operator gave, like an error does: scrubbed the same way.
+        checks.append({"name": name, "ok": ok, "detail": scrub_tokens(detail), "fix": None if ok else fix})
         return ok
 
     def result() -> dict:
@@ -1597,15 +1598,16 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                       f"this role cannot read rows of: {', '.join(blind)}" if blind
                       else f"this role reads all {len(present)} tables",
                       "connect as the tables' owner, or create the role of docs/security.md")
-            email = args.admin_user_email or os.environ.get("AGENT_IDENTITY_ADMIN_EMAIL")
-            if args.workspace_public_id and not email:
-                check("actor", False, "no actor to check", "give --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL")
-            elif args.workspace_public_id and kan_ok and not blind:
+            if args.workspace_public_id:
                 try:
-                    check_access(conn, args.workspace_public_id, email)
-                    check("actor", True, f"{email} manages workspace {args.workspace_public_id}")
+                    email = actor_email(args)  # validated as every command validates it
+                    if kan_ok and not blind:
+                        check_access(conn, args.workspace_public_id, email)
+                        check("actor", True, f"{email} manages workspace {args.workspace_public_id}")
                 except AdminError as exc:
-                    check("actor", False, exc.message, "an admin of the workspace can grant workspace:manage in Kan")
+                    check("actor", False, exc.message,
+                          "give --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL" if exc.exit_code == EXIT_USAGE
+                          else "an admin of the workspace can grant workspace:manage in Kan")
     except psycopg.Error as exc:
         check("database", False, database_error(exc, args.lock_timeout).message, "see the message")
     return result()

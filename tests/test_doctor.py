@@ -36,6 +36,26 @@ def test_an_actor_who_may_not_manage(cli, db, kan, operator):
     assert support.snapshot(db) == before, "doctor records no access.denied event"
 
 
+GIVE_ACTOR = "give --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL"
+GRANT = "an admin of the workspace can grant workspace:manage in Kan"
+
+
+@pytest.mark.parametrize("email, detail, fix", [
+    ("", "say who you are: --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL", GIVE_ACTOR),
+    ("\x1b[2Jops@example.com", "admin user email contains a control character (U+001B)", GIVE_ACTOR),
+    ("kan_agent_Ab12Cd34Ef56_Zz9@example.com", "no Kan user has the email kan_agent_***@example.com", GRANT),
+])
+def test_the_actor_is_checked_as_every_command_checks_it(cli, operator, email, detail, fix):
+    """doctor validates the actor's email like the other commands, and blanks token-shaped text."""
+    result = cli("doctor", "--json", "--workspace-public-id", operator.workspace["publicId"],
+                 env={"AGENT_IDENTITY_ADMIN_EMAIL": email})
+    assert result.code == 6
+    [actor] = [c for c in result.json["checks"] if c["name"] == "actor"]
+    assert actor["ok"] is False and actor["detail"].startswith(detail), actor["detail"]
+    assert actor["fix"] == fix
+    assert "\x1b" not in result.stdout and "Zz9" not in result.stdout
+
+
 def test_column_drift_is_reported_column_by_column(server_dsn):
     dsn = support.create_database(server_dsn)
     try:
