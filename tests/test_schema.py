@@ -4,6 +4,9 @@ import pytest
 
 from tests import support
 
+# The columns the Kan server relies on, written out here on purpose rather than
+# imported from the tool's EXPECTED_COLUMNS: a change to the tool's schema must
+# change this copy too, by hand (test_doctor_expects_exactly_the_contract).
 CONTRACT = {
     "agent_identity": {
         "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
