@@ -448,6 +448,11 @@ def iso(moment: datetime | None) -> str | None:
     return moment.replace(microsecond=0).isoformat() + "Z"
 
 
+def from_iso(text: str) -> datetime:
+    """The inverse of iso(): a naive UTC datetime again."""
+    return datetime.fromisoformat(text.removesuffix("Z"))
+
+
 # --- Schema -----------------------------------------------------------------
 
 SCHEMA_SQL = """\
@@ -1704,7 +1709,7 @@ def render_time(moment: str | None, now: datetime | None = None) -> str | None:
     """"2026-11-29T02:12:41Z (3 days ago)": UTC, and how long ago or ahead when now is known."""
     if moment is None or now is None:
         return moment
-    return f"{moment} ({relative(datetime.fromisoformat(moment.rstrip('Z')), now)})"
+    return f"{moment} ({relative(from_iso(moment), now)})"
 
 
 def render_expiry(expires_at: str | None, now: datetime | None = None) -> str:
@@ -1747,7 +1752,7 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
 
 def render_inspect(result: dict) -> list[str]:
     identity = result["identity"]
-    now = datetime.fromisoformat(result["now"].rstrip("Z"))
+    now = from_iso(result["now"])
     lines = [
         f"identity   {identity['slug']} ({identity['publicId']})",
         f"name       {identity['displayName']}",
@@ -1781,7 +1786,7 @@ def render_list(result: dict) -> list[str]:
     if not result["identities"]:
         return [f"no agent identities in workspace {result['workspacePublicId']}"]
     more = [f"more: add --after {result['nextCursor']}"] if result["nextCursor"] else []
-    now = datetime.fromisoformat(result["now"].rstrip("Z"))
+    now = from_iso(result["now"])
     return [format_table(
         ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "NEXT EXPIRY", "LAST USED", "CREATED", "DISPLAY NAME"],
         [

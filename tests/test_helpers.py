@@ -210,3 +210,9 @@ def test_a_moment_equal_to_now_is_past():
     now = datetime(2026, 1, 1)
     assert tool.relative(now, now) == "less than a minute ago"
     assert tool.relative(now + timedelta(seconds=1), now) == "in less than a minute"
+
+
+def test_from_iso_reads_back_what_iso_writes():
+    moment = datetime(2026, 11, 29, 3, 6, 38, 912345)
+    assert tool.iso(moment) == "2026-11-29T03:06:38Z"
+    assert tool.from_iso(tool.iso(moment)) == moment.replace(microsecond=0)
