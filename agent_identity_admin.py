@@ -1110,15 +1110,16 @@ def token_file(path: str | None, dry_run: bool):
     if path is None or path == "-":
         yield None
         return
+    exists = f"token file {path} exists; a token file is never overwritten"
     if dry_run:
         if os.path.lexists(path):
-            raise AdminError(EXIT_CONFLICT, f"token file {path} exists; a token file is never overwritten")
+            raise AdminError(EXIT_CONFLICT, exists)
         yield None
         return
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise AdminError(EXIT_CONFLICT, f"token file {path} exists; a token file is never overwritten") from None
+        raise AdminError(EXIT_CONFLICT, exists) from None
     except OSError as exc:
         raise AdminError(EXIT_USAGE, f"cannot create token file {path}: {exc.strerror}") from None
     try:
