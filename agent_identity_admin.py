@@ -94,6 +94,7 @@ VERIFY_REASONS = (
 TOKEN_INPUT_MAX = 4096  # read no more than this from standard input or a token file
 
 SLUG_MAX = 64
+DB_SCHEMA_DEFAULT = "public"  # where Kan's migrations put its tables
 NAME_MAX = 255
 REASON_MAX = 1000
 EMAIL_MAX = 255
@@ -101,6 +102,7 @@ EMAIL_MAX = 255
 # (--lock-timeout), the longest any statement may run, and how long a
 # transaction may sit idle (a suspended tool must not hold locks for ever).
 LOCK_TIMEOUT_DEFAULT = "5"
+LOCK_TIMEOUT_MIN = 0.001
 LOCK_TIMEOUT_MAX = 600
 STATEMENT_TIMEOUT_MS = 30_000
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
@@ -117,6 +119,8 @@ TOKEN_PREFIX = "kan_agent_"
 SECRET_LENGTH = 43  # 43 base62 characters carry 256 bits
 CHECKSUM_LENGTH = 6  # base62 of a CRC32, zero-padded
 
+# A PostgreSQL schema name as `schema --db-schema` takes it: a plain identifier.
+DB_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 SLUG_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 PUBLIC_ID_RE = re.compile(r"[0-9A-Za-z]{%d}" % PUBLIC_ID_LENGTH)
 TOKEN_RE = re.compile(
@@ -221,6 +225,20 @@ def parse_public_id(value: str) -> str:
     return value
 
 
+def parse_db_schema(value: str) -> str:
+    """A schema name: letters, digits and _, not starting with a digit, at most 63 characters."""
+    if not DB_SCHEMA_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value[:80]!r} is not a schema name: use letters, digits and _, at most 63, not starting with a digit"
+        )
+    return value
+
+
+def quote_identifier(name: str) -> str:
+    """A name that parse_db_schema accepted, quoted for SQL (it holds no double quote)."""
+    return f'"{name}"'
+
+
 def parse_scopes(value: str) -> list[str]:
     """Comma-separated scopes from the vocabulary, de-duplicated, in the order given."""
     scopes: list[str] = []
@@ -293,13 +311,16 @@ def parse_grace(value: str) -> Duration:
 
 
 def parse_lock_timeout(value: str) -> float:
-    """Seconds to wait for a lock: more than 0, at most 600."""
+    """Seconds to wait for a lock: at least 0.001 (PostgreSQL reads less than 1 ms as
+    "wait for ever"), at most 600."""
     try:
         seconds = float(value) if value.isascii() else float("nan")
     except ValueError:
         seconds = float("nan")
-    if not 0 < seconds <= LOCK_TIMEOUT_MAX:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most {LOCK_TIMEOUT_MAX}")
+    if not LOCK_TIMEOUT_MIN <= seconds <= LOCK_TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from {LOCK_TIMEOUT_MIN} to {LOCK_TIMEOUT_MAX}"
+        )
     return seconds
 
 
@@ -457,22 +478,24 @@ def from_iso(text: str) -> datetime:
 
 SCHEMA_SQL = """\
 -- agent-identity schema {version}: the three tables the agent identity tool and
--- the Kan server share. Idempotent: safe to run more than once.
--- Apply with: agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL"
+-- the Kan server share, in schema {schema}, beside Kan's own tables. Idempotent:
+-- safe to run more than once. Apply as the owner of Kan's tables (the role Kan's
+-- migrations run as; it adds an index to Kan's workspace_members):
+--   agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL"
 
 DO $$ BEGIN
-    CREATE TYPE agent_identity_status AS ENUM ('active', 'paused', 'revoked');
+    CREATE TYPE {schema}.agent_identity_status AS ENUM ('active', 'paused', 'revoked');
 EXCEPTION WHEN duplicate_object THEN NULL;
 END $$;
 
-CREATE TABLE IF NOT EXISTS agent_identity (
+CREATE TABLE IF NOT EXISTS {schema}.agent_identity (
     "id" bigserial PRIMARY KEY,
     "publicId" varchar(12) NOT NULL,
-    "workspaceId" bigint NOT NULL REFERENCES workspace("id") ON DELETE CASCADE,
+    "workspaceId" bigint NOT NULL REFERENCES {schema}.workspace("id") ON DELETE CASCADE,
     "slug" varchar(64) NOT NULL,
     "displayName" varchar(255) NOT NULL,
-    "status" agent_identity_status NOT NULL DEFAULT 'active',
-    "createdBy" uuid REFERENCES "user"("id") ON DELETE SET NULL,
+    "status" {schema}.agent_identity_status NOT NULL DEFAULT 'active',
+    "createdBy" uuid REFERENCES {schema}."user"("id") ON DELETE SET NULL,
     "createdAt" timestamp NOT NULL DEFAULT timezone('utc', now()),
     "updatedAt" timestamp,
     "pausedAt" timestamp,
@@ -483,34 +506,34 @@ CREATE TABLE IF NOT EXISTS agent_identity (
     CONSTRAINT "agent_identity_slug_format" CHECK ("slug" ~ '^[a-z0-9]([a-z0-9-]*[a-z0-9])?$')
 );
 CREATE INDEX IF NOT EXISTS "agent_identity_workspace_created_idx"
-    ON agent_identity ("workspaceId", "createdAt" DESC, "id" DESC);
+    ON {schema}.agent_identity ("workspaceId", "createdAt" DESC, "id" DESC);
 
-CREATE TABLE IF NOT EXISTS agent_token (
+CREATE TABLE IF NOT EXISTS {schema}.agent_token (
     "id" bigserial PRIMARY KEY,
     "publicId" varchar(12) NOT NULL,
-    "agentIdentityId" bigint NOT NULL REFERENCES agent_identity("id") ON DELETE CASCADE,
+    "agentIdentityId" bigint NOT NULL REFERENCES {schema}.agent_identity("id") ON DELETE CASCADE,
     "name" varchar(255) NOT NULL,
     "tokenHash" text NOT NULL,
     "scopes" text[] NOT NULL DEFAULT '{{}}',
     "expiresAt" timestamp,
     "lastUsedAt" timestamp,
-    "createdBy" uuid REFERENCES "user"("id") ON DELETE SET NULL,
+    "createdBy" uuid REFERENCES {schema}."user"("id") ON DELETE SET NULL,
     "createdAt" timestamp NOT NULL DEFAULT timezone('utc', now()),
     "revokedAt" timestamp,
-    "revokedBy" uuid REFERENCES "user"("id") ON DELETE SET NULL,
-    "rotatedFromId" bigint REFERENCES agent_token("id") ON DELETE SET NULL,
+    "revokedBy" uuid REFERENCES {schema}."user"("id") ON DELETE SET NULL,
+    "rotatedFromId" bigint REFERENCES {schema}.agent_token("id") ON DELETE SET NULL,
     CONSTRAINT "agent_token_publicId_unique" UNIQUE ("publicId")
 );
-CREATE INDEX IF NOT EXISTS "agent_token_identity_idx" ON agent_token ("agentIdentityId", "id" DESC);
+CREATE INDEX IF NOT EXISTS "agent_token_identity_idx" ON {schema}.agent_token ("agentIdentityId", "id" DESC);
 
-CREATE TABLE IF NOT EXISTS agent_audit_event (
+CREATE TABLE IF NOT EXISTS {schema}.agent_audit_event (
     "id" bigserial PRIMARY KEY,
     "publicId" varchar(12) NOT NULL,
-    "workspaceId" bigint NOT NULL REFERENCES workspace("id") ON DELETE CASCADE,
-    "agentIdentityId" bigint REFERENCES agent_identity("id") ON DELETE SET NULL,
-    "agentTokenId" bigint REFERENCES agent_token("id") ON DELETE SET NULL,
+    "workspaceId" bigint NOT NULL REFERENCES {schema}.workspace("id") ON DELETE CASCADE,
+    "agentIdentityId" bigint REFERENCES {schema}.agent_identity("id") ON DELETE SET NULL,
+    "agentTokenId" bigint REFERENCES {schema}.agent_token("id") ON DELETE SET NULL,
     "action" varchar(64) NOT NULL,
-    "actorUserId" uuid REFERENCES "user"("id") ON DELETE SET NULL,
+    "actorUserId" uuid REFERENCES {schema}."user"("id") ON DELETE SET NULL,
     "actorEmail" varchar(255),
     "reason" text,
     "metadata" jsonb NOT NULL DEFAULT '{{}}'::jsonb,
@@ -518,26 +541,27 @@ CREATE TABLE IF NOT EXISTS agent_audit_event (
     CONSTRAINT "agent_audit_event_publicId_unique" UNIQUE ("publicId")
 );
 CREATE INDEX IF NOT EXISTS "agent_audit_event_identity_created_idx"
-    ON agent_audit_event ("agentIdentityId", "createdAt" DESC, "id" DESC);
+    ON {schema}.agent_audit_event ("agentIdentityId", "createdAt" DESC, "id" DESC);
 CREATE INDEX IF NOT EXISTS "agent_audit_event_workspace_created_idx"
-    ON agent_audit_event ("workspaceId", "createdAt" DESC, "id" DESC);
+    ON {schema}.agent_audit_event ("workspaceId", "createdAt" DESC, "id" DESC);
 
 -- On Kan's own workspace_members, which has no index on these columns: the
 -- access check finds the actor's memberships in a workspace through it, so
 -- it stays an index lookup however many members Kan has. Additive only.
 CREATE INDEX IF NOT EXISTS "agent_identity_workspace_members_user_idx"
-    ON workspace_members ("userId", "workspaceId");
+    ON {schema}.workspace_members ("userId", "workspaceId");
 
 -- Like Kan's own tables: row level security on, no policies. The table owner
 -- (the role migrations run as) is not subject to it.
-ALTER TABLE agent_identity ENABLE ROW LEVEL SECURITY;
-ALTER TABLE agent_token ENABLE ROW LEVEL SECURITY;
-ALTER TABLE agent_audit_event ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.agent_identity ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.agent_token ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.agent_audit_event ENABLE ROW LEVEL SECURITY;
 """
 
 
-def schema_sql() -> str:
-    return SCHEMA_SQL.format(version=__version__)
+def schema_sql(db_schema: str = DB_SCHEMA_DEFAULT) -> str:
+    """The DDL, every object qualified with the schema that holds Kan's tables."""
+    return SCHEMA_SQL.format(version=__version__, schema=quote_identifier(db_schema))
 
 
 # The columns `schema` creates, which doctor checks a database against; and the
@@ -571,10 +595,46 @@ KAN_TABLES = ("user", "workspace", "workspace_members", "workspace_roles",
 # --- Database access --------------------------------------------------------
 
 
-def connect(url: str, lock_timeout: float):
-    """Open a connection with UTC, our application_name, and time limits on everything.
+def session_limits(lock_timeout: float) -> dict[str, str]:
+    """The settings every transaction of the tool runs under.
 
-    The password is never part of a message: libpq echoes fragments of a bad
+    The statement limit leaves room for the whole lock wait plus the usual
+    30 s of work, so a long --lock-timeout ends in exit 5, not exit 6.
+    """
+    lock_ms = round(lock_timeout * 1000)
+    return {
+        "TimeZone": "UTC",
+        "lock_timeout": f"{lock_ms}ms",
+        "statement_timeout": f"{STATEMENT_TIMEOUT_MS + lock_ms}ms",
+        "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_TIMEOUT_MS}ms",
+    }
+
+
+def connection_target(params: dict) -> dict:
+    """Where a connection goes (host, port, database, role), as libpq resolves it; never the password."""
+    import getpass
+
+    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
+    return {
+        "host": params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "the local socket",
+        "port": str(params.get("port") or os.environ.get("PGPORT") or "5432"),
+        "database": params.get("dbname") or os.environ.get("PGDATABASE") or user,
+        "role": user,
+    }
+
+
+def describe_target(target: dict) -> str:
+    return f"database {target['database']} at {target['host']}:{target['port']} as role {target['role']}"
+
+
+def connect(url: str):
+    """Open a connection that works directly and through a pooler (PgBouncer, hosted poolers).
+
+    Only application_name goes as a startup parameter (PgBouncer accepts and
+    tracks it); the time limits and the zone are set by transaction() inside
+    each transaction, where no pooler can drop them. Statements are never
+    prepared by name, which a transaction-mode pooler cannot keep. The
+    password is never part of a message: libpq echoes fragments of a bad
     connection string, so that error gets a message of our own.
     """
     import psycopg
@@ -587,28 +647,65 @@ def connect(url: str, lock_timeout: float):
             EXIT_USAGE, "the database URL is not valid (check --database-url, DATABASE_URL or POSTGRES_URL)"
         ) from None
     password = params.get("password") or os.environ.get("PGPASSWORD")
-    params["options"] = " ".join(filter(None, [
-        params.get("options"),
-        "-c TimeZone=UTC",
-        f"-c lock_timeout={int(lock_timeout * 1000)}",
-        f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-        f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
-    ]))
     params["application_name"] = APPLICATION_NAME
     params.setdefault("connect_timeout", os.environ.get("PGCONNECT_TIMEOUT") or CONNECT_TIMEOUT_DEFAULT)
     try:
-        return psycopg.connect(**params, autocommit=True)
+        return psycopg.connect(**params, autocommit=True, prepare_threshold=None)
     except psycopg.Error as exc:
-        host = params.get("host") or os.environ.get("PGHOST") or "the local socket"
-        port = params.get("port") or os.environ.get("PGPORT") or "5432"
         detail = first_line(exc) or type(exc).__name__
         raise AdminError(
-            EXIT_DATABASE, redact(f"cannot connect to the database at {host}:{port}: {detail}", password)
+            EXIT_DATABASE,
+            redact(f"cannot connect to {describe_target(connection_target(params))}: {detail}", password),
         ) from None
 
 
-def database_error(exc: Exception, lock_timeout: float) -> AdminError:
-    """Translate a psycopg error met while running a command."""
+def target_of(conn) -> dict:
+    """Where an open connection writes: what the server says, not what was asked for."""
+    info = conn.info
+    host = info.host if not info.host.startswith("/") else f"{info.host} (socket)"
+    return {"host": host, "port": str(info.port), "database": info.dbname, "role": info.user}
+
+
+@contextlib.contextmanager
+def transaction(conn, lock_timeout: float, *, read_only: bool = False):
+    """One transaction under the tool's limits, whatever sits between the tool and the server.
+
+    BEGIN and a SET LOCAL of each limit travel as one message, so they cost
+    the one round trip a bare BEGIN costs. SET LOCAL lasts exactly as long as
+    the transaction: a transaction-mode pooler that hands the server
+    connection to another client afterwards hands it over clean, and every
+    statement of the transaction, its first one's parsing included, runs
+    under the limits. SET takes no query parameters: the values are the
+    tool's own numbers, quoted by psycopg.sql.Literal.
+    """
+    import psycopg
+    from psycopg import sql
+
+    settings = [sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(value))
+                for name, value in session_limits(lock_timeout).items()]
+    conn.execute(sql.SQL("; ").join([sql.SQL("BEGIN READ ONLY" if read_only else "BEGIN"), *settings]))
+    try:
+        yield
+    except BaseException:
+        if not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("COMMIT")
+    except psycopg.OperationalError as exc:
+        if read_only:
+            raise
+        # The COMMIT went out and its answer never came back: it may have been made.
+        raise AdminError(
+            EXIT_DATABASE,
+            f"lost the database connection while committing ({first_line(exc) or type(exc).__name__}): "
+            "the change may or may not have been made; check with inspect before trying again",
+        ) from None
+
+
+def database_error(exc: Exception, lock_timeout: float, target: dict) -> AdminError:
+    """Translate a psycopg error met while running a command against target."""
     from psycopg import errors
 
     if isinstance(exc, errors.LockNotAvailable):
@@ -618,19 +715,21 @@ def database_error(exc: Exception, lock_timeout: float) -> AdminError:
             "nothing was written: try again, or wait longer with --lock-timeout",
         )
     if isinstance(exc, errors.QueryCanceled):
+        limit = session_limits(lock_timeout)["statement_timeout"].removesuffix("ms")
         return AdminError(
             EXIT_DATABASE,
-            f"the database did not answer within {STATEMENT_TIMEOUT_MS // 1000} s; nothing was written",
+            f"the database did not answer within {int(limit) / 1000:g} s; nothing was written",
         )
     if isinstance(exc, (errors.UndefinedTable, errors.UndefinedObject, errors.UndefinedColumn)):
         missing = exc.diag.message_primary or str(exc)
         if "agent_" in missing:
             return AdminError(
                 EXIT_DATABASE,
-                f"the agent tables are missing or out of date ({missing}): "
-                "apply them with `agent-identity schema | psql \"$POSTGRES_URL\"`",
+                f"the agent tables are missing or out of date in {describe_target(target)} ({missing}): "
+                "run `agent-identity doctor` to see where Kan's tables are, then apply "
+                "`agent-identity schema` there as their owner",
             )
-        return AdminError(EXIT_DATABASE, f"this does not look like a Kan database ({missing})")
+        return AdminError(EXIT_DATABASE, f"{describe_target(target)} does not look like a Kan database ({missing})")
     sqlstate = exc.sqlstate
     # No SQLSTATE: the client lost the server; 08: connection exceptions; 57P: the server shut down.
     if isinstance(exc, errors.OperationalError) and (sqlstate is None or sqlstate.startswith(("08", "57P"))):
@@ -647,9 +746,9 @@ def database_error(exc: Exception, lock_timeout: float) -> AdminError:
 # locked for a mutation, only when the actor passes.
 ACCESS_SQL = """
 WITH ws AS (
-    SELECT "id", "deletedAt" IS NOT NULL AS deleted
+    SELECT "id", "publicId", "deletedAt" IS NOT NULL AS deleted
     FROM workspace
-    WHERE "publicId" = %(workspace)s
+    WHERE {workspace}
 ),
 actor AS (
     SELECT "id", email
@@ -694,6 +793,7 @@ target AS (
 )
 SELECT timezone('utc', now()) AS now,
        ws."id" AS workspace_id,
+       ws."publicId" AS workspace_public_id,
        ws.deleted AS workspace_deleted,
        actor."id" AS actor_id,
        actor.email AS actor_email,
@@ -701,6 +801,7 @@ SELECT timezone('utc', now()) AS now,
        EXISTS (SELECT 1 FROM manager) AS is_manager,
        to_jsonb(target) AS identity,
        {tokens} AS tokens,
+       CASE WHEN EXISTS (SELECT 1 FROM manager) THEN {detail} END AS detail,
        (SELECT i.xmin::text FROM agent_identity i WHERE i."id" = target."id") AS seen_version
 FROM (SELECT) AS one
 LEFT JOIN ws ON true
@@ -723,43 +824,58 @@ TOKENS_SQL = """(
     ) AS t
 )"""
 
-EVENTS_SQL = """
-SELECT e."publicId", e.action, e."actorEmail", e.reason, e.metadata, e."createdAt",
-       t."publicId" AS "tokenPublicId"
-FROM agent_audit_event e
-LEFT JOIN agent_token t ON t."id" = e."agentTokenId"
-WHERE e."agentIdentityId" = %(identity_id)s
-ORDER BY e."createdAt" DESC, e."id" DESC
-LIMIT %(limit)s
-"""
-
-LIST_SQL = """
-SELECT i."publicId", i.slug, i."displayName", i.status::text AS status,
-       i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt",
-       tokens."liveTokens", tokens."nextExpiresAt", tokens."lastUsedAt"
-FROM agent_identity i
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE t.live) AS "liveTokens",
-           min(t."expiresAt") FILTER (WHERE t.live) AS "nextExpiresAt",
-           max(t."lastUsedAt") AS "lastUsedAt"
+# What a read asks for beside the access check, in the same statement; each
+# is computed only for an actor who passes it (ACCESS_SQL's {detail}).
+# inspect: the identity's latest audit events, newest first.
+EVENTS_DETAIL = """(
+    SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."createdAt" DESC, e."id" DESC), '[]'::jsonb)
     FROM (
-        SELECT "expiresAt", "lastUsedAt",
-               "revokedAt" IS NULL AND ("expiresAt" IS NULL OR "expiresAt" > timezone('utc', now())) AS live
-        FROM agent_token
-        WHERE "agentIdentityId" = i."id"
-    ) AS t
-) AS tokens
-WHERE i."workspaceId" = %(workspace_id)s
-  AND (%(status)s::agent_identity_status IS NULL OR i.status = %(status)s::agent_identity_status)
-  AND (%(after_created)s::timestamp IS NULL OR (i."createdAt", i."id") < (%(after_created)s, %(after_id)s))
-ORDER BY i."createdAt" DESC, i."id" DESC
-LIMIT %(limit)s
-"""
+        SELECT e."id", e."publicId", e.action, e."actorEmail", e.reason, e.metadata, e."createdAt",
+               t."publicId" AS "tokenPublicId"
+        FROM agent_audit_event e
+        LEFT JOIN agent_token t ON t."id" = e."agentTokenId"
+        WHERE e."agentIdentityId" = (SELECT "id" FROM target)
+        ORDER BY e."createdAt" DESC, e."id" DESC
+        LIMIT %(events)s
+    ) AS e
+)"""
 
-# Where a page of list starts: just after the identity named by --after.
-LIST_CURSOR_SQL = """
-SELECT "createdAt", "id" FROM agent_identity WHERE "workspaceId" = %(workspace_id)s AND "publicId" = %(after)s
-"""
+# list: one page of the workspace's identities, newest first, starting just
+# after the identity named by --after (and whether that one exists).
+LIST_DETAIL = """(
+    WITH after AS (
+        SELECT "createdAt", "id"
+        FROM agent_identity
+        WHERE "workspaceId" = (SELECT "id" FROM ws) AND "publicId" = %(after)s
+    ),
+    page AS (
+        SELECT i."id", i."publicId", i.slug, i."displayName", i.status::text AS status,
+               i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt",
+               tokens."liveTokens", tokens."nextExpiresAt", tokens."lastUsedAt"
+        FROM agent_identity i
+        CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE t.live) AS "liveTokens",
+                   min(t."expiresAt") FILTER (WHERE t.live) AS "nextExpiresAt",
+                   max(t."lastUsedAt") AS "lastUsedAt"
+            FROM (
+                SELECT "expiresAt", "lastUsedAt",
+                       "revokedAt" IS NULL AND ("expiresAt" IS NULL OR "expiresAt" > timezone('utc', now())) AS live
+                FROM agent_token
+                WHERE "agentIdentityId" = i."id"
+            ) AS t
+        ) AS tokens
+        WHERE i."workspaceId" = (SELECT "id" FROM ws)
+          AND (%(status)s::agent_identity_status IS NULL OR i.status = %(status)s::agent_identity_status)
+          AND (%(after)s::text IS NULL
+               OR (i."createdAt", i."id") < ((SELECT "createdAt" FROM after), (SELECT "id" FROM after)))
+        ORDER BY i."createdAt" DESC, i."id" DESC
+        LIMIT %(limit)s
+    )
+    SELECT jsonb_build_object(
+        'cursorFound', %(after)s::text IS NULL OR EXISTS (SELECT 1 FROM after),
+        'identities', coalesce((SELECT jsonb_agg(to_jsonb(page) ORDER BY page."createdAt" DESC, page."id" DESC)
+                                FROM page), '[]'::jsonb))
+)"""
 
 # Every mutation is one statement. Its own CTEs end in `identity_after` (the
 # identity row as the change leaves it) and `subject` (the identity and token
@@ -867,60 +983,78 @@ subject AS (
     SELECT %(identity_id)s::bigint AS identity_id, %(token_id)s::bigint AS token_id
 )""" + AUDIT_INSERT
 
-# verify finds a token by its public id, with its identity and workspace;
-# expiry is judged by the database's clock, as a server should.
-VERIFY_SQL = """
-SELECT t."publicId", t."tokenHash", t.scopes, t."expiresAt", t."revokedAt",
-       t."expiresAt" IS NOT NULL AND t."expiresAt" <= timezone('utc', now()) AS expired,
-       to_jsonb(i) AS identity,
-       w."publicId" AS "workspacePublicId",
-       w."deletedAt" IS NOT NULL AS "workspaceDeleted"
-FROM agent_token t
-JOIN agent_identity i ON i."id" = t."agentIdentityId"
-JOIN workspace w ON w."id" = i."workspaceId"
-WHERE t."publicId" = %(token_public_id)s
-"""
+# verify: the token, with its identity, in the workspace the check found
+# (ACCESS_SQL's ws is the token's own workspace unless --workspace-public-id
+# names one); expiry is judged by the database's clock, as a server should.
+VERIFY_DETAIL = """(
+    SELECT to_jsonb(v)
+    FROM (
+        SELECT t."publicId", t."tokenHash", t.scopes, t."expiresAt", t."revokedAt",
+               t."expiresAt" IS NOT NULL AND t."expiresAt" <= timezone('utc', now()) AS expired,
+               to_jsonb(i) AS identity
+        FROM agent_token t
+        JOIN agent_identity i ON i."id" = t."agentIdentityId"
+        WHERE t."publicId" = %(token_public_id)s AND i."workspaceId" = (SELECT "id" FROM ws)
+    ) AS v
+)"""
+
+# The workspace of a token, for verify without --workspace-public-id.
+TOKEN_WORKSPACE = """"id" = (
+        SELECT i."workspaceId"
+        FROM agent_token t
+        JOIN agent_identity i ON i."id" = t."agentIdentityId"
+        WHERE t."publicId" = %(token_public_id)s
+    )"""
 
 
 def check_access(
     conn,
-    workspace: str,
+    workspace: str | None,
     email: str,
     *,
     slug: str | None = None,
     lock: bool = False,
     tokens: bool = False,
+    detail: str | None = None,
+    params: dict | None = None,
     must_exist: bool = True,
     allow_deleted: bool = False,
 ) -> dict:
     """Run the workspace and actor check; return the workspace, actor, identity and now
-    (and with tokens, the identity's tokens).
+    (with tokens, the identity's tokens; with detail, that SQL's JSON, for a read).
 
-    Raises exit 3 for a missing (or, unless allow_deleted, deleted) workspace,
-    exit 4 for an actor who may not manage it, and exit 3 for a slug that
-    names no identity (unless must_exist is false, as for create). With lock,
-    the identity row stays locked until the transaction ends. `now` is the
-    transaction's clock, which every later statement of it shares.
+    workspace None means the workspace of the token params["token_public_id"]
+    names (verify). Raises exit 3 for a missing (or, unless allow_deleted,
+    deleted) workspace, exit 4 for an actor who may not manage it, and exit 3
+    for a slug that names no identity (unless must_exist is false, as for
+    create). With lock, the identity row stays locked until the transaction
+    ends. `now` is the transaction's clock, which every later statement of it
+    shares.
     """
     from psycopg import sql
     from psycopg.rows import dict_row
 
     query = sql.SQL(ACCESS_SQL).format(
+        workspace=sql.SQL(TOKEN_WORKSPACE if workspace is None else '"publicId" = %(workspace)s'),
         lock=sql.SQL("FOR UPDATE" if lock else ""),
         tokens=sql.SQL(TOKENS_SQL).format(identity=sql.SQL('target."id"')) if tokens else sql.SQL("NULL::jsonb"),
+        detail=sql.SQL(detail or "NULL::jsonb"),
     )
-    params = {"workspace": workspace, "email": email, "permission": MANAGE_PERMISSION, "slug": slug}
+    params = {**(params or {}), "workspace": workspace, "email": email, "permission": MANAGE_PERMISSION,
+              "slug": slug}
     row = conn.cursor(row_factory=dict_row).execute(query, params).fetchone()
     if row["workspace_id"] is None:
-        raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} not found")
+        raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} not found" + rls_hint(conn, "workspace"))
+    workspace = row["workspace_public_id"]
     if row["workspace_deleted"] and not allow_deleted:
         raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} has been deleted")
     denied = {"workspace_id": row["workspace_id"], "actor_id": row["actor_id"]}
     if row["actor_id"] is None:
-        raise AccessDenied(f"no Kan user has the email {email}", condition="not_a_kan_user", **denied)
+        raise AccessDenied(f"no Kan user has the email {email}" + rls_hint(conn, "user"),
+                           condition="not_a_kan_user", **denied)
     if not row["is_member"]:
-        raise AccessDenied(f"{row['actor_email']} is not an active member of workspace {workspace}",
-                           condition="not_an_active_member", **denied)
+        raise AccessDenied(f"{row['actor_email']} is not an active member of workspace {workspace}"
+                           + rls_hint(conn, "workspace_members"), condition="not_an_active_member", **denied)
     if not row["is_manager"]:
         raise AccessDenied(f"{row['actor_email']} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
                            condition="lacks_workspace_manage", **denied)
@@ -939,14 +1073,27 @@ def check_access(
     return {
         "now": row["now"],
         "workspace_id": row["workspace_id"],
+        "workspace_public_id": workspace,
+        "workspace_deleted": row["workspace_deleted"],
         "actor_id": row["actor_id"],
         "actor_email": row["actor_email"],
         "identity": identity,
         "tokens": [json_times(t) for t in token_list or []],
+        "detail": row["detail"],
     }
 
 
-JSON_TIMES = ("createdAt", "updatedAt", "pausedAt", "revokedAt", "expiresAt", "lastUsedAt")
+def rls_hint(conn, table: str) -> str:
+    """A hint for a "not found" that row level security may have caused, or ''."""
+    from psycopg.rows import dict_row
+
+    row = conn.cursor(row_factory=dict_row).execute(READABLE_SQL, {"tables": [table]}).fetchone()
+    if row is None or row["past_rls"]:
+        return ""
+    return f" (row level security may hide rows of {table} from role {row['role']}: run agent-identity doctor)"
+
+
+JSON_TIMES = ("createdAt", "updatedAt", "pausedAt", "revokedAt", "expiresAt", "lastUsedAt", "nextExpiresAt")
 
 
 def json_times(record: dict) -> dict:
@@ -955,11 +1102,9 @@ def json_times(record: dict) -> dict:
                          for key in JSON_TIMES if key in record}}
 
 
-def check_identity(conn, args: argparse.Namespace, *, lock: bool = False, tokens: bool = False,
-                   must_exist: bool = True) -> dict:
+def check_identity(conn, args: argparse.Namespace, **options) -> dict:
     """check_access for the workspace and slug a command was given."""
-    return check_access(conn, args.workspace_public_id, args.actor_email, slug=args.slug, lock=lock,
-                        tokens=tokens, must_exist=must_exist)
+    return check_access(conn, args.workspace_public_id, args.actor_email, slug=args.slug, **options)
 
 
 def write(conn, statement: str, params: dict) -> dict:
@@ -992,7 +1137,7 @@ def record_denial(conn, args: argparse.Namespace, denied: AccessDenied) -> None:
         }),
     }
     try:
-        with conn.transaction():
+        with transaction(conn, args.lock_timeout):
             conn.execute(ACCESS_DENIED_SQL, params)
     except psycopg.Error as exc:
         denied.message += f" (this refusal could not be audited: {exc.diag.message_primary or type(exc).__name__})"
@@ -1083,7 +1228,7 @@ def cmd_help(args: argparse.Namespace) -> dict:
 
 def cmd_schema(args: argparse.Namespace) -> dict:
     """Print the DDL of the agent tables."""
-    return {"ok": True, "command": "schema", "sql": schema_sql()}
+    return {"ok": True, "command": "schema", "sql": schema_sql(args.db_schema)}
 
 
 class IssuedToken(NamedTuple):
@@ -1181,7 +1326,7 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
     }
     with token_file(args.token_file, args.dry_run) as fd:
         try:
-            with conn.transaction():
+            with transaction(conn, args.lock_timeout):
                 access = check_identity(conn, args, must_exist=False)
                 if access["identity"] is not None:
                     raise slug_taken(args)
@@ -1228,7 +1373,7 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
     """Issue a new token with the same scopes; revoke the live ones, or let them run out the grace."""
     issued = None if args.dry_run else issue_token()
     with token_file(args.token_file, args.dry_run) as fd:
-        with conn.transaction():
+        with transaction(conn, args.lock_timeout):
             access = check_identity(conn, args, lock=True, tokens=True)
             identity, now, tokens = access["identity"], access["now"], access["tokens"]
             if identity["status"] == "revoked":
@@ -1301,7 +1446,7 @@ def cmd_revoke(conn, args: argparse.Namespace) -> dict:
 
 def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
     """Revoke one token of an identity, leaving the identity and its other tokens alone."""
-    with conn.transaction():
+    with transaction(conn, args.lock_timeout):
         access = check_identity(conn, args, lock=True, tokens=True)
         identity = access["identity"]
         token = next((t for t in access["tokens"] if t["publicId"] == args.token), None)
@@ -1333,7 +1478,7 @@ def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
 def cmd_set_status(conn, args: argparse.Namespace) -> dict:
     """pause, resume and revoke: move an identity to another status."""
     new_status, allowed_from, action = TRANSITIONS[args.command]
-    with conn.transaction():
+    with transaction(conn, args.lock_timeout):
         access = check_identity(conn, args, lock=True, tokens=new_status == "revoked")
         identity = access["identity"]
         previous = identity["status"]
@@ -1376,14 +1521,9 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
 
 def cmd_inspect(conn, args: argparse.Namespace) -> dict:
     """Show an identity, its tokens (never their hashes) and its latest events."""
-    from psycopg.rows import dict_row
-
-    # Reads need no transaction: each statement sees what was committed when it began.
-    access = check_identity(conn, args, tokens=True)
+    with transaction(conn, args.lock_timeout, read_only=True):
+        access = check_identity(conn, args, tokens=True, detail=EVENTS_DETAIL, params={"events": args.events})
     identity, now, tokens = access["identity"], access["now"], access["tokens"]
-    events = conn.cursor(row_factory=dict_row).execute(
-        EVENTS_SQL, {"identity_id": identity["id"], "limit": args.events}
-    ).fetchall()
     view = identity_view(identity, args.workspace_public_id)
     view["tokens"] = [token_view(t, now) for t in tokens]
     view["events"] = [
@@ -1396,7 +1536,7 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
             "metadata": e["metadata"],
             "createdAt": iso(e["createdAt"]),
         }
-        for e in events
+        for e in map(json_times, access["detail"])
     ]
     warnings = [
         expiry_warning(t["publicId"], args.slug, t["expiresAt"], now)
@@ -1407,19 +1547,14 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
 
 def cmd_list(conn, args: argparse.Namespace) -> dict:
     """List a workspace's identities, newest first, a page at a time."""
-    from psycopg.rows import dict_row
-
-    access = check_access(conn, args.workspace_public_id, args.actor_email)
-    after_created = after_id = None
-    if args.after:
-        cursor = conn.execute(LIST_CURSOR_SQL, {"workspace_id": access["workspace_id"], "after": args.after}).fetchone()
-        if cursor is None:
-            raise AdminError(EXIT_NOT_FOUND, f"no agent identity {args.after} in workspace {args.workspace_public_id}")
-        after_created, after_id = cursor
-    rows = conn.cursor(row_factory=dict_row).execute(LIST_SQL, {
-        "workspace_id": access["workspace_id"], "status": args.status, "limit": args.limit + 1,
-        "after_created": after_created, "after_id": after_id,
-    }).fetchall()
+    with transaction(conn, args.lock_timeout, read_only=True):
+        access = check_access(conn, args.workspace_public_id, args.actor_email, detail=LIST_DETAIL, params={
+            "status": args.status, "limit": args.limit + 1, "after": args.after,
+        })
+    page = access["detail"]
+    if not page["cursorFound"]:
+        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {args.after} in workspace {args.workspace_public_id}")
+    rows = [json_times(row) for row in page["identities"]]
     more = len(rows) > args.limit
     rows = rows[:args.limit]
     now = access["now"]
@@ -1484,29 +1619,29 @@ def verify_format(args: argparse.Namespace) -> dict | None:
 
 
 def cmd_verify(conn, args: argparse.Namespace) -> dict:
-    """Say whether the server should accept a token now, and if not, why. Writes nothing."""
+    """Say whether the server should accept a token now, and if not, why. Writes nothing
+    but the access.denied event of a refused actor."""
     from argon2 import PasswordHasher
     from argon2.exceptions import InvalidHashError, VerifyMismatchError
-    from psycopg.rows import dict_row
 
-    if args.workspace_public_id:
-        check_access(conn, args.workspace_public_id, args.actor_email, allow_deleted=True)
-    row = conn.cursor(row_factory=dict_row).execute(
-        VERIFY_SQL, {"token_public_id": args.token_public_id}
-    ).fetchone()
-    if row is None or args.workspace_public_id not in (None, row["workspacePublicId"]):
+    try:
+        with transaction(conn, args.lock_timeout, read_only=True):
+            access = check_access(conn, args.workspace_public_id, args.actor_email, detail=VERIFY_DETAIL,
+                                  params={"token_public_id": args.token_public_id}, allow_deleted=True)
+    except AdminError as refused:
+        if args.workspace_public_id or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
+            raise  # the operator named the workspace: say what is wrong with it
+        if isinstance(refused, AccessDenied):
+            # A token of a workspace the actor may not manage gets the answer an unknown
+            # id gets, so verify tells nobody whether a token exists; the audit event
+            # in the token's workspace records the probe.
+            refused.token_public_id = args.token_public_id
+            record_denial(conn, args, refused)
         return verify_result("unknown_token")
-    if not args.workspace_public_id:
-        try:
-            check_access(conn, row["workspacePublicId"], args.actor_email, allow_deleted=True)
-        except AccessDenied as denied:
-            # Say nothing about the token, not even its workspace; the audit event knows.
-            raise AccessDenied(
-                f"{args.actor_email} may not verify this token: that needs {MANAGE_PERMISSION} "
-                "in the token's workspace",
-                workspace_id=denied.workspace_id, actor_id=denied.actor_id, condition=denied.condition,
-                token_public_id=args.token_public_id,
-            ) from None
+    row = access["detail"]
+    if row is None:
+        return verify_result("unknown_token")
+    row = dict(json_times(row), workspacePublicId=access["workspace_public_id"])
     try:
         PasswordHasher().verify(row["tokenHash"], args.presented_token)
     except VerifyMismatchError:
@@ -1519,36 +1654,44 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
         else "token_expired" if row["expired"]
         else "identity_paused" if status == "paused"
         else "identity_revoked" if status == "revoked"
-        else "workspace_deleted" if row["workspaceDeleted"]
+        else "workspace_deleted" if access["workspace_deleted"]
         else None
     )
     return verify_result(reason, row)
 
 
+# Kan's tables and the agent tables as every query finds them: through the
+# search_path, as Kan's own unqualified queries do; with their schema and columns.
 DOCTOR_COLUMNS_SQL = """
-SELECT c.relname AS table, a.attname AS column, format_type(a.atttypid, a.atttypmod) AS type
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-WHERE n.nspname = current_schema() AND c.relname = ANY(%(tables)s)
+SELECT t.name AS table, n.nspname AS schema, a.attname AS column, format_type(a.atttypid, a.atttypmod) AS type
+FROM unnest(%(tables)s::text[]) AS t(name)
+JOIN pg_class c ON c."oid" = to_regclass(quote_ident(t.name))
+JOIN pg_namespace n ON n."oid" = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c."oid" AND a.attnum > 0 AND NOT a.attisdropped
 """
 
-# Whether this role reads a table's rows: the SELECT privilege, and past row
-# level security (owner, superuser, BYPASSRLS, or a policy that admits it).
-DOCTOR_READABLE_SQL = """
-SELECT c.relname AS table,
-       has_table_privilege(c.oid, 'SELECT') AS can_select,
+# Whether this role reads a table's rows (found through the search_path): the
+# SELECT privilege, and past row level security (owner, superuser, BYPASSRLS,
+# or a policy that admits it). doctor asks it of every table; a command asks it
+# of a table whose row it needed and did not find (rls_hint).
+READABLE_SQL = """
+SELECT t.name AS table, current_user AS role,
+       has_table_privilege(c."oid", 'SELECT') AS can_select,
        NOT c.relrowsecurity
          OR pg_has_role(c.relowner, 'MEMBER')
          OR r.rolsuper OR r.rolbypassrls
-         OR EXISTS (SELECT 1 FROM pg_policies p
-                    WHERE p.schemaname = n.nspname AND p.tablename = c.relname AND p.cmd IN ('SELECT', 'ALL')
-                      AND EXISTS (SELECT 1 FROM unnest(p.roles) AS role
-                                  WHERE role = 'public' OR pg_has_role(role, 'MEMBER'))) AS past_rls
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
+         OR EXISTS (SELECT 1 FROM pg_policy p
+                    WHERE p.polrelid = c."oid" AND p.polcmd IN ('r', '*')
+                      AND (p.polroles = '{0}' OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS role
+                                                          WHERE pg_has_role(role, 'MEMBER')))) AS past_rls
+FROM unnest(%(tables)s::text[]) AS t(name)
+JOIN pg_class c ON c."oid" = to_regclass(quote_ident(t.name))
 JOIN pg_roles r ON r.rolname = current_user
-WHERE n.nspname = current_schema() AND c.relname = ANY(%(tables)s)
+"""
+
+# What the server says each of the tool's limits is, inside one of its transactions.
+LIMITS_SQL = """
+SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)
 """
 
 
@@ -1565,7 +1708,7 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
         return {"ok": True, "command": "doctor", "healthy": all(c["ok"] for c in checks), "checks": checks}
 
     try:
-        conn = connect(database_url(args), args.lock_timeout)
+        conn = connect(database_url(args))
     except AdminError as exc:
         check("connection", False, exc.message, "set --database-url, DATABASE_URL or POSTGRES_URL to the Kan database")
         return result()
@@ -1573,18 +1716,31 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
     from psycopg.rows import dict_row
 
     try:
-        with conn:
-            server = conn.execute("SELECT current_setting('server_version'), current_user, current_database()").fetchone()
-            check("connection", True, f"PostgreSQL {server[0]}, database {server[2]}, as role {server[1]}")
+        with conn, transaction(conn, args.lock_timeout, read_only=True):
+            version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
+            check("connection", True, f"PostgreSQL {version}, {describe_target(target_of(conn))}")
+            limits = session_limits(args.lock_timeout)
+            shown = dict(conn.execute(LIMITS_SQL, {"names": list(limits)}).fetchall())
+            wrong = [f"{name} is {shown.get(name)}" for name, value in limits.items()
+                     if shown.get(name) != value.removesuffix("ms")]
+            check("session limits", not wrong,
+                  "; ".join(wrong) if wrong else "lock, statement and idle timeouts and UTC hold in each transaction",
+                  "something between the tool and the server drops SET LOCAL: connect to PostgreSQL directly")
             cursor = conn.cursor(row_factory=dict_row)
             tables = [*KAN_TABLES, *EXPECTED_COLUMNS]
             found: dict[str, dict[str, str]] = {}
+            schemas: dict[str, str] = {}
             for row in cursor.execute(DOCTOR_COLUMNS_SQL, {"tables": tables}):
                 found.setdefault(row["table"], {})[row["column"]] = row["type"]
+                schemas[row["table"]] = row["schema"]
             missing = [t for t in KAN_TABLES if t not in found]
+            kan_schema = schemas.get("workspace")
             kan_ok = check("Kan tables", not missing,
-                           f"missing: {', '.join(missing)}" if missing else f"{len(KAN_TABLES)} present",
-                           "connect to Kan's database (is this the right one?)")
+                           f"missing: {', '.join(missing)} (looked through search_path "
+                           f"{conn.execute('SHOW search_path').fetchone()[0]})" if missing
+                           else f"{len(KAN_TABLES)} present, in schema {kan_schema}",
+                           "connect to Kan's database (is this the right one?), or set the search_path "
+                           "(options=-c search_path=SCHEMA in the URL) to the schema Kan uses")
             drift = []
             for table, columns in EXPECTED_COLUMNS.items():
                 if table not in found:
@@ -1594,10 +1750,17 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                     actual = found[table].get(column)
                     if actual != expected:
                         drift.append(f'{table}."{column}" is {actual or "missing"}, expected {expected}')
-            check("agent tables", not drift, "; ".join(drift) if drift else "3 present, every column as expected",
-                  "apply `agent-identity schema` (a migration if a column differs)")
+            apart = sorted({f"{t} is in schema {schemas[t]}" for t in EXPECTED_COLUMNS
+                            if t in schemas and kan_schema and schemas[t] != kan_schema})
+            if apart:
+                drift.append(f"Kan's workspace is in schema {kan_schema}, but " + ", ".join(apart))
+            agent_schema = schemas.get("agent_identity")
+            check("agent tables", not drift,
+                  "; ".join(drift) if drift else f"3 present, in schema {agent_schema}, every column as expected",
+                  f"apply `agent-identity schema --db-schema {kan_schema or 'SCHEMA'}` as the owner of Kan's tables "
+                  "(a migration if a column differs)")
             present = [t for t in tables if t in found]
-            blind = [row["table"] for row in cursor.execute(DOCTOR_READABLE_SQL, {"tables": present})
+            blind = [row["table"] for row in cursor.execute(READABLE_SQL, {"tables": present})
                      if not (row["can_select"] and row["past_rls"])]
             if present:
                 check("row level security", not blind,
@@ -1615,7 +1778,7 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                           "give --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL" if exc.exit_code == EXIT_USAGE
                           else "an admin of the workspace can grant workspace:manage in Kan")
     except psycopg.Error as exc:
-        check("database", False, database_error(exc, args.lock_timeout).message, "see the message")
+        check("database", False, database_error(exc, args.lock_timeout, target_of(conn)).message, "see the message")
     return result()
 
 
@@ -1660,17 +1823,21 @@ def run(args: argparse.Namespace) -> dict:
 
     import psycopg
 
-    conn = connect(url, args.lock_timeout)
+    conn = connect(url)
+    target = target_of(conn)
     try:
-        return DATABASE_COMMANDS[args.command](conn, args)
+        result = DATABASE_COMMANDS[args.command](conn, args)
     except AccessDenied as denied:
         if not args.dry_run:
             record_denial(conn, args, denied)
         raise
     except psycopg.Error as exc:
-        raise database_error(exc, args.lock_timeout) from exc
+        raise database_error(exc, args.lock_timeout, target) from exc
     finally:
         conn.close()
+    if args.command in MUTATING_COMMANDS:
+        result["target"] = target  # where it wrote (or would have): staging or production?
+    return result
 
 
 # --- Output -----------------------------------------------------------------
@@ -1720,7 +1887,7 @@ def render_expiry(expires_at: str | None, now: datetime | None = None) -> str:
 def render_mutation(result: dict) -> tuple[list[str], list[str]]:
     """Lines for stdout and for stderr after create, rotate, pause, resume or revoke."""
     if not result["changed"]:
-        return [result["message"]], []
+        return [result["message"]], [f"target: {describe_target(result['target'])}"]
     dry_run = result["dryRun"]
 
     def verb(name: str) -> str:
@@ -1740,7 +1907,7 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
     for graced in result.get("gracedTokens") or []:
         lines.append(f"{'would let' if dry_run else 'let'} token {graced['publicId']} work until {graced['expiresAt']}")
     lines.append(f"{verb('record')} audit event {action}")
-    notes = []
+    notes = [f"target: {describe_target(result['target'])}"]
     if dry_run:
         notes.append("dry run: nothing was written")
     elif token and "tokenFile" in token:
@@ -1947,8 +2114,10 @@ examples:
   agent-identity list --workspace-public-id Ab12Cd34Ef56 --status active --json
   agent-identity list --workspace-public-id Ab12Cd34Ef56 --limit 100 --after Xy12Xy34Xy56""",
     "schema": """\
-example:
-  agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL\"""",
+examples:
+  agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL"
+  agent-identity schema --db-schema kan | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL"
+Apply it as the owner of Kan's tables: it also indexes Kan's workspace_members.""",
     "help": """\
 example:
   agent-identity help rotate""",
@@ -2011,7 +2180,9 @@ def build_parser() -> ArgumentParser:
     sub = command("help", "show usage for the tool or one command", workspace=False, slug=False)
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
     sub.set_defaults(parser=parser)  # the text help prints is this parser's own
-    command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
+    sub = command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
+    sub.add_argument("--db-schema", type=parse_db_schema, default=DB_SCHEMA_DEFAULT, metavar="NAME",
+                     help=f"the PostgreSQL schema that holds Kan's tables (default {DB_SCHEMA_DEFAULT})")
 
     sub = command("create", "create an active identity and its first token", mutating=True)
     sub.add_argument("--display-name", required=True, type=parse_display_name, metavar="D")

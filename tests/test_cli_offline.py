@@ -61,8 +61,26 @@ def test_schema_prints_the_ddl_without_a_database():
     result = offline("schema", env={})
     assert result.code == 0
     for table in ("agent_identity", "agent_token", "agent_audit_event"):
-        assert f"CREATE TABLE IF NOT EXISTS {table}" in result.stdout
-        assert f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY" in result.stdout
+        assert f'CREATE TABLE IF NOT EXISTS "public".{table}' in result.stdout
+        assert f'ALTER TABLE "public".{table} ENABLE ROW LEVEL SECURITY' in result.stdout
+
+
+def test_schema_qualifies_every_object_with_the_schema_it_is_given():
+    """Not left to the applying role's search_path: the agent tables go beside Kan's."""
+    import re
+
+    ddl = offline("schema", "--db-schema", "kan_app").stdout
+    statements = re.findall(r"\b(?:CREATE TYPE|CREATE TABLE IF NOT EXISTS|ON|REFERENCES|ALTER TABLE)\s+((?!DELETE)[^ (]+)", ddl)
+    assert len(statements) >= 20
+    assert all(name.startswith('"kan_app".') for name in statements), statements
+    assert '"public"' not in ddl
+
+
+@pytest.mark.parametrize("name", ['kan"; DROP TABLE x; --', "1abc", "", "a" * 64, "kan.app"])
+def test_schema_refuses_a_schema_name_that_is_not_an_identifier(name):
+    result = offline("schema", "--db-schema", name)
+    assert result.code == 2
+    assert "is not a schema name" in result.stderr and result.stdout == ""
 
 
 def test_json_help_and_schema_are_one_object():
@@ -102,7 +120,8 @@ def test_with_confirm_the_same_command_does_reach_for_the_database():
     """The counterpart of the tests above: with --confirm, the closed port is exit 6."""
     result = offline(*MUTATIONS[2], "--confirm")
     assert result.code == 6
-    assert result.stderr.startswith("agent-identity: error: cannot connect to the database at 127.0.0.1:")
+    assert result.stderr.startswith("agent-identity: error: cannot connect to database ")
+    assert " at 127.0.0.1:" in result.stderr
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -176,14 +195,14 @@ def test_database_url_flag_wins_over_the_environment():
         UNREACHABLE, ACTOR,
     )
     assert result.code == 6
-    assert result.stderr.startswith("agent-identity: error: cannot connect to the database at 127.0.0.1:7: ")
+    assert result.stderr.startswith("agent-identity: error: cannot connect to database x at 127.0.0.1:7 as role u: ")
     assert "FlagPassword" not in result.stderr and PASSWORD not in result.stderr
 
 
 def test_postgres_url_is_used_when_database_url_is_absent():
     result = run_cli(["list", *WORKSPACE], None, {**ACTOR, "POSTGRES_URL": "postgresql://u:PgUrlPass@127.0.0.1:8/x"})
     assert result.code == 6
-    assert "at 127.0.0.1:8: " in result.stderr
+    assert "database x at 127.0.0.1:8 as role u: " in result.stderr
     assert "PgUrlPass" not in result.stderr
 
 

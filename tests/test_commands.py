@@ -3,6 +3,7 @@
 import re
 from datetime import timedelta
 
+import psycopg
 import pytest
 from argon2 import PasswordHasher
 
@@ -293,7 +294,10 @@ def test_status_dry_run_changes_nothing(db, operator, command):
     result = operator(command, "--slug", "dry-status", "--dry-run", json=False)
     assert result.code == 0
     assert result.stdout.startswith(f"would {command} agent identity dry-status")
-    assert result.stderr == "agent-identity: dry run: nothing was written\n"
+    target = planned.json["target"]
+    assert result.stderr == (f"agent-identity: target: database {target['database']} at {target['host']}:"
+                             f"{target['port']} as role {target['role']}\n"
+                             "agent-identity: dry run: nothing was written\n")
     assert support.snapshot(db) == before
 
 
@@ -400,16 +404,34 @@ def test_a_database_without_kan_tables_is_named_as_such(server_dsn, cli):
     assert "does not look like a Kan database" in result.stderr
 
 
-def test_the_session_is_utc_named_and_time_limited(database):
-    """connect() sets the zone, name and time limits, keeping options the URL already has."""
-    url = database + " options='-c search_path=public'"
-    with tool.connect(url, lock_timeout=2.5) as conn:
-        settings = conn.execute(
-            """SELECT current_setting('TimeZone'), current_setting('application_name'),
+SETTINGS = """SELECT current_setting('TimeZone'), current_setting('application_name'),
                       current_setting('search_path'), current_setting('lock_timeout'),
                       current_setting('statement_timeout'), current_setting('idle_in_transaction_session_timeout')"""
-        ).fetchone()
-    assert settings == ("UTC", "agent-identity", "public", "2500ms", "30s", "1min")
+
+
+def test_each_transaction_is_utc_named_and_time_limited(database):
+    """transaction() sets the zone and the time limits for itself alone; connect() sends only
+    the name as a startup parameter and keeps options the URL already has."""
+    url = database + " options='-c search_path=public'"
+    with tool.connect(url) as conn:
+        server_defaults = conn.execute(SETTINGS).fetchone()
+        with tool.transaction(conn, lock_timeout=2.5):
+            inside = conn.execute(SETTINGS).fetchone()
+        after = conn.execute(SETTINGS).fetchone()
+    assert inside == ("UTC", "agent-identity", "public", "2500ms", "32500ms", "1min")
+    assert after == server_defaults, "nothing outlives the transaction (a pooler hands the connection on)"
+    assert server_defaults[1:3] == ("agent-identity", "public")
+
+
+def test_the_statement_limit_outlasts_the_longest_lock_wait(database):
+    with tool.connect(database) as conn, tool.transaction(conn, lock_timeout=600, read_only=True):
+        assert conn.execute(SETTINGS).fetchone()[3:5] == ("10min", "630s")
+
+
+def test_a_read_transaction_is_read_only(database):
+    with tool.connect(database) as conn, tool.transaction(conn, lock_timeout=1, read_only=True):
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("CREATE TEMPORARY TABLE scratch (id int)")
 
 
 def test_timestamps_are_utc_whatever_the_database_zone(db, operator):

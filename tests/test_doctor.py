@@ -18,10 +18,11 @@ def test_a_healthy_database(cli, operator):
     result = cli("doctor", "--json", "--workspace-public-id", operator.workspace["publicId"],
                  env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
     assert result.code == 0, result.stdout
-    assert checks(result) == {"connection": True, "Kan tables": True, "agent tables": True,
-                              "row level security": True, "actor": True}
+    assert checks(result) == {"connection": True, "session limits": True, "Kan tables": True,
+                              "agent tables": True, "row level security": True, "actor": True}
     human = cli("doctor", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
-    assert human.stdout.splitlines()[2] == "✓ agent tables: 3 present, every column as expected"
+    assert human.stdout.splitlines()[3] == "✓ agent tables: 3 present, in schema public, every column as expected"
+    assert human.stdout.splitlines()[2] == "✓ Kan tables: 6 present, in schema public"
     assert "\033[" not in human.stdout, "no colour when stdout is not a terminal"
 
 
@@ -67,7 +68,7 @@ def test_column_drift_is_reported_column_by_column(server_dsn):
         [agent] = [c for c in result.json["checks"] if c["name"] == "agent tables"]
         assert agent["detail"] == ('agent_token."expiresAt" is timestamp with time zone, expected timestamp without '
                                    'time zone; agent_audit_event."reason" is missing, expected text')
-        assert agent["fix"].startswith("apply `agent-identity schema`")
+        assert agent["fix"].startswith("apply `agent-identity schema --db-schema public` as the owner")
     finally:
         support.drop_database(server_dsn, dsn)
 

@@ -44,7 +44,7 @@ def plans_of(argv, dsn, email, stdin=""):
 
     def explaining(cursor, query, params=None, **kwargs):
         text = query.as_string(cursor.connection) if hasattr(query, "as_string") else query
-        if text.strip().upper() not in ("BEGIN", "COMMIT", "ROLLBACK"):
+        if not text.strip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK")):
             row = real_execute(cursor, "EXPLAIN (FORMAT JSON) " + text, params).fetchone()
             plans.append((text, row["QUERY PLAN"] if isinstance(row, dict) else row[0]))
         return real_execute(cursor, query, params, **kwargs)
@@ -95,4 +95,4 @@ def test_every_command_uses_indexes(grown, tmp_path):
             sequential = {relation for node, relation in scans(plan[0]["Plan"])
                           if node == "Seq Scan" and relation in WATCHED}
             assert not sequential, f"{argv[0]}: sequential scan of {sequential} in\n{text[:400]}"
-    assert seen >= 20
+    assert seen >= 19

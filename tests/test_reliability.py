@@ -141,7 +141,8 @@ def test_a_server_that_never_answers_is_exit_6_within_the_connect_timeout():
     finally:
         silent.close()
     assert result.code == 6
-    assert result.stderr.startswith(f"agent-identity: error: cannot connect to the database at 127.0.0.1:{port}: ")
+    assert result.stderr.startswith(
+        f"agent-identity: error: cannot connect to database kan at 127.0.0.1:{port} as role admin: ")
     assert "Hush-Hush-42" not in result.stderr
     assert 4 <= elapsed < 9, elapsed
 

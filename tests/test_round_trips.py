@@ -1,8 +1,10 @@
 """Few round trips: every command's statements, counted on the wire (libpq's trace).
 
-Budgets after connecting: a mutation at most 4 round trips, commit included; the
-access check, workspace and identity lookup one query; reads 2 (3 for verify
-without --workspace-public-id, which learns the workspace from the token).
+Budgets after connecting: a mutation at most 4 round trips (BEGIN with the session
+limits, the access check, the write, COMMIT); the access check, workspace and identity
+lookup one query; a read 3 (BEGIN with the limits, one query for the check and what the
+read shows, COMMIT). Reads were 2 in autocommit; they run in a read-only transaction now
+so that the limits hold through a transaction-mode pooler, which drops session settings.
 """
 
 import pytest
@@ -35,7 +37,7 @@ def test_a_mutation_takes_at_most_four_round_trips(counted, operator, command, a
     code, trips, statements = counted(command, *args, mode)
     assert code == 0
     assert trips <= 4, statements
-    assert statements[0] == "BEGIN" and statements[-1] in ("COMMIT", "ROLLBACK")
+    assert statements[0].startswith("BEGIN; SET LOCAL") and statements[-1] in ("COMMIT", "ROLLBACK")
     assert sum("workspace_members" in statement for statement in statements) == 1, "one access query"
 
 
@@ -47,17 +49,22 @@ def test_resume_and_revoking_one_token_too(counted, operator):
 
 
 @pytest.mark.parametrize("command, args, budget", [
-    ("list", [], 2),
-    ("inspect", ["--slug", "counted"], 2),
-    ("verify", ["--workspace-public-id", "WORKSPACE"], 2),
+    ("list", [], 3),
+    ("list", ["--after", "CURSOR", "--status", "active"], 3),
+    ("inspect", ["--slug", "counted"], 3),
+    ("verify", ["--workspace-public-id", "WORKSPACE"], 3),
     ("verify", [], 3),
 ])
 def test_reads(counted, operator, command, args, budget):
-    token = operator.create("counted").json["token"]["secret"]
-    args = [operator.workspace["publicId"] if arg == "WORKSPACE" else arg for arg in args]
+    created = operator.create("counted").json
+    operator.create("counted-2")
+    token = created["token"]["secret"]
+    values = {"WORKSPACE": operator.workspace["publicId"], "CURSOR": created["identity"]["publicId"]}
+    args = [values.get(arg, arg) for arg in args]
     code, trips, statements = counted(command, *args, stdin=token)
     assert code == 0
     assert trips <= budget, statements
+    assert statements[0].startswith("BEGIN READ ONLY; SET LOCAL") and len(statements) == 3
 
 
 def test_a_no_op_takes_no_write(counted, operator):
