@@ -1739,8 +1739,8 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                            f"missing: {', '.join(missing)} (looked through search_path "
                            f"{conn.execute('SHOW search_path').fetchone()[0]})" if missing
                            else f"{len(KAN_TABLES)} present, in schema {kan_schema}",
-                           "connect to Kan's database (is this the right one?), or set the search_path "
-                           "(options=-c search_path=SCHEMA in the URL) to the schema Kan uses")
+                           "connect to Kan's database (is this the right one?), or give the role the search_path "
+                           "Kan uses (ALTER ROLE ... SET search_path, or options=-c search_path=... in a direct URL)")
             drift = []
             for table, columns in EXPECTED_COLUMNS.items():
                 if table not in found:

@@ -341,3 +341,82 @@ def seed_scale(conn: psycopg.Connection, workspace_id: int, *, identities: int, 
               "identities": identities, "tokens": tokens, "events": events}
     for statement in SCALE_SEED:
         conn.execute(statement, params if "%(" in statement else None)
+
+
+# --- PgBouncer in front of the test server -----------------------------------
+
+PGBOUNCER_REQUIRED = "AGENT_IDENTITY_REQUIRE_PGBOUNCER"
+
+
+def pgbouncer_binary() -> str | None:
+    import shutil
+
+    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def pgbouncer(dsn: str, pool_mode: str):
+    """Start a real PgBouncer (Debian's package) on a free loopback port in front of the
+    server dsn names, in pool_mode; yield dsn rewritten to go through it; stop it after.
+
+    PgBouncer will not run as root, so it runs as the user that owns the server's
+    socket folder (an embedded server listens on a socket only), else as nobody.
+    """
+    import pwd
+    import socket
+    import time
+
+    binary = pgbouncer_binary()
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    host, port = params.get("host") or "127.0.0.1", str(params.get("port") or 5432)
+    owner = os.stat(host).st_uid if host.startswith("/") else 0
+    user = pwd.getpwuid(owner).pw_name if owner else "nobody"
+    listen = free_port()
+    with tempfile.TemporaryDirectory(prefix="agent-identity-pgbouncer-") as folder:
+        os.chmod(folder, 0o755)
+        users = Path(folder) / "users.txt"
+        users.write_text(f'"{params.get("user", "postgres")}" "{params.get("password", "")}"\n')
+        config = Path(folder) / "pgbouncer.ini"
+        config.write_text(f"""\
+[databases]
+* = host={host} port={port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen}
+unix_socket_dir =
+auth_type = trust
+auth_file = {users}
+pool_mode = {pool_mode}
+default_pool_size = 20
+max_client_conn = 200
+""")
+        for path in (users, config):
+            os.chmod(path, 0o644)
+        log = open(Path(folder) / "pgbouncer.log", "w+")
+        process = subprocess.Popen([binary, "-u", user, str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", listen), timeout=1).close()
+                    break
+                except OSError:
+                    log.seek(0)
+                    assert process.poll() is None and time.monotonic() < deadline, \
+                        f"pgbouncer did not start: {log.read()[-2000:]}"
+                    time.sleep(0.05)
+            yield make_conninfo(dsn, host="127.0.0.1", port=listen)
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+            log.close()

@@ -1,0 +1,164 @@
+"""Through a real PgBouncer (Debian's package), in transaction and in session mode: the
+tool connects, its limits hold inside each of its transactions and nowhere else, and
+every command gives what it gives on a direct connection.
+
+Skipped where pgbouncer is not installed, unless AGENT_IDENTITY_REQUIRE_PGBOUNCER is
+set (.ci/run sets it and installs the package).
+"""
+
+import io
+import os
+import time
+from unittest import mock
+
+import psycopg
+import pytest
+
+import agent_identity_admin as tool
+from tests import scenarios, support
+
+
+@pytest.fixture(scope="module", params=["transaction", "session"])
+def pooled(request, cli_dsn):
+    """The DSN of the CLI's role, through a PgBouncer in this pool mode."""
+    if support.pgbouncer_binary() is None:
+        if os.environ.get(support.PGBOUNCER_REQUIRED):
+            pytest.fail(f"{support.PGBOUNCER_REQUIRED} is set but pgbouncer is not installed")
+        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
+    with support.pgbouncer(cli_dsn, request.param) as dsn:
+        yield dsn
+
+
+def as_operator(kan):
+    workspace, admin = kan.managed_workspace()
+    return workspace, admin["email"]
+
+
+def lifecycle(dsn: str, workspace: dict, email: str) -> list[tuple]:
+    """Every command, the way an operator runs them; what each said, less ids and times."""
+    w = ["--workspace-public-id", workspace["publicId"]]
+    env = {"AGENT_IDENTITY_ADMIN_EMAIL": email}
+
+    def run(*args, input=None):
+        return support.run_cli([*args, "--json"], dsn, env, input=input)
+
+    def summary(name, result):
+        body = result.json
+        return (name, result.code, body.get("ok"), body.get("changed"), body.get("reason"),
+                (body.get("identity") or {}).get("status"), (body.get("error") or {}).get("kind"))
+
+    steps = [summary("doctor", run("doctor", *w))]
+    create = ["create", *w, "--slug", "pooled", "--display-name", "Pooled", "--token-name", "t",
+              "--scopes", "boards:read"]
+    steps.append(summary("create dry run", run(*create, "--dry-run")))
+    created = run(*create, "--confirm")
+    steps.append(summary("create", created))
+    first = created.json["token"]["secret"]
+    inspected = run("inspect", *w, "--slug", "pooled")
+    steps.append(summary("inspect", inspected) + (len(inspected.json["identity"]["tokens"]),
+                                                  len(inspected.json["identity"]["events"])))
+    listed = run("list", *w)
+    steps.append(summary("list", listed) + (len(listed.json["identities"]),))
+    rotated = run("rotate", *w, "--slug", "pooled", "--grace", "1h", "--confirm")
+    steps.append(summary("rotate --grace", rotated))
+    second = rotated.json["token"]["secret"]
+    steps.append(summary("verify new", run("verify", input=second)))
+    steps.append(summary("verify graced", run("verify", *w, input=first)))
+    for command in ("pause", "resume", "revoke"):
+        steps.append(summary(f"{command} dry run", run(command, *w, "--slug", "pooled", "--dry-run")))
+        steps.append(summary(command, run(command, *w, "--slug", "pooled", "--confirm")))
+        steps.append(summary(f"verify after {command}", run("verify", input=second)))
+    steps.append(summary("create again", run(*create, "--confirm")))
+    steps.append(summary("inspect missing", run("inspect", *w, "--slug", "absent")))
+    return steps
+
+
+def audit_trail(db, workspace: dict) -> list[tuple]:
+    return db.execute(
+        """SELECT e.action, e.metadata->>'previousStatus', e.metadata->>'newStatus', i.status::text
+           FROM agent_audit_event e LEFT JOIN agent_identity i ON i.id = e."agentIdentityId"
+           WHERE e."workspaceId" = %s ORDER BY e.id""", (workspace["id"],)).fetchall()
+
+
+def test_the_whole_lifecycle_gives_what_it_gives_direct(pooled, cli_dsn, db, kan):
+    direct_workspace, direct_email = as_operator(kan)
+    pooled_workspace, pooled_email = as_operator(kan)
+    direct = lifecycle(cli_dsn, direct_workspace, direct_email)
+    through = lifecycle(pooled, pooled_workspace, pooled_email)
+    assert through == direct
+    assert [code for _, code, *_ in direct] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 7, 5, 3]
+    assert audit_trail(db, pooled_workspace) == audit_trail(db, direct_workspace)
+    assert len(audit_trail(db, pooled_workspace)) == 5
+
+
+def test_a_held_lock_ends_in_exit_5_after_the_lock_timeout(pooled, database, kan):
+    workspace, email = as_operator(kan)
+    support.run_cli(["create", "--workspace-public-id", workspace["publicId"], "--slug", "held", "--display-name",
+                     "H", "--token-name", "t", "--scopes", "boards:read", "--confirm"], pooled,
+                    {"AGENT_IDENTITY_ADMIN_EMAIL": email})
+    with psycopg.connect(database) as holder:
+        holder.execute('SELECT id FROM agent_identity WHERE "workspaceId" = %s AND slug = %s FOR UPDATE',
+                       (workspace["id"], "held"))
+        started = time.monotonic()
+        result = support.run_cli(["pause", "--workspace-public-id", workspace["publicId"], "--slug", "held",
+                                  "--lock-timeout", "1", "--confirm"], pooled, {"AGENT_IDENTITY_ADMIN_EMAIL": email})
+        elapsed = time.monotonic() - started
+    assert result.code == 5, result.stderr
+    assert "waited 1 s for its lock" in result.stderr
+    assert 1 <= elapsed < 3, elapsed
+
+
+LIMITS = ("lock_timeout", "statement_timeout", "idle_in_transaction_session_timeout", "TimeZone")
+
+
+def settings(conn) -> dict:
+    return {name: conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] for name in LIMITS}
+
+
+@pytest.mark.parametrize("argv", [
+    ["pause", "--slug", "shown", "--lock-timeout", "2.5", "--confirm"],
+    ["inspect", "--slug", "shown", "--lock-timeout", "2.5"],
+])
+def test_the_limits_hold_inside_the_tools_transactions_and_only_there(pooled, kan, argv, monkeypatch):
+    """What the server says inside the tool's own transaction, on its own connection."""
+    workspace, email = as_operator(kan)
+    support.run_cli(["create", "--workspace-public-id", workspace["publicId"], "--slug", "shown", "--display-name",
+                     "S", "--token-name", "t", "--scopes", "boards:read", "--confirm"], pooled,
+                    {"AGENT_IDENTITY_ADMIN_EMAIL": email})
+    seen = []
+    real_check_access = tool.check_access
+
+    def showing(conn, *args, **kwargs):
+        seen.append(settings(conn))
+        return real_check_access(conn, *args, **kwargs)
+
+    monkeypatch.setenv("DATABASE_URL", pooled)
+    monkeypatch.setenv("AGENT_IDENTITY_ADMIN_EMAIL", email)
+    with mock.patch.object(tool, "check_access", showing):
+        code = tool.main([argv[0], "--workspace-public-id", workspace["publicId"], *argv[1:]],
+                         io.StringIO(), io.StringIO())
+    assert code == 0
+    assert seen == [{"lock_timeout": "2500ms", "statement_timeout": "32500ms",
+                     "idle_in_transaction_session_timeout": "1min", "TimeZone": "UTC"}]
+    # The next client of the pool gets a server connection with none of them.
+    with psycopg.connect(pooled, autocommit=True) as after:
+        assert settings(after)["lock_timeout"] == "0"
+
+
+def test_eight_concurrent_rotations_leave_one_live_token(pooled, kan):
+    workspace, email = as_operator(kan)
+    support.run_cli(["create", "--workspace-public-id", workspace["publicId"], "--slug", "spun", "--display-name",
+                     "S", "--token-name", "t", "--scopes", "boards:read", "--confirm"], pooled,
+                    {"AGENT_IDENTITY_ADMIN_EMAIL": email})
+    figures = scenarios.concurrent_rotations(pooled, workspace, email, "spun", runs=8)
+    assert (figures.tracebacks, figures.undocumented_exits, figures.lost_writes, figures.problems) == (0, 0, 0, [])
+    assert figures.successes == 8, figures.exit_codes
+
+
+def test_doctor_through_the_pooler_names_it_and_checks_the_limits(pooled):
+    result = support.run_cli(["doctor", "--json"], pooled)
+    assert result.code == 0, result.stdout
+    checks = {c["name"]: c for c in result.json["checks"]}
+    port = psycopg.conninfo.conninfo_to_dict(pooled)["port"]
+    assert f"at 127.0.0.1:{port} as role" in checks["connection"]["detail"]
+    assert checks["session limits"]["ok"]
