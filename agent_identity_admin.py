@@ -130,6 +130,10 @@ TOKEN_RE = re.compile(
 # Anything that looks like one of our tokens, well formed or not: scrubbed
 # from every error message before it is printed.
 TOKEN_LIKE_RE = re.compile(TOKEN_PREFIX + r"[0-9A-Za-z_]*")
+# A token with any of its secret: refused in every value the tool would store
+# or echo. The prefix and public id alone (kan_agent_Ab12Cd34Ef56) name a
+# token without revealing it, and may be written anywhere.
+SECRET_BEARING_RE = re.compile(TOKEN_PREFIX + r"[0-9A-Za-z]{%d}_[0-9A-Za-z]" % PUBLIC_ID_LENGTH)
 # Bidirectional overrides can make an audit line read differently from what
 # it stores ("trojan source"); they have no place in names or reasons.
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -144,7 +148,11 @@ EXIT_FORBIDDEN = 4
 EXIT_CONFLICT = 5
 EXIT_DATABASE = 6
 EXIT_INVALID_TOKEN = 7
+EXIT_UNDELIVERED = 8
+EXIT_HANGUP = 129  # 128 + the signal's number, as shells report it
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+EXIT_TERMINATED = 143
 
 EXIT_KINDS = {
     EXIT_INTERNAL: "internal",
@@ -153,7 +161,11 @@ EXIT_KINDS = {
     EXIT_FORBIDDEN: "forbidden",
     EXIT_CONFLICT: "conflict",
     EXIT_DATABASE: "database",
+    EXIT_UNDELIVERED: "undelivered",
+    EXIT_HANGUP: "interrupted",
     EXIT_INTERRUPTED: "interrupted",
+    EXIT_BROKEN_PIPE: "broken_pipe",
+    EXIT_TERMINATED: "interrupted",
 }
 
 EXIT_CODES_HELP = """\
@@ -167,7 +179,11 @@ exit codes:
   6  database unreachable, or the agent tables are missing (apply `agent-identity schema`);
      doctor: a check failed
   7  verify: the token is not valid (the output says why)
-  130 interrupted (Ctrl-C); a transaction not yet committed was rolled back"""
+  8  the output or the token file could not be written; after a change, stderr
+     says it was committed and what to do (rotate for a token)
+  129, 130, 143  hangup, Ctrl-C, terminated; a transaction not yet committed was
+     rolled back (after a commit, stderr says so)
+  141 the reader of stdout went away (a closed pipe); verify keeps its 0 or 7"""
 
 
 class AdminError(Exception):
@@ -177,6 +193,50 @@ class AdminError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.message = message
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, as Ctrl-C's KeyboardInterrupt is
+    (so psycopg cancels a running query, and transactions roll back)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+def exit_code_of_interrupt(exc: KeyboardInterrupt) -> int:
+    return exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """While a command runs, SIGTERM and SIGHUP end it the way Ctrl-C does."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous[signum] = signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def forbid_core_dumps() -> None:
+    """No core file, and (on Linux) no ptrace by others, for a process about to hold a token."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_DUMPABLE = 4
+        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 class AccessDenied(AdminError):
@@ -204,6 +264,11 @@ def check_text(value: str, *, max_length: int, allow_empty: bool = False) -> str
         category = unicodedata.category(char)
         if category == "Cc" or category == "Cs" or char in BIDI_CONTROLS:
             raise argparse.ArgumentTypeError(f"contains a control character (U+{ord(char):04X})")
+    if SECRET_BEARING_RE.search(value):
+        raise argparse.ArgumentTypeError(
+            "contains a token with its secret, which would be stored and shown to every reader of the audit log; "
+            "name a token by its public id instead"
+        )
     return value
 
 
@@ -325,9 +390,12 @@ def parse_lock_timeout(value: str) -> float:
 
 
 def parse_path(value: str) -> str:
-    """A file path: anything the system allows, which excludes NUL."""
+    """A file path: anything the system allows (which excludes NUL) that is valid UTF-8,
+    so that it can be shown, in --json too."""
     if not value or "\x00" in value or len(value) > PATH_MAX:
         raise argparse.ArgumentTypeError("is not a usable file path")
+    if any(unicodedata.category(char) == "Cs" for char in value):
+        raise argparse.ArgumentTypeError("is not valid UTF-8 (it holds undecodable bytes)")
     return value
 
 
@@ -446,6 +514,51 @@ def scrub_tokens(message: str) -> str:
     return scrubbed + " (a token on the command line lands in shell history and the process list: rotate it)"
 
 
+def visible(text: str) -> str:
+    """Text safe to put on a terminal: control characters (escape sequences, OSC 8
+    links, carriage returns), bidirectional overrides and unpaired surrogates
+    (undecodable bytes) shown as escapes instead of acted on."""
+    def escape(char: str) -> str:
+        if char == "\n":
+            return char
+        category = unicodedata.category(char)
+        if category in ("Cc", "Cs") or char in BIDI_CONTROLS:
+            return char.encode("unicode_escape", "backslashreplace").decode("ascii") if category != "Cs" \
+                else f"\\x{ord(char) - 0xDC00:02x}"
+        return char
+
+    return "".join(map(escape, text))
+
+
+def quote(value: str) -> str:
+    """A value as it sits inside a sentence: in double quotes, with quotes, backslashes
+    and control characters escaped, so that `bot" in workspace X: revoked` reads as
+    one value."""
+    return visible(json.dumps(value, ensure_ascii=False))
+
+
+# After a change is committed, what an operator should do when its output
+# (or its token file) did not reach them.
+COMMITTED_ADVICE = {
+    "create": "the identity exists and its slug is taken: rotate it to get a token",
+    "rotate": "the new token's hash is stored but the token is lost: rotate again to get one",
+}
+
+
+def undelivered(command: str, what: str, exc: BaseException) -> AdminError:
+    """The error for a change that was committed but whose result did not reach the operator."""
+    if isinstance(exc, KeyboardInterrupt):
+        code, why = exit_code_of_interrupt(exc), "interrupted"
+    elif isinstance(exc, BrokenPipeError):
+        code, why = EXIT_BROKEN_PIPE, "the reader closed the pipe"
+    elif isinstance(exc, OSError):
+        code, why = EXIT_UNDELIVERED, exc.strerror or type(exc).__name__
+    else:
+        code, why = EXIT_UNDELIVERED, first_line(exc) or type(exc).__name__
+    advice = COMMITTED_ADVICE.get(command, "inspect shows its state")
+    return AdminError(code, f"the {command} was committed, but {what} ({why}); {advice}")
+
+
 def relative(moment: datetime, now: datetime) -> str:
     """"in 12 days", "3 hours ago": the largest unit, counted to the nearest whole one, so
     that times cut to the second (as the output shows them) read the same as exact ones."""
@@ -550,6 +663,40 @@ CREATE INDEX IF NOT EXISTS "agent_audit_event_workspace_created_idx"
 -- it stays an index lookup however many members Kan has. Additive only.
 CREATE INDEX IF NOT EXISTS "agent_identity_workspace_members_user_idx"
     ON {schema}.workspace_members ("userId", "workspaceId");
+
+-- What ends stays ended, for every role, the owner included: a revoked token is
+-- never un-revoked and its expiry only moves earlier; a revoked identity stays
+-- revoked. The tool never does otherwise; these make a role that may revoke
+-- unable to undo it (docs/security.md).
+CREATE OR REPLACE FUNCTION {schema}.agent_token_only_ends() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD."revokedAt" IS NOT NULL AND NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" THEN
+        RAISE EXCEPTION 'token % is revoked, and revocation is final', OLD."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF OLD."expiresAt" IS NOT NULL AND (NEW."expiresAt" IS NULL OR NEW."expiresAt" > OLD."expiresAt") THEN
+        RAISE EXCEPTION 'token % may not live longer than it was issued to', OLD."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE TRIGGER agent_token_only_ends
+    BEFORE UPDATE ON {schema}.agent_token
+    FOR EACH ROW EXECUTE FUNCTION {schema}.agent_token_only_ends();
+
+CREATE OR REPLACE FUNCTION {schema}.agent_identity_revocation_is_final() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status = 'revoked' AND (NEW.status <> 'revoked' OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt") THEN
+        RAISE EXCEPTION 'agent identity % is revoked, and revocation is final', OLD."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE TRIGGER agent_identity_revocation_is_final
+    BEFORE UPDATE ON {schema}.agent_identity
+    FOR EACH ROW EXECUTE FUNCTION {schema}.agent_identity_revocation_is_final();
 
 -- Like Kan's own tables: row level security on, no policies. The table owner
 -- (the role migrations run as) is not subject to it.
@@ -742,7 +889,8 @@ def database_error(exc: Exception, lock_timeout: float, target: dict) -> AdminEr
 # The check that precedes every workspace command, in one query: does the
 # workspace exist, is the actor a Kan user, an active member, and a manager by
 # Kan's rule (a member override decides; else the custom role's grant; else
-# the legacy role, of which only admin manages). The identity is read, and
+# the legacy role, of which only admin manages) on one of their active
+# memberships, with no override on any of them denying it. The identity is read, and
 # locked for a mutation, only when the actor passes.
 ACCESS_SQL = """
 WITH ws AS (
@@ -764,12 +912,21 @@ membership AS (
     JOIN actor ON m."userId" = actor."id"
     WHERE m.status = 'active' AND m."deletedAt" IS NULL
 ),
+-- An override that denies the permission on any active membership wins over
+-- every other membership (as an explicit Deny wins in AWS IAM).
+denied AS (
+    SELECT 1
+    FROM membership
+    JOIN workspace_member_permissions override
+        ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
+    WHERE NOT override.granted
+),
 manager AS (
     SELECT membership."id"
     FROM membership
     LEFT JOIN workspace_member_permissions override
         ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
-    WHERE CASE
+    WHERE NOT EXISTS (SELECT 1 FROM denied) AND CASE
         WHEN override."workspaceMemberId" IS NOT NULL THEN override.granted
         WHEN membership."roleId" IS NOT NULL THEN EXISTS (
             SELECT 1
@@ -1050,13 +1207,13 @@ def check_access(
         raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} has been deleted")
     denied = {"workspace_id": row["workspace_id"], "actor_id": row["actor_id"]}
     if row["actor_id"] is None:
-        raise AccessDenied(f"no Kan user has the email {email}" + rls_hint(conn, "user"),
+        raise AccessDenied(f"no Kan user has the email {quote(email)}" + rls_hint(conn, "user"),
                            condition="not_a_kan_user", **denied)
     if not row["is_member"]:
-        raise AccessDenied(f"{row['actor_email']} is not an active member of workspace {workspace}"
+        raise AccessDenied(f"{quote(row['actor_email'])} is not an active member of workspace {workspace}"
                            + rls_hint(conn, "workspace_members"), condition="not_an_active_member", **denied)
     if not row["is_manager"]:
-        raise AccessDenied(f"{row['actor_email']} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
+        raise AccessDenied(f"{quote(row['actor_email'])} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
                            condition="lacks_workspace_manage", **denied)
     identity = row["identity"] and json_times(row["identity"])
     if slug is not None and identity is None and must_exist:
@@ -1120,11 +1277,13 @@ def record_denial(conn, args: argparse.Namespace, denied: AccessDenied) -> None:
     import psycopg
     from psycopg.types.json import Jsonb
 
+    # The token aimed at: verify's, or revoke --token's.
+    token_public_id = denied.token_public_id or getattr(args, "token", None)
     params = {
         "audit_public_id": new_public_id(),
         "workspace_id": denied.workspace_id,
         "slug": getattr(args, "slug", None),
-        "token_public_id": denied.token_public_id,
+        "token_public_id": token_public_id,
         "actor_id": denied.actor_id,
         "actor_email": args.actor_email,
         "reason": getattr(args, "reason", None),
@@ -1132,7 +1291,7 @@ def record_denial(conn, args: argparse.Namespace, denied: AccessDenied) -> None:
             "command": args.command,
             "condition": denied.condition,
             "slug": getattr(args, "slug", None),
-            "tokenPublicId": denied.token_public_id,
+            "tokenPublicId": token_public_id,
             "toolVersion": __version__,
         }),
     }
@@ -1255,7 +1414,7 @@ def token_file(path: str | None, dry_run: bool):
     if path is None or path == "-":
         yield None
         return
-    exists = f"token file {path} exists; a token file is never overwritten"
+    exists = f"token file {quote(path)} exists; a token file is never overwritten"
     if dry_run:
         if os.path.lexists(path):
             raise AdminError(EXIT_CONFLICT, exists)
@@ -1266,31 +1425,34 @@ def token_file(path: str | None, dry_run: bool):
     except FileExistsError:
         raise AdminError(EXIT_CONFLICT, exists) from None
     except OSError as exc:
-        raise AdminError(EXIT_USAGE, f"cannot create token file {path}: {exc.strerror}") from None
+        raise AdminError(EXIT_USAGE, f"cannot create token file {quote(path)}: {exc.strerror}") from None
     try:
         os.fchmod(fd, 0o600)
         yield fd
     except BaseException:
-        os.close(fd)
+        # Whatever failed, the file holds no whole token: an empty file would only
+        # block the retry.
         os.unlink(path)
         raise
-
-
-def write_token_file(fd: int | None, issued: IssuedToken | None, path: str) -> None:
-    """Put the committed token in its file; the change is already in the database."""
-    if fd is None or issued is None:
-        return
-    try:
-        os.write(fd, (issued.secret + "\n").encode("ascii"))
-        os.fsync(fd)
-    except OSError as exc:
-        raise AdminError(
-            EXIT_INTERNAL,
-            f"the change was committed but the token could not be written to {path} ({exc.strerror}); "
-            "rotate to issue another",
-        ) from None
     finally:
         os.close(fd)
+
+
+def write_token_file(fd: int | None, issued: IssuedToken | None, args: argparse.Namespace) -> None:
+    """Put the committed token in its file; the change is already in the database.
+
+    Any failure here (a full disk, a file size limit, a signal) is reported as what it
+    is: committed, with the token lost (token_file() then removes the file).
+    """
+    if fd is None or issued is None:
+        return
+    data = (issued.secret + "\n").encode("ascii")
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except (OSError, KeyboardInterrupt) as exc:
+        raise undelivered(args.command, f"the token could not be written to {quote(args.token_file)}", exc) from None
 
 
 def token_result(issued: IssuedToken | None, name: str, scopes: list[str], expires: datetime | None,
@@ -1359,7 +1521,7 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
             if exc.diag.constraint_name == "agent_identity_workspace_slug_unique":
                 raise slug_taken(args) from None
             raise
-        write_token_file(fd, issued, args.token_file)
+        write_token_file(fd, issued, args)
     return mutation_result(
         args,
         True,
@@ -1425,7 +1587,7 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
                     "expires_at": expires,
                     "rotated_from_id": source["id"],
                 })
-        write_token_file(fd, issued, args.token_file)
+        write_token_file(fd, issued, args)
     metadata = audit["metadata"]
     return mutation_result(
         args,
@@ -1586,13 +1748,16 @@ def read_token(args: argparse.Namespace) -> str:
             with open(args.token_file, encoding="utf-8", errors="replace") as source:
                 text = source.read(TOKEN_INPUT_MAX + 1)
         except OSError as exc:
-            raise AdminError(EXIT_USAGE, f"cannot read token file {args.token_file}: {exc.strerror}") from None
+            raise AdminError(EXIT_USAGE, f"cannot read token file {quote(args.token_file)}: {exc.strerror}") from None
     elif sys.stdin is None:
         text = ""
     elif sys.stdin.isatty():
         import getpass
 
-        text = getpass.getpass("token (not echoed): ")
+        try:
+            text = getpass.getpass("token (not echoed): ")
+        except EOFError:  # Ctrl-D at the prompt
+            text = ""
     else:
         text = sys.stdin.read(TOKEN_INPUT_MAX + 1)
     token = text.strip()
@@ -1676,7 +1841,7 @@ JOIN pg_attribute a ON a.attrelid = c."oid" AND a.attnum > 0 AND NOT a.attisdrop
 # of a table whose row it needed and did not find (rls_hint).
 READABLE_SQL = """
 SELECT t.name AS table, current_user AS role,
-       has_table_privilege(c."oid", 'SELECT') AS can_select,
+       has_any_column_privilege(c."oid", 'SELECT') AS can_select,
        NOT c.relrowsecurity
          OR pg_has_role(c.relowner, 'MEMBER')
          OR r.rolsuper OR r.rolbypassrls
@@ -1813,6 +1978,8 @@ def run(args: argparse.Namespace) -> dict:
             )
     else:
         args.dry_run = False
+    if args.command in ("create", "rotate", "verify"):
+        forbid_core_dumps()  # before a token exists in this process
     if args.command == "verify":
         # A malformed or mistyped token is refused before any connection, as a server should.
         verdict = verify_format(args)
@@ -1854,7 +2021,7 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def render_identity_line(identity: dict) -> str:
     return (
-        f"{identity['slug']} ({identity['publicId'] or 'new'}) \"{identity['displayName']}\" "
+        f"{identity['slug']} ({identity['publicId'] or 'new'}) {quote(identity['displayName'])} "
         f"in workspace {identity['workspacePublicId']}: {identity['status']}"
     )
 
@@ -1898,7 +2065,7 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
     token = result.get("token")
     if token:
         lines.append(
-            f"{verb('issue')} token {token['publicId'] or '(new)'} \"{token['name']}\" "
+            f"{verb('issue')} token {token['publicId'] or '(new)'} {quote(token['name'])} "
             f"with scopes {','.join(token['scopes'])}, expiring {render_expiry(token['expiresAt'])}"
         )
     revoked = result.get("revokedTokenPublicIds") or []
@@ -1911,7 +2078,7 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
     if dry_run:
         notes.append("dry run: nothing was written")
     elif token and "tokenFile" in token:
-        lines.append(f"token: written to {token['tokenFile']} (mode 0600)")
+        lines.append(f"token: written to {quote(token['tokenFile'])} (mode 0600)")
     elif token:
         lines.append(f"token: {token['secret']}")
         notes.append("store this token now: it is shown once and only its hash is kept")
@@ -1966,14 +2133,10 @@ def render_list(result: dict) -> list[str]:
     )] + more
 
 
-def render_doctor(result: dict, colour: bool) -> list[str]:
-    def mark(ok: bool) -> str:
-        symbol = "✓" if ok else "✗"
-        return f"\033[{32 if ok else 31}m{symbol}\033[0m" if colour else symbol
-
+def render_doctor(result: dict) -> list[str]:
     lines = []
     for check in result["checks"]:
-        lines.append(f"{mark(check['ok'])} {check['name']}: {check['detail']}")
+        lines.append(f"{'✓' if check['ok'] else '✗'} {check['name']}: {check['detail']}")
         if check["fix"]:
             lines.append(f"  fix: {check['fix']}")
     return lines
@@ -1992,12 +2155,22 @@ def render_verify(result: dict) -> list[str]:
 
 
 class Output:
-    """Where results and diagnostics go: data on stdout, notes and errors on stderr."""
+    """Where results and diagnostics go: data on stdout, notes and errors on stderr.
+
+    Everything written for a person passes visible(), so nothing stored or
+    typed can drive the terminal; --json is pure ASCII (non-ASCII escaped), so it
+    is valid UTF-8 JSON under any locale.
+    """
 
     def __init__(self, stdout, stderr, as_json: bool):
         self.stdout = stdout
         self.stderr = stderr
         self.as_json = as_json
+        # A name with a ✓ must not fail a run whose locale is ASCII: what a stream cannot
+        # encode is written as an escape (--json is ASCII already).
+        for stream in (stdout, stderr):
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="backslashreplace")
         # Colour only on a terminal, and never when NO_COLOR is set (no-color.org).
         self.colour = not os.environ.get("NO_COLOR") and hasattr(stdout, "isatty") and stdout.isatty()
 
@@ -2019,31 +2192,60 @@ class Output:
         elif command == "verify":
             lines = render_verify(result)
         elif command == "doctor":
-            lines = render_doctor(result, colour=self.colour)
+            lines = render_doctor(result)
         else:
             lines, notes = render_mutation(result)
-        self.stdout.write("\n".join(lines) + "\n")
-        self.stdout.flush()
+        text = visible("\n".join(lines)) + "\n"
+        if self.colour and command == "doctor":  # the marks are ours: coloured after visible()
+            text = re.sub(r"^([✓✗])", lambda mark: f"\033[{32 if mark[1] == '✓' else 31}m{mark[1]}\033[0m",
+                          text, flags=re.M)
+        self._write(self.stdout, text)
         self.notes(notes)
 
     def notes(self, notes: list[str]) -> None:
         for note in notes:
-            self.stderr.write(f"{PROG}: {note}\n")
+            self._write(self.stderr, visible(f"{PROG}: {note}\n"))
 
     def error(self, command: str | None, error: AdminError) -> None:
+        """Say what failed: on stdout as JSON with --json, else on stderr. Never raises."""
         message = scrub_tokens(error.message)
-        if self.as_json:
-            self._json({
-                "ok": False,
-                "command": command,
-                "error": {"code": error.exit_code, "kind": EXIT_KINDS[error.exit_code], "message": message},
-            })
-        else:
-            self.stderr.write(f"{PROG}: error: {message}\n")
+        try:
+            if self.as_json:
+                self._json({
+                    "ok": False,
+                    "command": command,
+                    "error": {"code": error.exit_code, "kind": EXIT_KINDS[error.exit_code], "message": message},
+                })
+                return
+        except (OSError, ValueError):
+            self.quiet_stdout()  # stdout is what failed: fall back to stderr
+        self.complain(message)
+
+    def complain(self, message: str) -> None:
+        """One error line (already scrubbed) on stderr, whatever the mode; if stderr is gone too, nothing."""
+        with contextlib.suppress(OSError, ValueError):
+            self._write(self.stderr, visible(f"{PROG}: error: {message}\n"))
+
+    def quiet_stdout(self) -> None:
+        """After stdout failed: point it at /dev/null, so that what it still buffers
+        (flushed again at exit) cannot fail a second time."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.stdout.flush()
 
     def _json(self, payload: dict) -> None:
-        self.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
-        self.stdout.flush()
+        self._write(self.stdout, json.dumps(payload) + "\n")
+
+    @staticmethod
+    def _write(stream, text: str) -> None:
+        """One write and a flush, so a failure shows here, not at exit."""
+        if stream is None:  # the descriptor was closed when the tool started (>&-)
+            import errno
+
+            raise OSError(errno.EBADF, "the stream is closed")
+        stream.write(text)
+        stream.flush()
 
 
 # --- Command line -----------------------------------------------------------
@@ -2234,33 +2436,62 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def exit_code(result: dict) -> int:
+    """A result's exit code: a verdict (verify 7, doctor 6) or success."""
+    if result.get("valid") is False:
+        return EXIT_INVALID_TOKEN
+    return EXIT_DATABASE if result.get("healthy") is False else EXIT_OK
+
+
+def deliver(out: Output, result: dict, code: int) -> int:
+    """Print a result. If stdout fails (closed, full, a reader gone, an encoding it
+    cannot take) or a signal comes, say so on stderr and return the exit code that
+    tells: after a committed change, that it was committed and what to do; verify
+    keeps its verdict; a read ends 141 on a closed pipe, else 8."""
+    try:
+        out.result(result)
+        return code
+    except (OSError, ValueError, KeyboardInterrupt) as exc:
+        out.quiet_stdout()
+        command = result["command"]
+        if command in MUTATING_COMMANDS and result["changed"] and not result["dryRun"]:
+            error = undelivered(command, "its output could not be written", exc)
+            out.complain(scrub_tokens(error.message))
+            return error.exit_code
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if command == "verify":
+            return code
+        if isinstance(exc, BrokenPipeError):
+            return EXIT_BROKEN_PIPE  # `list | head`: the reader has what it wanted; say nothing
+        out.complain(scrub_tokens(f"the output could not be written: "
+                                  f"{exc.strerror if isinstance(exc, OSError) else first_line(exc)}"))
+        return EXIT_UNDELIVERED
+
+
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    out = Output(stdout or sys.stdout, stderr or sys.stderr, as_json="--json" in argv)
+    out = Output(sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr,
+                 as_json="--json" in argv)
     debug = "--debug" in argv
     # Named in a usage error's JSON even when argparse refuses the rest.
     command = next((arg for arg in argv if arg in OFFLINE_COMMANDS or arg in DATABASE_COMMANDS or arg == "doctor"),
                    None)
     try:
-        args = build_parser().parse_args(argv)
-        command = args.command
-        result = run(args)
-        out.result(result)
-        if result.get("valid") is False:
-            return EXIT_INVALID_TOKEN
-        return EXIT_DATABASE if result.get("healthy") is False else EXIT_OK
+        with signals_as_interrupts():
+            args = build_parser().parse_args(argv)
+            command = args.command
+            result = run(args)
+            code = exit_code(result)
+            result["ok"] = code == EXIT_OK  # the one rule: ok is true exactly when the exit code is 0
+            return deliver(out, result, code)
     except AdminError as exc:
         out.error(command, exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        out.error(command, AdminError(EXIT_INTERRUPTED, "interrupted; a change not yet committed was rolled back"))
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (`list | head`): stop quietly, and point stdout at
-        # /dev/null so Python's flush at exit does not complain either.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), out.stdout.fileno())
-        return EXIT_OK
+    except KeyboardInterrupt as exc:
+        code = exit_code_of_interrupt(exc)
+        out.error(command, AdminError(code, "interrupted; a change not yet committed was rolled back"))
+        return code
     except ImportError as exc:
         # psycopg and argon2 are imported only when needed, so this is where their absence shows.
         out.error(command, AdminError(
@@ -2275,7 +2506,8 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
         if debug:
             import traceback
 
-            traceback.print_exc(file=out.stderr)
+            with contextlib.suppress(OSError, ValueError):
+                traceback.print_exc(file=out.stderr)
         out.error(command, AdminError(
             EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug)"
         ))

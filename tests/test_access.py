@@ -65,6 +65,16 @@ CASES = {
         several(membership(status="removed", role="member"), membership(role="admin")), 0, None),
     "active member beside an invited admin one": (
         several(membership(role="member"), membership(status="invited")), 4, LACKS),
+    # Two active memberships (Kan's schema allows it): an explicit deny on either wins.
+    "active admin beside an active membership whose override denies": (
+        several(membership(role="admin"), with_override(False, role="member")), 4, LACKS),
+    "override granting beside an override denying": (
+        several(with_override(True, role="member"), with_override(False, role="admin")), 4, LACKS),
+    "custom role granting beside an admin whose override denies": (
+        several(with_role({MANAGE: True}), with_override(False, role="admin")), 4, LACKS),
+    "two active admin memberships": (several(membership(role="admin"), membership(role="admin")), 0, None),
+    "denying override on a removed membership beside an active admin": (
+        several(with_override(False, role="admin", status="removed"), membership(role="admin")), 0, None),
 }
 
 
@@ -77,7 +87,7 @@ def test_actor_check(kan, cli, case):
     assert result.code == code, result.stderr
     if message:
         assert result.stderr == (
-            f"agent-identity: error: {user['email']} {message} {workspace['publicId']}\n"
+            f'agent-identity: error: "{user["email"]}" {message} {workspace["publicId"]}\n'
         )
         assert result.stdout == ""
 
@@ -86,7 +96,7 @@ def test_unknown_user_is_refused(kan, cli):
     workspace = kan.workspace()
     result = support.Operator(cli, workspace, "nobody@example.com")("list", json=False)
     assert result.code == 4
-    assert result.stderr == "agent-identity: error: no Kan user has the email nobody@example.com\n"
+    assert result.stderr == 'agent-identity: error: no Kan user has the email "nobody@example.com"\n'
 
 
 def test_email_is_matched_case_insensitively(kan, cli):

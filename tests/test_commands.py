@@ -474,7 +474,8 @@ def test_list_page_arguments_are_checked(operator, args, code):
 
 
 def test_a_closed_pipe_ends_list_quietly(operator, cli_dsn, monkeypatch):
-    """`list | head`: when the reader has gone, the tool stops with exit 0 and says nothing."""
+    """`list | head`: when the reader has gone, the tool stops with exit 141 (as a process killed by
+    SIGPIPE would, so `set -o pipefail` sees it) and says nothing."""
     import io
 
     class ClosedPipe(io.StringIO):
@@ -486,4 +487,4 @@ def test_a_closed_pipe_ends_list_quietly(operator, cli_dsn, monkeypatch):
     monkeypatch.setenv("AGENT_IDENTITY_ADMIN_EMAIL", operator.email)
     stderr = io.StringIO()
     code = tool.main(["list", "--workspace-public-id", operator.workspace["publicId"]], ClosedPipe(), stderr)
-    assert (code, stderr.getvalue()) == (0, "")
+    assert (code, stderr.getvalue()) == (141, "")

@@ -4,9 +4,12 @@
 AGENT_IDENTITY_TEST_AS=least-privilege.)
 """
 
+import secrets
+
 import psycopg
 import pytest
 from psycopg import errors
+from psycopg.conninfo import make_conninfo
 
 from tests import support
 
@@ -39,6 +42,93 @@ def test_it_cannot_delete_write_kan_or_change_the_schema(role_dsn, statement, er
     with psycopg.connect(role_dsn) as conn:
         with pytest.raises(error):
             conn.execute(statement)
+
+
+@pytest.fixture
+def ended(operator, db):
+    """An identity revoked with its token, and a live token with an expiry: (identity id, live token id)."""
+    operator.create("ended")
+    operator("revoke", "--slug", "ended", "--confirm")
+    live = operator.create("living")
+    identity = db.execute('SELECT id FROM agent_identity WHERE slug = %s AND "workspaceId" = %s',
+                          ("ended", operator.workspace["id"])).fetchone()[0]
+    token = db.execute('SELECT id FROM agent_token WHERE "publicId" = %s',
+                       (live.json["token"]["publicId"],)).fetchone()[0]
+    return identity, token
+
+
+@pytest.mark.parametrize("statement, error", [
+    # The audit log: no UPDATE at all.
+    ("""UPDATE agent_audit_event SET "actorEmail" = 'someone-else@example.com'""", errors.InsufficientPrivilege),
+    ("""UPDATE agent_audit_event SET reason = NULL""", errors.InsufficientPrivilege),
+    # Columns the tool never writes.
+    ("""UPDATE agent_token SET "tokenHash" = 'x'""", errors.InsufficientPrivilege),
+    ("""UPDATE agent_token SET scopes = '{members:read}'""", errors.InsufficientPrivilege),
+    ("""UPDATE agent_identity SET "workspaceId" = 1""", errors.InsufficientPrivilege),
+    # Columns it writes, turned back: refused by the schema's triggers.
+    ("""UPDATE agent_token SET "revokedAt" = NULL WHERE "agentIdentityId" = %(identity)s""", errors.CheckViolation),
+    ("""UPDATE agent_identity SET status = 'active', "revokedAt" = NULL WHERE id = %(identity)s""",
+     errors.CheckViolation),
+    ("""UPDATE agent_token SET "expiresAt" = NULL WHERE id = %(token)s""", errors.CheckViolation),
+    ("""UPDATE agent_token SET "expiresAt" = "expiresAt" + interval '1 year' WHERE id = %(token)s""",
+     errors.CheckViolation),
+    # Kan's users: id and email only.
+    ('SELECT name FROM "user"', errors.InsufficientPrivilege),
+    ('SELECT * FROM "user"', errors.InsufficientPrivilege),
+])
+def test_it_cannot_rewrite_history(role_dsn, ended, statement, error):
+    identity, token = ended
+    with psycopg.connect(role_dsn) as conn:
+        with pytest.raises(error):
+            conn.execute(statement, {"identity": identity, "token": token})
+
+
+@pytest.mark.parametrize("statement", [
+    """UPDATE agent_token SET "revokedAt" = NULL WHERE "agentIdentityId" = %(identity)s""",
+    """UPDATE agent_identity SET status = 'paused' WHERE id = %(identity)s""",
+    """UPDATE agent_token SET "expiresAt" = NULL WHERE id = %(token)s""",
+])
+def test_what_ended_stays_ended_even_for_the_owner(db, ended, statement):
+    identity, token = ended
+    with pytest.raises(errors.CheckViolation, match="revocation is final|may not live longer"):
+        db.execute(statement, {"identity": identity, "token": token})
+
+
+def test_the_tools_own_endings_still_pass_the_triggers(db, ended):
+    """A token's expiry may move earlier, and a live token may be revoked."""
+    _, token = ended
+    with db.transaction(force_rollback=True):
+        db.execute("""UPDATE agent_token SET "expiresAt" = "expiresAt" - interval '1 day',
+                      "revokedAt" = timezone('utc', now()) WHERE id = %s""", (token,))
+
+
+def test_the_documented_kan_server_role_verifies_and_stamps_and_nothing_more(database, ended):
+    """docs/security.md's server role: the server's lookup and its lastUsedAt stamp, nothing else."""
+    _, token = ended
+    role, password = f"kan_agent_server_{secrets.token_hex(4)}", secrets.token_hex(12)
+    block = support.documented_sql(support.SERVER_ROLE_MARKER)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(block.replace("kan_agent_server", role).replace("'change-me'", f"'{password}'"))
+    try:
+        with psycopg.connect(make_conninfo(database, user=role, password=password), autocommit=True) as conn:
+            lookup = conn.execute("""
+                SELECT t."tokenHash", t.scopes, t."revokedAt" IS NOT NULL, i."publicId", i.status, i."workspaceId",
+                       w."deletedAt" IS NOT NULL
+                FROM agent_token t JOIN agent_identity i ON i.id = t."agentIdentityId"
+                JOIN workspace w ON w.id = i."workspaceId" WHERE t.id = %s""", (token,)).fetchone()
+            assert lookup is not None and lookup[0].startswith("$argon2id$")
+            conn.execute("""UPDATE agent_token SET "lastUsedAt" = timezone('utc', now()) WHERE id = %s""", (token,))
+            for statement in ("""UPDATE agent_token SET "revokedAt" = timezone('utc', now())""",
+                              """INSERT INTO agent_audit_event ("publicId", "workspaceId", action)
+                                 VALUES ('x', 1, 'x')""",
+                              """SELECT "actorEmail" FROM agent_audit_event""",
+                              'SELECT email FROM "user"'):
+                with pytest.raises(errors.InsufficientPrivilege):
+                    conn.execute(statement)
+    finally:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
 
 
 def test_the_cli_works_as_it(role_dsn, kan, cli):

@@ -65,9 +65,10 @@ def test_no_secret_leaks_anywhere(db, kan, cli, cli_dsn, database, operator, tmp
         lock.release()
 
     assert len(issued) == 3 and all(token.startswith("kan_agent_") for token in issued)
-    errors_json = [run.stdout for run in runs if run.stdout.startswith('{"ok": false')]
+    # ok is false for errors and for verify's "not valid" alike; errors carry an error object.
+    errors_json = [run.stdout for run in runs if run.stdout.startswith('{"ok": false') and '"error": {' in run.stdout]
     assert len(errors_json) >= 5
-    assert all("error" in json.loads(text) for text in errors_json)
+    assert all(json.loads(text)["error"]["message"] for text in errors_json)
     places = {
         "every table, audit metadata included": support.database_text(db),
         "stderr": "\n".join(run.stderr for run in [created, rotated, *runs]),

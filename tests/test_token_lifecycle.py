@@ -356,7 +356,7 @@ def test_token_file_is_new_private_and_keeps_the_secret_off_stdout(db, tmp_path,
     assert "kan_agent_" not in result.stdout + result.stderr
     human_path = tmp_path / "bot2.token"
     human = operator("rotate", "--slug", "filed", "--token-file", str(human_path), "--confirm", json=False)
-    assert f"token: written to {human_path} (mode 0600)" in human.stdout
+    assert f'token: written to "{human_path}" (mode 0600)' in human.stdout
     assert "kan_agent_" not in human.stdout + human.stderr
     text = support.database_text(db)
     assert token.strip() not in text and human_path.read_text().strip() not in text
@@ -374,7 +374,7 @@ def test_an_existing_token_file_is_never_overwritten(db, tmp_path, operator):
                               "--scopes", "boards:read", "--token-file", str(target), mode)
             assert result.code == 5, result.stdout
             assert result.json["error"]["message"] == (
-                f"token file {target} exists; a token file is never overwritten")
+                f'token file "{target}" exists; a token file is never overwritten')
     assert path.read_text() == "precious\n"
     assert not (tmp_path / "nowhere").exists()
     assert support.snapshot(db) == before
