@@ -118,6 +118,14 @@ PUBLIC_ID_LENGTH = 12
 TOKEN_PREFIX = "kan_agent_"
 SECRET_LENGTH = 43  # 43 base62 characters carry 256 bits
 CHECKSUM_LENGTH = 6  # base62 of a CRC32, zero-padded
+# argon2id sized for 256-bit random secrets, not for passwords: nobody can
+# search 2^256 secrets whatever each guess costs, so the cost buys no safety
+# and is kept near the floor (under 1 ms and 2 MiB a check; docs/tokens.md).
+ARGON2_TIME_COST = 1
+ARGON2_MEMORY_KIB = 2048
+ARGON2_PARALLELISM = 1
+# How a hash made with these parameters begins (the PHC string carries them).
+ARGON2_PHC_PREFIX = f"$argon2id$v=19$m={ARGON2_MEMORY_KIB},t={ARGON2_TIME_COST},p={ARGON2_PARALLELISM}$"
 
 # A PostgreSQL schema name as `schema --db-schema` takes it: a plain identifier.
 DB_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -467,11 +475,19 @@ def parse_token(token: str) -> tuple[str | None, str | None]:
     return match["public_id"], None
 
 
-def hash_token(token: str) -> str:
-    """An argon2id PHC string of the whole token (argon2-cffi's defaults)."""
+def token_hasher():
+    """argon2-cffi's hasher with the tool's parameters. Verifying reads the parameters
+    from the stored hash, so hashes made with other ones (the defaults of earlier
+    versions) verify too."""
     from argon2 import PasswordHasher
 
-    return PasswordHasher().hash(token)
+    return PasswordHasher(time_cost=ARGON2_TIME_COST, memory_cost=ARGON2_MEMORY_KIB,
+                          parallelism=ARGON2_PARALLELISM)
+
+
+def hash_token(token: str) -> str:
+    """An argon2id PHC string of the whole token."""
+    return token_hasher().hash(token)
 
 
 # --- Pure helpers: configuration and output values --------------------------
@@ -784,9 +800,15 @@ def connect(url: str):
     password is never part of a message: libpq echoes fragments of a bad
     connection string, so that error gets a message of our own.
     """
+    import logging
+
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
+    # psycopg logs a few warnings of its own (a query cancellation that failed on a
+    # loaded machine after Ctrl-C); with no handler, Python would print them raw on
+    # stderr beside the tool's one line, which already says what happened.
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError:
@@ -1786,7 +1808,6 @@ def verify_format(args: argparse.Namespace) -> dict | None:
 def cmd_verify(conn, args: argparse.Namespace) -> dict:
     """Say whether the server should accept a token now, and if not, why. Writes nothing
     but the access.denied event of a refused actor."""
-    from argon2 import PasswordHasher
     from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
     try:
@@ -1808,7 +1829,7 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
         return verify_result("unknown_token")
     row = dict(json_times(row), workspacePublicId=access["workspace_public_id"])
     try:
-        PasswordHasher().verify(row["tokenHash"], args.presented_token)
+        token_hasher().verify(row["tokenHash"], args.presented_token)
     except VerifyMismatchError:
         return verify_result("hash_mismatch", row)
     except InvalidHashError:
@@ -1852,6 +1873,15 @@ SELECT t.name AS table, current_user AS role,
 FROM unnest(%(tables)s::text[]) AS t(name)
 JOIN pg_class c ON c."oid" = to_regclass(quote_ident(t.name))
 JOIN pg_roles r ON r.rolname = current_user
+"""
+
+# Live tokens whose hash was made with other argon2 parameters (an earlier
+# version's, 50-100 times slower to check): they verify, and rotating re-hashes.
+OLD_HASHES_SQL = """
+SELECT count(*)
+FROM agent_token
+WHERE "revokedAt" IS NULL AND ("expiresAt" IS NULL OR "expiresAt" > timezone('utc', now()))
+  AND left("tokenHash", length(%(prefix)s)) <> %(prefix)s
 """
 
 # What the server says each of the tool's limits is, inside one of its transactions.
@@ -1924,6 +1954,13 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                   "; ".join(drift) if drift else f"3 present, in schema {agent_schema}, every column as expected",
                   f"apply `agent-identity schema --db-schema {kan_schema or 'SCHEMA'}` as the owner of Kan's tables "
                   "(a migration if a column differs)")
+            if not drift:
+                old = conn.execute(OLD_HASHES_SQL, {"prefix": ARGON2_PHC_PREFIX}).fetchone()[0]
+                check("token hashes", True,
+                      f"{old} live token{'' if old == 1 else 's'} still carr{'ies' if old == 1 else 'y'} older, "
+                      "slower argon2 parameters: they verify; rotate them to re-hash (agent-identity rotate)"
+                      if old else f"every live token is hashed with argon2id m={ARGON2_MEMORY_KIB} KiB, "
+                                  f"t={ARGON2_TIME_COST}, p={ARGON2_PARALLELISM}")
             present = [t for t in tables if t in found]
             blind = [row["table"] for row in cursor.execute(READABLE_SQL, {"tables": present})
                      if not (row["can_select"] and row["past_rls"])]

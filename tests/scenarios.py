@@ -17,7 +17,7 @@ import psycopg
 from tests import support
 
 # The documented exit codes (README, help, docs/usage.md).
-DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 5, 6, 7, 130}
+DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 5, 6, 7, 8, 129, 130, 141, 143}
 # What the replay of an identity's audit log says each action leads to.
 REPLAY = {
     "identity.created": lambda status: "active",

@@ -63,7 +63,8 @@ def test_base62_pads_to_width():
 def test_hash_is_argon2id_and_verifies_the_whole_token():
     token = tool.new_token(tool.new_public_id())
     stored = tool.hash_token(token)
-    assert stored.startswith("$argon2id$")
+    assert stored.startswith("$argon2id$v=19$m=2048,t=1,p=1$")
+    assert stored.startswith(tool.ARGON2_PHC_PREFIX)
     assert token not in stored
     assert PasswordHasher().verify(stored, token)
 

@@ -103,3 +103,28 @@ def test_docs_show_the_verifier_as_it_is():
     """docs/tokens.md quotes server/verify-agent-token.ts whole, so the two cannot drift."""
     doc = (support.REPO / "docs" / "tokens.md").read_text()
     assert "```ts\n" + VERIFIER.read_text() + "```\n" in doc
+
+
+def test_a_hash_made_the_old_way_still_verifies_and_doctor_counts_it(db, cli, operator, node_bin, database):
+    """Tokens hashed with argon2-cffi's defaults (t=3, m=64 MiB, p=4, before 0.2) keep working in
+    verify and in the server; doctor counts them; rotating re-hashes with the new parameters."""
+    from argon2 import PasswordHasher
+
+    created = operator.create("old-hash").json["token"]
+    old_hash = PasswordHasher().hash(created["secret"])
+    assert old_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    db.execute('UPDATE agent_token SET "tokenHash" = %s WHERE "publicId" = %s', (old_hash, created["publicId"]))
+
+    assert operator.verify(created["secret"]).json["valid"] is True
+    assert node_verdicts(node_bin, database, [created["secret"]])[0]["valid"] is True
+
+    def hashes_check():
+        [check] = [c for c in cli("doctor", "--json").json["checks"] if c["name"] == "token hashes"]
+        return check["detail"]
+
+    assert hashes_check().startswith("1 live token still carries older, slower argon2 parameters")
+    rotated = operator("rotate", "--slug", "old-hash", "--confirm").json["token"]
+    new_hash = db.execute('SELECT "tokenHash" FROM agent_token WHERE "publicId" = %s',
+                          (rotated["publicId"],)).fetchone()[0]
+    assert new_hash.startswith(tool.ARGON2_PHC_PREFIX)
+    assert hashes_check().startswith("every live token is hashed with argon2id m=2048 KiB, t=1, p=1")
