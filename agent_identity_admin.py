@@ -25,17 +25,16 @@ by the commands that need them, so help and usage errors start fast.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
-import json
 import os
 import re
 import sys
 import unicodedata
 import zlib
 from datetime import datetime, timedelta, timezone
-from typing import NamedTuple
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 PROG = "agent-identity"
 APPLICATION_NAME = "agent-identity"
@@ -349,11 +348,10 @@ def parse_email(value: str) -> str:
     return value
 
 
-class Duration(NamedTuple):
-    """A lifetime as the operator wrote it ("90d") and as a span; None means never."""
+class Duration(collections.namedtuple("Duration", "text delta")):
+    """A lifetime as the operator wrote it ("90d", str) and as a span (timedelta; None means never)."""
 
-    text: str
-    delta: timedelta | None
+    __slots__ = ()
 
 
 def parse_duration(value: str, *, maximum: timedelta, allow_zero: bool) -> Duration:
@@ -550,6 +548,8 @@ def quote(value: str) -> str:
     """A value as it sits inside a sentence: in double quotes, with quotes, backslashes
     and control characters escaped, so that `bot" in workspace X: revoked` reads as
     one value."""
+    import json
+
     return visible(json.dumps(value, ensure_ascii=False))
 
 
@@ -1412,10 +1412,10 @@ def cmd_schema(args: argparse.Namespace) -> dict:
     return {"ok": True, "command": "schema", "sql": schema_sql(args.db_schema)}
 
 
-class IssuedToken(NamedTuple):
-    public_id: str
-    secret: str
-    hash: str
+class IssuedToken(collections.namedtuple("IssuedToken", "public_id secret hash")):
+    """A new token: its public id, the whole secret token string, and its argon2 hash."""
+
+    __slots__ = ()
 
 
 def issue_token() -> IssuedToken:
@@ -2272,6 +2272,8 @@ class Output:
             self.stdout.flush()
 
     def _json(self, payload: dict) -> None:
+        import json
+
         self._write(self.stdout, json.dumps(payload) + "\n")
 
     @staticmethod
@@ -2373,7 +2375,20 @@ Commands that change anything need --confirm, or --dry-run to preview.
 Run `{PROG} help COMMAND` for a command's options and examples."""
 
 
-def build_parser() -> ArgumentParser:
+class Unbuilt:
+    """A command this run will not parse or show: listed by name and help line, its
+    options not added (argparse spends most of a help's or usage error's time adding them)."""
+
+    def add_argument(self, *args, **kwargs) -> None:
+        pass
+
+    def set_defaults(self, **kwargs) -> None:
+        pass
+
+
+def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
+    """The whole command line; with wanted, only those commands get their options (the
+    others are listed, and cannot be parsed or shown in this run)."""
     # The global options are accepted after the command name too; there they
     # default to SUPPRESS so they do not overwrite values given before it.
     global_options = ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False)
@@ -2392,6 +2407,9 @@ def build_parser() -> ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str, *, workspace: bool = True, slug: bool = True, mutating: bool = False):
+        if wanted is not None and name not in wanted:
+            subparsers.add_parser(name, help=help_text, add_help=False)
+            return Unbuilt()
         sub = subparsers.add_parser(
             name, help=help_text, description=help_text, parents=[global_options],
             epilog=EXAMPLES[name] + "\n\n" + EXIT_CODES_HELP,
@@ -2516,7 +2534,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
                    None)
     try:
         with signals_as_interrupts():
-            args = build_parser().parse_args(argv)
+            args = build_parser(wanted=set(argv) & set(EXAMPLES)).parse_args(argv)
             command = args.command
             result = run(args)
             code = exit_code(result)
