@@ -779,7 +779,7 @@ def connection_target(params: dict) -> dict:
 
     user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
     return {
-        "host": params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "the local socket",
+        "host": params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "",
         "port": str(params.get("port") or os.environ.get("PGPORT") or "5432"),
         "database": params.get("dbname") or os.environ.get("PGDATABASE") or user,
         "role": user,
@@ -787,7 +787,15 @@ def connection_target(params: dict) -> dict:
 
 
 def describe_target(target: dict) -> str:
-    return f"database {target['database']} at {target['host']}:{target['port']} as role {target['role']}"
+    """"database kan at db.internal:5432 as role r", or "... on socket /run/postgresql/.s.PGSQL.5432 ..."."""
+    host, port = target["host"], target["port"]
+    if not host:  # libpq's default: its compiled-in socket folder
+        where = f"on the local socket, port {port}"
+    elif host.startswith("/"):
+        where = f"on socket {host}/.s.PGSQL.{port}"
+    else:
+        where = f"at {host}:{port}"
+    return f"database {target['database']} {where} as role {target['role']}"
 
 
 def connect(url: str):
@@ -831,8 +839,7 @@ def connect(url: str):
 def target_of(conn) -> dict:
     """Where an open connection writes: what the server says, not what was asked for."""
     info = conn.info
-    host = info.host if not info.host.startswith("/") else f"{info.host} (socket)"
-    return {"host": host, "port": str(info.port), "database": info.dbname, "role": info.user}
+    return {"host": info.host, "port": str(info.port), "database": info.dbname, "role": info.user}
 
 
 @contextlib.contextmanager

@@ -295,9 +295,9 @@ def test_status_dry_run_changes_nothing(db, operator, command):
     assert result.code == 0
     assert result.stdout.startswith(f"would {command} agent identity dry-status")
     target = planned.json["target"]
-    assert result.stderr == (f"agent-identity: target: database {target['database']} at {target['host']}:"
-                             f"{target['port']} as role {target['role']}\n"
+    assert result.stderr == (f"agent-identity: target: {tool.describe_target(target)}\n"
                              "agent-identity: dry run: nothing was written\n")
+    assert target["database"] == db.info.dbname
     assert support.snapshot(db) == before
 
 

@@ -217,3 +217,12 @@ def test_from_iso_reads_back_what_iso_writes():
     moment = datetime(2026, 11, 29, 3, 6, 38, 912345)
     assert tool.iso(moment) == "2026-11-29T03:06:38Z"
     assert tool.from_iso(tool.iso(moment)) == moment.replace(microsecond=0)
+
+
+@pytest.mark.parametrize("host, port, said", [
+    ("db.internal", "5432", "database kan at db.internal:5432 as role ops"),
+    ("/run/postgresql", "5433", "database kan on socket /run/postgresql/.s.PGSQL.5433 as role ops"),
+    ("", "5432", "database kan on the local socket, port 5432 as role ops"),
+])
+def test_a_target_is_named_as_libpq_reaches_it(host, port, said):
+    assert tool.describe_target({"host": host, "port": port, "database": "kan", "role": "ops"}) == said
