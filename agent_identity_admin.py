@@ -1917,10 +1917,11 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
     import psycopg
     from psycopg.rows import dict_row
 
+    target = target_of(conn)
     try:
         with conn, transaction(conn, args.lock_timeout, read_only=True):
             version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
-            check("connection", True, f"PostgreSQL {version}, {describe_target(target_of(conn))}")
+            check("connection", True, f"PostgreSQL {version}, {describe_target(target)}")
             limits = session_limits(args.lock_timeout)
             shown = dict(conn.execute(LIMITS_SQL, {"names": list(limits)}).fetchall())
             wrong = [f"{name} is {shown.get(name)}" for name, value in limits.items()
@@ -1987,7 +1988,7 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                           "give --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL" if exc.exit_code == EXIT_USAGE
                           else "an admin of the workspace can grant workspace:manage in Kan")
     except psycopg.Error as exc:
-        check("database", False, database_error(exc, args.lock_timeout, target_of(conn)).message, "see the message")
+        check("database", False, database_error(exc, args.lock_timeout, target).message, "see the message")
     return result()
 
 

@@ -31,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -212,28 +211,21 @@ def main() -> int:
     parser.add_argument("--scale", action="store_true", help="also time against 10,000 identities")
     args = parser.parse_args()
 
-    with support.test_server() as server_dsn, tempfile.TemporaryDirectory(prefix="agent-identity-bench-") as folder:
-        dsn = support.create_database(server_dsn)
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                workspace, admin = support.Kan(conn).managed_workspace()
-                version = conn.execute("SHOW server_version").fetchone()[0]
-            python = lean_environment(Path(folder))
-            bench = Bench(dsn, workspace, admin["email"], Path(folder), python)
-            print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, PostgreSQL {version}, "
-                  f"{args.runs} timed rounds after {args.warmup}")
-            print(f"the tool and the floors run from {python.parent.parent.name}: a new virtual environment with "
-                  "the tool and its run-time dependencies only")
-            if os.environ.get("PYTHONDONTWRITEBYTECODE"):
-                print("note: PYTHONDONTWRITEBYTECODE is set here; the timed processes run without it, as by default")
-            argon2 = argon2_hash_ms(args.runs)
-            names = list(bench.commands())
-            empty = measure(bench, dsn, names, args.runs, args.warmup)
-            missed = report(empty, round_trip_counts(bench), argon2, "empty database")
-            if args.scale:
-                missed += scale(bench, dsn, workspace, empty, args)
-        finally:
-            support.drop_database(server_dsn, dsn)
+    with support.throwaway_workspace() as (dsn, workspace, admin, version, folder):
+        python = lean_environment(folder)
+        bench = Bench(dsn, workspace, admin["email"], folder, python)
+        print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, PostgreSQL {version}, "
+              f"{args.runs} timed rounds after {args.warmup}")
+        print(f"the tool and the floors run from {python.parent.parent.name}: a new virtual environment with "
+              "the tool and its run-time dependencies only")
+        if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+            print("note: PYTHONDONTWRITEBYTECODE is set here; the timed processes run without it, as by default")
+        argon2 = argon2_hash_ms(args.runs)
+        names = list(bench.commands())
+        empty = measure(bench, dsn, names, args.runs, args.warmup)
+        missed = report(empty, round_trip_counts(bench), argon2, "empty database")
+        if args.scale:
+            missed += scale(bench, dsn, workspace, empty, args)
     return 1 if missed else 0
 
 

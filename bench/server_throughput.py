@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,41 +66,34 @@ def main() -> int:
         print("server_throughput: needs node and server/node_modules (cd server && npm ci)", file=sys.stderr)
         return 2
 
-    with support.test_server() as server_dsn, tempfile.TemporaryDirectory(prefix="agent-identity-bench-") as folder:
-        dsn = support.create_database(server_dsn)
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                workspace, admin = support.Kan(conn).managed_workspace()
-                version = conn.execute("SHOW server_version").fetchone()[0]
-            tokens = []
-            for n in range(args.tokens):
-                path = Path(folder) / f"t{n}"
-                created = support.run_cli(
-                    ["create", "--workspace-public-id", workspace["publicId"], "--slug", f"load-{n}",
-                     "--display-name", "Load", "--token-name", "t", "--scopes", "boards:read", "--token-file",
-                     str(path), "--confirm"], dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]})
-                assert created.code == 0, created.stderr
-                tokens.append(path.read_text().strip())
-            token_file = Path(folder) / "tokens"
-            token_file.write_text("\n".join(tokens) + "\n")
-            node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
-            print(f"machine: {os.cpu_count()} cores, Node {node}, PostgreSQL {version}; {args.tokens} tokens, "
-                  f"{args.concurrency} in flight, {args.seconds:g} s")
-            rows = [("argon2id t=1 m=2048 KiB p=1 (the tool's)", throughput(dsn, token_file, args.seconds,
-                                                                           args.concurrency))]
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                hasher = PasswordHasher()
-                for token in tokens:
-                    conn.execute('UPDATE agent_token SET "tokenHash" = %s WHERE "publicId" = %s',
-                                 (hasher.hash(token), token[10:22]))
-            rows.append((f"argon2id t={hasher.time_cost} m={hasher.memory_cost} KiB p={hasher.parallelism} "
-                         "(before 0.2)", throughput(dsn, token_file, args.seconds, args.concurrency)))
-            for name, figures in rows:
-                assert figures["invalid"] == 0, figures
-                print(f"{name:<46} {figures['perSecond']:>8.0f} verifications/s   median {figures['medianMs']:.1f} ms"
-                      f"   p99 {figures['p99Ms']:.1f} ms")
-        finally:
-            support.drop_database(server_dsn, dsn)
+    with support.throwaway_workspace() as (dsn, workspace, admin, version, folder):
+        tokens = []
+        for n in range(args.tokens):
+            path = folder / f"t{n}"
+            created = support.run_cli(
+                ["create", "--workspace-public-id", workspace["publicId"], "--slug", f"load-{n}",
+                 "--display-name", "Load", "--token-name", "t", "--scopes", "boards:read", "--token-file",
+                 str(path), "--confirm"], dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]})
+            assert created.code == 0, created.stderr
+            tokens.append(path.read_text().strip())
+        token_file = folder / "tokens"
+        token_file.write_text("\n".join(tokens) + "\n")
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+        print(f"machine: {os.cpu_count()} cores, Node {node}, PostgreSQL {version}; {args.tokens} tokens, "
+              f"{args.concurrency} in flight, {args.seconds:g} s")
+        rows = [("argon2id t=1 m=2048 KiB p=1 (the tool's)", throughput(dsn, token_file, args.seconds,
+                                                                       args.concurrency))]
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            hasher = PasswordHasher()
+            for token in tokens:
+                conn.execute('UPDATE agent_token SET "tokenHash" = %s WHERE "publicId" = %s',
+                             (hasher.hash(token), token[10:22]))
+        rows.append((f"argon2id t={hasher.time_cost} m={hasher.memory_cost} KiB p={hasher.parallelism} "
+                     "(before 0.2)", throughput(dsn, token_file, args.seconds, args.concurrency)))
+        for name, figures in rows:
+            assert figures["invalid"] == 0, figures
+            print(f"{name:<46} {figures['perSecond']:>8.0f} verifications/s   median {figures['medianMs']:.1f} ms"
+                  f"   p99 {figures['p99Ms']:.1f} ms")
     return 0
 
 

@@ -69,6 +69,21 @@ def create_database(server_dsn: str, *, agent_tables: bool = True) -> str:
     return dsn
 
 
+@contextlib.contextmanager
+def throwaway_workspace():
+    """For the bench scripts: a test server, a new Kan database on it with one workspace and
+    its admin, and a temporary folder; yields (dsn, workspace, admin, server version, folder)."""
+    with test_server() as server_dsn, tempfile.TemporaryDirectory(prefix="agent-identity-bench-") as folder:
+        dsn = create_database(server_dsn)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                workspace, admin = Kan(conn).managed_workspace()
+                version = conn.execute("SHOW server_version").fetchone()[0]
+            yield dsn, workspace, admin, version, Path(folder)
+        finally:
+            drop_database(server_dsn, dsn)
+
+
 def drop_database(server_dsn: str, dsn: str) -> None:
     name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     with psycopg.connect(server_dsn, autocommit=True) as conn:
