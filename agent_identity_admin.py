@@ -311,6 +311,17 @@ def quote_identifier(name: str) -> str:
     return f'"{name}"'
 
 
+def did_you_mean(word: str, choices) -> str:
+    """" (did you mean X?)" for the closest of choices, or "": for scopes, options and commands.
+    The one choice the word begins (--con: --confirm) is closest; else difflib's nearest."""
+    import difflib
+
+    choices = sorted(choices)
+    started = [choice for choice in choices if choice.startswith(word)]
+    close = started if len(started) == 1 else difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def parse_scopes(value: str) -> list[str]:
     """Comma-separated scopes from the vocabulary, de-duplicated, in the order given."""
     scopes: list[str] = []
@@ -319,12 +330,8 @@ def parse_scopes(value: str) -> list[str]:
         if not scope:
             continue
         if scope not in SCOPES:
-            import difflib
-
-            close = difflib.get_close_matches(scope, SCOPES, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
             raise argparse.ArgumentTypeError(
-                f"unknown scope {scope[:80]!r}{hint}; valid scopes: {', '.join(SCOPES)}"
+                f"unknown scope {scope[:80]!r}{did_you_mean(scope, SCOPES)}; valid scopes: {', '.join(SCOPES)}"
             )
         if scope not in scopes:
             scopes.append(scope)
@@ -343,6 +350,8 @@ def parse_reason(value: str) -> str:
 
 def parse_email(value: str) -> str:
     check_text(value, max_length=EMAIL_MAX)
+    if value != value.strip():
+        raise argparse.ArgumentTypeError(f"{quote(value)} has leading or trailing spaces")
     if "@" not in value:
         raise argparse.ArgumentTypeError(f"{value[:80]!r} is not an email address")
     return value
@@ -548,9 +557,7 @@ def quote(value: str) -> str:
     """A value as it sits inside a sentence: in double quotes, with quotes, backslashes
     and control characters escaped, so that `bot" in workspace X: revoked` reads as
     one value."""
-    import json
-
-    return visible(json.dumps(value, ensure_ascii=False))
+    return '"' + visible(value.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 # After a change is committed, what an operator should do when its output
@@ -2304,7 +2311,25 @@ class ArgumentParser(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str):
+        invalid = re.match(r"argument COMMAND: invalid choice: '(.*)' \(choose from", message)
+        if invalid:
+            message = f"unknown command {quote(invalid[1])}{did_you_mean(invalid[1], self.commands)}"
         raise AdminError(EXIT_USAGE, f"{message} (see `{self.prog} --help`)")
+
+    def check_options(self, argv: list[str]) -> None:
+        """Name an unknown option before argparse says something else is missing: a typo
+        (--slgu) is the mistake, not the --slug it left out."""
+        command = next((arg for arg in argv if arg in self.commands), None)
+        if command is None:
+            return  # no command to check against: argparse says what is wrong
+        known = set(self._option_string_actions) | set(self.commands[command]._option_string_actions)
+        for arg in argv:
+            if arg == "--":
+                return
+            option = arg.split("=", 1)[0]
+            if option.startswith("--") and option not in known:
+                raise AdminError(EXIT_USAGE, f"unknown option {quote(option)}{did_you_mean(option, known)} "
+                                             f"(see `{PROG} {command} --help`)")
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -2532,6 +2557,20 @@ def deliver(out: Output, result: dict, code: int) -> int:
         return EXIT_UNDELIVERED
 
 
+def json_help(parser: ArgumentParser, argv: list[str], out: Output) -> int:
+    """--help or --version with --json: argparse's text, as one JSON object."""
+    import io
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pass
+    command = "version" if "--version" in argv else "help"
+    return deliver(out, {"command": command, "ok": True, "text": captured.getvalue()}, EXIT_OK)
+
+
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     out = Output(sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr,
@@ -2542,7 +2581,11 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
                    None)
     try:
         with signals_as_interrupts():
-            args = build_parser(wanted=set(argv) & set(EXAMPLES)).parse_args(argv)
+            parser = build_parser(wanted=set(argv) & set(EXAMPLES))
+            parser.check_options(argv)
+            if out.as_json and {"-h", "--help", "--version"} & set(argv):
+                return json_help(parser, argv, out)
+            args = parser.parse_args(argv)
             command = args.command
             result = run(args)
             code = exit_code(result)

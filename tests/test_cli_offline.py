@@ -143,7 +143,7 @@ def test_usage_error_as_json_is_one_object_on_stdout():
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["frobnicate"], 'unknown command "frobnicate"'),
         ([], "the following arguments are required: COMMAND"),
         (["list"], "the following arguments are required: --workspace-public-id"),
         (["list", *WORKSPACE, "--status", "gone"], "argument --status: invalid choice: 'gone'"),
@@ -155,8 +155,8 @@ def test_usage_error_as_json_is_one_object_on_stdout():
         (MUTATIONS[0][:-1] + ["boards:reed", "--confirm"], "argument --scopes: unknown scope 'boards:reed' (did you mean boards:read?)"),
         (MUTATIONS[0] + ["--reason", "x" * 1001, "--confirm"], "argument --reason: is 1001 characters long; the limit is 1000"),
         (MUTATIONS[0][:6] + ["Bot\x1b[2J", *MUTATIONS[0][7:], "--confirm"], "argument --display-name: contains a control character (U+001B)"),
-        (["list", *WORKSPACE, "--conf"], "unrecognized arguments: --conf"),
-        (["rotate", *WORKSPACE, "--slug", "bot", "--con"], "unrecognized arguments: --con"),
+        (["list", *WORKSPACE, "--conf"], 'unknown option "--conf"'),
+        (["rotate", *WORKSPACE, "--slug", "bot", "--con"], 'unknown option "--con" (did you mean --confirm?)'),
     ],
 )
 def test_bad_input_is_one_line_naming_the_problem(args, fragment):
@@ -306,3 +306,57 @@ def test_command_help_flag_shows_the_same_examples(command):
     assert by_flag.code == 0
     assert by_flag.stdout == offline("help", command).stdout
     assert "example" in by_flag.stdout and f"agent-identity {command}" in by_flag.stdout.split("example")[1]
+
+
+# --- mistakes named as they are (issue: fits the operator's habits) ---------------------
+
+
+def test_an_unknown_option_is_named_before_a_missing_one_with_the_closest():
+    result = offline("rotate", *WORKSPACE, "--slgu", "bot", "--dry-run")
+    assert result.code == 2
+    assert result.stderr == ('agent-identity: error: unknown option "--slgu" (did you mean --slug?) '
+                             "(see `agent-identity rotate --help`)\n")
+
+
+def test_an_unknown_option_as_json_is_one_object():
+    result = offline("--json", "list", *WORKSPACE, "--limt=5")
+    assert (result.code, result.json["error"]["kind"]) == (2, "usage")
+    assert result.json["error"]["message"].startswith('unknown option "--limt" (did you mean --limit?)')
+
+
+def test_an_unknown_command_gets_the_closest():
+    result = offline("rotat", *WORKSPACE)
+    assert result.code == 2
+    assert result.stderr == ('agent-identity: error: unknown command "rotat" (did you mean rotate?) '
+                             "(see `agent-identity --help`)\n")
+
+
+def test_scope_options_and_commands_share_one_suggestion():
+    import agent_identity_admin as tool
+
+    assert tool.did_you_mean("cards:wirte", tool.SCOPES) == " (did you mean cards:write?)"
+    assert tool.did_you_mean("--slgu", ["--slug", "--scopes"]) == " (did you mean --slug?)"
+    assert tool.did_you_mean("zzz", ["rotate"]) == ""
+
+
+@pytest.mark.parametrize("email", [" sam@example.com", "sam@example.com ", "\tsam@example.com"])
+def test_an_email_with_surrounding_whitespace_is_refused_before_connecting(email):
+    result = offline("list", *WORKSPACE, env={"AGENT_IDENTITY_ADMIN_EMAIL": email})
+    assert result.code == 2
+    if email.strip() != email and "\t" not in email:
+        assert result.stderr == f'agent-identity: error: admin user email "{email}" has leading or trailing spaces\n'
+    assert "cannot connect" not in result.stderr
+
+
+@pytest.mark.parametrize("args, command", [
+    (["--json", "--version"], "version"),
+    (["--version", "--json"], "version"),
+    (["--json", "--help"], "help"),
+    (["list", "--help", "--json"], "help"),
+])
+def test_json_help_and_version_are_one_object(args, command):
+    result = offline(*args)
+    assert result.code == 0 and result.stderr == ""
+    body = result.json
+    assert (body["ok"], body["command"]) == (True, command)
+    assert body["text"].startswith("agent-identity 0." if command == "version" else "usage: agent-identity")

@@ -187,8 +187,9 @@ def test_a_signal_while_waiting_rolls_back_and_leaves_no_token_file(db, database
 OSC8 = "\x1b]8;;https://evil.example\x07click\x1b]8;;\x07"
 
 
-def test_an_unknown_argument_with_escapes_is_shown_escaped(operator):
-    result = operator("list", f"--bogus={OSC8}", json=False)
+@pytest.mark.parametrize("argument", [OSC8, f"--bo{OSC8}gus"])
+def test_an_unknown_argument_with_escapes_is_shown_escaped(operator, argument):
+    result = operator("list", argument, json=False)
     assert result.code == 2
     assert "\x1b" not in result.stderr and "\x07" not in result.stderr
     assert "\\x1b]8;;https://evil.example\\x07click" in result.stderr
@@ -200,7 +201,7 @@ def test_a_token_file_path_with_escapes_is_shown_escaped(operator, tmp_path):
                       "boards:read", "--token-file", str(path), "--confirm", json=False)
     assert result.code == 0 and path.exists()
     assert "\x1b" not in result.stdout + result.stderr
-    assert f'token: written to "{tmp_path}/red\\u001b[31m.token" (mode 0600)' in result.stdout
+    assert f'token: written to "{tmp_path}/red\\x1b[31m.token" (mode 0600)' in result.stdout
 
 
 def test_a_display_name_cannot_forge_the_summary_line(operator):
@@ -235,11 +236,12 @@ def test_an_undecodable_token_file_path_is_refused_before_anything_is_written(db
 
 
 def test_a_usage_error_with_undecodable_bytes_is_one_json_object(cli):
-    process = support.start_cli(["list", "--json", "--workspace-public-id", "Ab12Cd34Ef56", "--what\udcff"], None)
-    stdout, stderr = process.communicate(timeout=30)
-    assert process.returncode == 2 and "Traceback" not in stderr
-    error = json.loads(stdout)["error"]
-    assert error["kind"] == "usage" and "unrecognized arguments" in error["message"]
+    for argument, said in (("what\udcff", "unrecognized arguments"), ("--what\udcff", "unknown option")):
+        process = support.start_cli(["list", "--json", "--workspace-public-id", "Ab12Cd34Ef56", argument], None)
+        stdout, stderr = process.communicate(timeout=30)
+        assert process.returncode == 2 and "Traceback" not in stderr
+        error = json.loads(stdout)["error"]
+        assert error["kind"] == "usage" and said in error["message"]
 
 
 # --- 12: no core file can hold a token ----------------------------------------
