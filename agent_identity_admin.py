@@ -1493,12 +1493,13 @@ def write_token_file(fd: int | None, issued: IssuedToken | None, args: argparse.
 
 def token_result(issued: IssuedToken | None, name: str, scopes: list[str], expires: datetime | None,
                  file: str | None, **extra) -> dict:
-    """The token part of create's and rotate's result: the secret, or where it went."""
+    """The token part of create's and rotate's result: the secret, or where it went
+    (--token-file - is standard output, alone: the secret and where it goes)."""
     token = {"publicId": issued and issued.public_id, "name": name, "scopes": scopes,
              "expiresAt": iso(expires), **extra}
-    if issued and file not in (None, "-"):
+    if file is not None and (issued or file == "-"):
         token["tokenFile"] = file
-    elif issued:
+    if issued and file in (None, "-"):
         token["secret"] = issued.secret
     return token
 
@@ -2020,6 +2021,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "doctor":
         # Every failure is one of its checks, the connection's included.
         return cmd_doctor(args)
+    if getattr(args, "token_file", None) == "-" and args.json and args.command in ("create", "rotate"):
+        raise AdminError(EXIT_USAGE, "give --json or --token-file -, not both: with --token-file -, standard "
+                                     "output carries the token alone, for a secret manager to read")
     if args.command in MUTATING_COMMANDS:
         if args.confirm and args.dry_run:
             raise AdminError(EXIT_USAGE, "give --confirm or --dry-run, not both")
@@ -2129,6 +2133,9 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
     notes = [f"target: {describe_target(result['target'])}"]
     if dry_run:
         notes.append("dry run: nothing was written")
+    elif token and token.get("tokenFile") == "-":
+        lines.append("token: on standard output, alone")
+        notes.append("store this token now: it is shown once and only its hash is kept")
     elif token and "tokenFile" in token:
         lines.append(f"token: written to {quote(token['tokenFile'])} (mode 0600)")
     elif token:
@@ -2247,6 +2254,14 @@ class Output:
             lines = render_doctor(result)
         else:
             lines, notes = render_mutation(result)
+            if (result.get("token") or {}).get("tokenFile") == "-":
+                # Standard output is the token's alone, for a secret manager to read:
+                # the summary goes to stderr.
+                self._write(self.stderr, visible("\n".join(lines)) + "\n")
+                if result["token"].get("secret"):
+                    self._write(self.stdout, result["token"]["secret"] + "\n")
+                self.notes(notes)
+                return
         text = visible("\n".join(lines)) + "\n"
         if self.colour and command == "doctor":  # the marks are ours: coloured after visible()
             text = re.sub(r"^([✓✗])", lambda mark: f"\033[{32 if mark[1] == '✓' else 31}m{mark[1]}\033[0m",
@@ -2465,7 +2480,8 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
         sub.add_argument("--expires-in", type=parse_expires_in, default=EXPIRES_DEFAULT, metavar="DURATION",
                          help=f"30m, 12h, 90d, 1w ... at most 365d, or never (default {EXPIRES_DEFAULT})")
         sub.add_argument("--token-file", metavar="PATH", type=parse_path,
-                         help="write the token to this new file (mode 0600) instead of stdout; - is stdout")
+                         help="write the token to this new file (mode 0600); - writes only the token to "
+                              "stdout, for a secret manager, and the summary to stderr")
 
     sub = command("help", "show usage for the tool or one command", workspace=False, slug=False)
     sub.add_argument("topic", nargs="?", metavar="COMMAND")

@@ -28,6 +28,7 @@ from tests import support
 DOCUMENTS = [support.REPO / "README.md", *sorted((support.REPO / "docs").glob("*.md"))]
 ACTOR = "you@example.com"
 ALLOWED = {0, 3, 5, 7}
+SECRET_MANAGERS = ("vault", "op", "kubectl", "gh")
 
 
 def command_lines(text: str) -> list[str]:
@@ -90,8 +91,15 @@ def seeded(server_dsn, tmp_path):
 def test_documented_command_lines_run(seeded, lines):
     dsn, folder, substitutes = seeded
     env = support.cli_env(None, POSTGRES_URL=dsn, AGENT_IDENTITY_ADMIN_EMAIL=ACTOR, W="Ab12Cd34Ef56")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    ran = []
+    # The secret managers the runbook pipes tokens into, stood in for by readers that keep
+    # what they were handed: each must get a whole token and nothing else.
+    managers = folder / "managers"
+    managers.mkdir()
+    for name in SECRET_MANAGERS:
+        (managers / name).write_text(f'#!/bin/sh\ncat >> "{managers}/{name}.received"\n')
+        (managers / name).chmod(0o755)
+    env["PATH"] = f"{managers}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    ran, handed = [], set()
     for line in lines:
         if "| psql" in line and not shutil.which("psql"):
             continue
@@ -102,4 +110,9 @@ def test_documented_command_lines_run(seeded, lines):
         assert "Traceback" not in completed.stderr, line
         assert completed.returncode in ALLOWED, f"{line}\nexit {completed.returncode}: {completed.stderr.strip()}"
         ran.append(completed.returncode)
+        handed.update(name for name in SECRET_MANAGERS if f"| {name} " in line and completed.returncode == 0)
     assert ran and ran.count(0) >= len(ran) // 2, ran
+    assert {path.name.removesuffix(".received") for path in managers.glob("*.received")} == handed
+    for received in managers.glob("*.received"):
+        tokens = received.read_text().splitlines()
+        assert tokens and all(tool.parse_token(token) == (token[10:22], None) for token in tokens), received.name

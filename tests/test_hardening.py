@@ -325,3 +325,39 @@ def test_ok_is_true_exactly_when_the_exit_code_is_0(cli, operator, server_dsn):
 def tool_postgres_database(server_dsn: str) -> str:
     """A database that is no Kan database: doctor fails there."""
     return support.make_conninfo(server_dsn, dbname="postgres")
+
+
+# --- the secret-manager hand-off: --token-file - ---------------------------------
+
+
+def test_token_file_dash_hands_only_the_token_to_a_real_reader(db, cli_dsn, operator, tmp_path):
+    """As `... --token-file - | vault kv put ... token=-` would get it: the token and a newline."""
+    stored = tmp_path / "from-the-pipe"
+    result = shell(f"set -o pipefail; $TOOL create --workspace-public-id {operator.workspace['publicId']} "
+                   f"--slug handed --display-name H --token-name t --scopes boards:read --token-file - --confirm "
+                   f"| cat > {stored}", cli_dsn, operator.email)
+    assert result.code == 0, result.stderr
+    token = stored.read_bytes()
+    assert token.endswith(b"\n") and token.count(b"\n") == 1 and token.startswith(b"kan_agent_")
+    assert result.stdout == ""
+    assert "created agent identity handed" in result.stderr and "token: on standard output, alone" in result.stderr
+    assert token.decode().strip() not in result.stderr
+    assert operator.verify(token.decode().strip()).json["valid"] is True
+
+
+def test_token_file_dash_and_json_are_refused_together(db, operator):
+    before = support.snapshot(db)
+    result = operator("create", "--slug", "both", "--display-name", "B", "--token-name", "t", "--scopes",
+                      "boards:read", "--token-file", "-", "--confirm")
+    assert result.code == 2
+    assert result.json["error"]["message"].startswith("give --json or --token-file -, not both")
+    assert support.snapshot(db) == before
+
+
+def test_a_secret_manager_that_fails_after_the_commit_is_told_apart(db, cli_dsn, operator):
+    operator.create("handed-off")
+    result = shell(f"set -o pipefail; $TOOL rotate --workspace-public-id {operator.workspace['publicId']} "
+                   "--slug handed-off --token-file - --confirm | (exec 0<&-; sleep .5)", cli_dsn, operator.email)
+    assert result.code == 141
+    assert result.stderr.endswith(f"agent-identity: error: the rotate was committed, but its output could not be "
+                                  f"written (the reader closed the pipe); {ROTATE_LOST}\n")

@@ -107,7 +107,7 @@ def test_a_token_expiring_within_a_week_is_warned_about(operator):
 
 
 def test_grace_rotation_keeps_the_old_token_working_until_the_grace_ends(db, operator):
-    old = operator.create("graceful", "--token-file", "-").json["token"]
+    old = operator.create("graceful").json["token"]
     result = operator("rotate", "--slug", "graceful", "--grace", "1h", "--confirm")
     assert result.code == 0, result.stderr
     new = result.json["token"]
