@@ -181,10 +181,11 @@ exit codes:
   1  unexpected internal error (one line; --debug shows the traceback)
   2  usage or validation error (nothing was sent to the database)
   3  workspace or identity not found
-  4  actor not allowed (not a Kan user, not an active member, or lacks workspace:manage)
+  4  actor not allowed (not a Kan user, not an active member, or lacks
+     workspace:manage)
   5  conflict or invalid state (slug taken, identity revoked, ...)
-  6  database unreachable, or the agent tables are missing (apply `agent-identity schema`);
-     doctor: a check failed
+  6  database unreachable, or the agent tables are missing (apply
+     `agent-identity schema`); doctor: a check failed
   7  verify: the token is not valid (the output says why)
   8  the output or the token file could not be written; after a change, stderr
      says it was committed and what to do (rotate for a token)
@@ -2066,13 +2067,58 @@ def run(args: argparse.Namespace) -> dict:
 # --- Output -----------------------------------------------------------------
 
 
+TABLE_CELL_MIN = 8  # a cut cell keeps at least this much, the … included
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """Columns aligned on the widest cell; empty cells show as '-'."""
     cells = [headers] + [[cell if cell not in (None, "") else "-" for cell in row] for row in rows]
-    widths = [max(len(str(row[i])) for row in cells) for i in range(len(headers))]
+    widths = column_widths(cells)
     return "\n".join(
         "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells
     )
+
+
+def column_widths(cells: list[list]) -> list[int]:
+    return [max(len(str(row[i])) for row in cells) for i in range(len(cells[0]))]
+
+
+def fit_table(headers: list[str], rows, width: int | None, *, drop: tuple[str, ...] = (),
+              shrink: tuple[str, ...] = ()) -> str:
+    """A table no wider than width: its full rows if they fit; else with times in their
+    short, relative form; else leaving out the columns in drop, least important first;
+    else cutting the long cells of the columns in shrink with '…'. rows(short) gives the
+    rows; width None (--wide) prints the full rows uncut.
+    """
+    def measure(headers, rows) -> int:
+        cells = [headers] + [[cell or "-" for cell in row] for row in rows]
+        return sum(column_widths(cells)) + 2 * (len(headers) - 1)
+
+    def visible_rows(short: bool) -> list[list]:
+        return [[cell and visible(str(cell)) for cell in row] for row in rows(short)]
+
+    full = visible_rows(False)
+    if width is None or measure(headers, full) <= width or not full:
+        return format_table(headers, full)
+    headers, table = list(headers), visible_rows(True)
+    for name in drop:
+        if measure(headers, table) <= width:
+            break
+        column = headers.index(name)
+        del headers[column]
+        for row in table:
+            del row[column]
+    for name in shrink:
+        excess = measure(headers, table) - width
+        if excess <= 0:
+            break
+        column = headers.index(name)
+        current = max(len(row[column] or "-") for row in table)
+        keep = max(TABLE_CELL_MIN, len(headers[column]), current - excess)
+        for row in table:
+            if row[column] and len(row[column]) > keep:
+                row[column] = row[column][:keep - 1] + "…"
+    return format_table(headers, table)
 
 
 def render_identity_line(identity: dict) -> str:
@@ -2096,15 +2142,18 @@ MUTATION_VERBS = {
 }
 
 
-def render_time(moment: str | None, now: datetime | None = None) -> str | None:
-    """"2026-11-29T02:12:41Z (3 days ago)": UTC, and how long ago or ahead when now is known."""
+def render_time(moment: str | None, now: datetime | None = None, short: bool = False) -> str | None:
+    """"2026-11-29T02:12:41Z (3 days ago)": UTC, and how long ago or ahead when now is known;
+    short, only "3 days ago" (for a table that must fit the terminal)."""
     if moment is None or now is None:
         return moment
+    if short:
+        return relative(from_iso(moment), now)
     return f"{moment} ({relative(from_iso(moment), now)})"
 
 
-def render_expiry(expires_at: str | None, now: datetime | None = None) -> str:
-    return "never" if expires_at is None else render_time(expires_at, now)
+def render_expiry(expires_at: str | None, now: datetime | None = None, short: bool = False) -> str:
+    return "never" if expires_at is None else render_time(expires_at, now, short)
 
 
 def render_mutation(result: dict) -> tuple[list[str], list[str]]:
@@ -2144,7 +2193,7 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
     return lines, notes
 
 
-def render_inspect(result: dict) -> list[str]:
+def render_inspect(result: dict, width: int | None) -> list[str]:
     identity = result["identity"]
     now = from_iso(result["now"])
     lines = [
@@ -2157,38 +2206,44 @@ def render_inspect(result: dict) -> list[str]:
     for label, key in (("updated", "updatedAt"), ("paused", "pausedAt"), ("revoked", "revokedAt")):
         if identity[key]:
             lines.append(f"{label:<10} {render_time(identity[key], now)}")
+    if width is not None:
+        lines = [visible(line) if len(visible(line)) <= width else visible(line)[:width - 1] + "…" for line in lines]
     lines += ["", "tokens"]
-    lines.append(format_table(
+    lines.append(fit_table(
         ["PUBLIC ID", "NAME", "SCOPES", "LIVE", "CREATED", "EXPIRES", "LAST USED", "REVOKED", "ROTATED FROM"],
-        [
+        lambda short: [
             [t["publicId"], t["name"], ",".join(t["scopes"]), "yes" if t["live"] else "no",
-             render_time(t["createdAt"], now), render_expiry(t["expiresAt"], now), render_time(t["lastUsedAt"], now),
-             render_time(t["revokedAt"], now), t["rotatedFromPublicId"]]
+             render_time(t["createdAt"], now, short), render_expiry(t["expiresAt"], now, short),
+             render_time(t["lastUsedAt"], now, short), render_time(t["revokedAt"], now, short),
+             t["rotatedFromPublicId"]]
             for t in identity["tokens"]
         ],
+        width, drop=("ROTATED FROM", "CREATED", "REVOKED", "LAST USED"), shrink=("SCOPES", "NAME"),
     ))
     lines += ["", "events (newest first)"]
-    lines.append(format_table(
+    lines.append(fit_table(
         ["WHEN", "ACTION", "ACTOR", "TOKEN", "REASON"],
-        [[render_time(e["createdAt"], now), e["action"], e["actorEmail"], e["tokenPublicId"], e["reason"]]
-         for e in identity["events"]],
+        lambda short: [[render_time(e["createdAt"], now, short), e["action"], e["actorEmail"], e["tokenPublicId"],
+                        e["reason"]] for e in identity["events"]],
+        width, drop=("TOKEN",), shrink=("REASON", "ACTOR"),
     ))
     return lines
 
 
-def render_list(result: dict) -> list[str]:
+def render_list(result: dict, width: int | None) -> list[str]:
     if not result["identities"]:
         return [f"no agent identities in workspace {result['workspacePublicId']}"]
     more = [f"more: add --after {result['nextCursor']}"] if result["nextCursor"] else []
     now = from_iso(result["now"])
-    return [format_table(
+    return [fit_table(
         ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "NEXT EXPIRY", "LAST USED", "CREATED", "DISPLAY NAME"],
-        [
+        lambda short: [
             [i["slug"], i["publicId"], i["status"], str(i["liveTokens"]),
-             render_expiry(i["nextExpiresAt"], now) if i["liveTokens"] else None,
-             render_time(i["lastUsedAt"], now), render_time(i["createdAt"], now), i["displayName"]]
+             render_expiry(i["nextExpiresAt"], now, short) if i["liveTokens"] else None,
+             render_time(i["lastUsedAt"], now, short), render_time(i["createdAt"], now, short), i["displayName"]]
             for i in result["identities"]
         ],
+        width, drop=("CREATED", "LAST USED", "PUBLIC ID"), shrink=("DISPLAY NAME", "SLUG"),
     )] + more
 
 
@@ -2221,10 +2276,18 @@ class Output:
     is valid UTF-8 JSON under any locale.
     """
 
-    def __init__(self, stdout, stderr, as_json: bool):
+    def __init__(self, stdout, stderr, as_json: bool, wide: bool = False):
         self.stdout = stdout
         self.stderr = stderr
         self.as_json = as_json
+        # Tables fit the terminal (80 columns when stdout is not one, unless COLUMNS says
+        # otherwise); --wide prints them whole.
+        if wide:
+            self.width = None
+        else:
+            import shutil
+
+            self.width = shutil.get_terminal_size().columns
         # A name with a ✓ must not fail a run whose locale is ASCII: what a stream cannot
         # encode is written as an escape (--json is ASCII already).
         for stream in (stdout, stderr):
@@ -2245,9 +2308,9 @@ class Output:
         elif command == "schema":
             lines = [result["sql"].rstrip()]
         elif command == "inspect":
-            lines = render_inspect(result)
+            lines = render_inspect(result, self.width)
         elif command == "list":
-            lines = render_list(result)
+            lines = render_list(result, self.width)
         elif command == "verify":
             lines = render_verify(result)
         elif command == "doctor":
@@ -2363,49 +2426,64 @@ EXAMPLES = {
     "create": """\
 examples:
   agent-identity create --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
-      --display-name "Release bot" --token-name ci --scopes boards:read,cards:write \\
-      --reason "ticket OPS-12" --dry-run
-  agent-identity create ... --expires-in 30d --token-file release-bot.token --confirm""",
+      --display-name "Release bot" --token-name ci \\
+      --scopes boards:read,cards:write --reason "ticket OPS-12" --dry-run
+  agent-identity create ... --expires-in 30d --token-file release-bot.token \\
+      --confirm
+  agent-identity create ... --token-file - --confirm | vault kv put \\
+      secret/kan/release-bot token=-     # only the token goes to stdout""",
     "rotate": """\
 examples:
-  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "leaked in a log" --confirm
-  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --grace 1h \\
-      --token-file new.token --confirm       # the old token keeps working for an hour
-  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot --token-name ci-2025 --dry-run""",
+  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --reason "leaked in a log" --confirm
+  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --grace 1h --token-file new.token --confirm   # the old token works 1h
+  agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --token-name ci-2025 --dry-run""",
     "doctor": """\
 examples:
   agent-identity doctor
-  agent-identity doctor --workspace-public-id Ab12Cd34Ef56 --admin-user-email you@example.com
+  agent-identity doctor --workspace-public-id Ab12Cd34Ef56 \\
+      --admin-user-email you@example.com
 Exit 0 when every check passes, 6 otherwise.""",
     "verify": """\
 examples:
   agent-identity verify < release-bot.token
-  agent-identity verify --token-file release-bot.token --workspace-public-id Ab12Cd34Ef56 --json
+  agent-identity verify --token-file release-bot.token \\
+      --workspace-public-id Ab12Cd34Ef56 --json
 The token is read from standard input or a file, never from the command line;
 exit 0 when valid, 7 when not.""",
     "pause": """\
 example:
-  agent-identity pause --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "investigating" --confirm""",
+  agent-identity pause --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --reason "investigating" --confirm""",
     "resume": """\
 example:
-  agent-identity resume --workspace-public-id Ab12Cd34Ef56 --slug release-bot --confirm""",
+  agent-identity resume --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --confirm""",
     "revoke": """\
 examples:
-  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot --reason "retired" --confirm
-  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot --token Tk12Tk34Tk56 --confirm""",
+  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --reason "retired" --confirm
+  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --token Tk12Tk34Tk56 --confirm""",
     "inspect": """\
 examples:
   agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot
-  agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot --events 50 --json""",
+  agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --events 50 --json""",
     "list": """\
 examples:
   agent-identity list --workspace-public-id Ab12Cd34Ef56
   agent-identity list --workspace-public-id Ab12Cd34Ef56 --status active --json
-  agent-identity list --workspace-public-id Ab12Cd34Ef56 --limit 100 --after Xy12Xy34Xy56""",
+  agent-identity list --workspace-public-id Ab12Cd34Ef56 --limit 100 \\
+      --after Xy12Xy34Xy56""",
     "schema": """\
 examples:
-  agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL"
-  agent-identity schema --db-schema kan | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL"
+  agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 \\
+      "$POSTGRES_URL"
+  agent-identity schema --db-schema kan | psql --single-transaction \\
+      -v ON_ERROR_STOP=1 "$POSTGRES_URL"
 Apply it as the owner of Kan's tables: it also indexes Kan's workspace_members.""",
     "help": """\
 example:
@@ -2497,7 +2575,7 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
                      help=f"comma-separated, from: {', '.join(SCOPES)}")
     token_options(sub)
 
-    sub = command("rotate", "issue a new token with the same scopes; revoke the live ones, or give them a grace",
+    sub = command("rotate", "issue a new token with the same scopes; revoke the old, or give a grace",
                   mutating=True)
     sub.add_argument("--token-name", type=parse_display_name, metavar="T",
                      help="name of the new token (default: the old one's)")
@@ -2516,6 +2594,7 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
     sub = command("inspect", "show an identity, its tokens and its latest audit events")
     sub.add_argument("--events", type=parse_event_count, default=EVENTS_DEFAULT, metavar="N",
                      help=f"how many audit events to show (default {EVENTS_DEFAULT})")
+    sub.add_argument("--wide", action="store_true", help="print the tables whole, however wide the terminal")
 
     sub = command("list", "list a workspace's identities, newest first, a page at a time", slug=False)
     sub.add_argument("--status", choices=STATUSES)
@@ -2523,8 +2602,9 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
                      help=f"identities per page (default {LIST_LIMIT_DEFAULT}, at most {LIST_LIMIT_MAX})")
     sub.add_argument("--after", type=parse_public_id, metavar="PUBLIC_ID",
                      help="start after this identity: the nextCursor of the previous page")
+    sub.add_argument("--wide", action="store_true", help="print the table whole, however wide the terminal")
 
-    sub = command("doctor", "check the connection, the tables, row level security and (with a workspace) your access",
+    sub = command("doctor", "check the connection, tables, row level security and your access",
                   workspace=False, slug=False)
     sub.add_argument("--workspace-public-id", type=parse_public_id, metavar="W",
                      help="also check that the actor may manage this workspace")
@@ -2590,7 +2670,7 @@ def json_help(parser: ArgumentParser, argv: list[str], out: Output) -> int:
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     out = Output(sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr,
-                 as_json="--json" in argv)
+                 as_json="--json" in argv, wide="--wide" in argv)
     debug = "--debug" in argv
     # Named in a usage error's JSON even when argparse refuses the rest.
     command = next((arg for arg in argv if arg in OFFLINE_COMMANDS or arg in DATABASE_COMMANDS or arg == "doctor"),

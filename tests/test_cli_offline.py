@@ -360,3 +360,15 @@ def test_json_help_and_version_are_one_object(args, command):
     body = result.json
     assert (body["ok"], body["command"]) == (True, command)
     assert body["text"].startswith("agent-identity 0." if command == "version" else "usage: agent-identity")
+
+
+@pytest.mark.parametrize("topic", [None, "help", "schema", "create", "rotate", "pause", "resume", "revoke",
+                                   "inspect", "list", "doctor", "verify"])
+def test_help_fits_80_columns(topic):
+    """What `help` and every `COMMAND --help` print, on an 80-column terminal or a pipe."""
+    for env in ({**ACTOR, "COLUMNS": "80"}, ACTOR):
+        for args in ((["help", topic] if topic else ["help"]), ([topic, "--help"] if topic else ["--help"])):
+            result = offline(*args, env=env)
+            assert result.code == 0
+            too_long = [line for line in result.stdout.splitlines() if len(line) > 80]
+            assert not too_long, too_long

@@ -1,6 +1,7 @@
 """Every command end to end: the CLI as a subprocess, then the rows it left behind."""
 
 import re
+import secrets
 from datetime import timedelta
 
 import psycopg
@@ -341,7 +342,7 @@ def test_inspect_shows_last_used_written_by_the_server(db, operator):
     )
     result = operator("inspect", "--slug", "used")
     assert result.json["identity"]["tokens"][0]["lastUsedAt"] == "2026-01-02T03:04:05Z"
-    human = operator("inspect", "--slug", "used", json=False)
+    human = operator("inspect", "--slug", "used", "--wide", json=False)
     assert re.search(r"2026-01-02T03:04:05Z \(\d+ days ago\)", human.stdout), "UTC, and how long ago"
     assert human.stdout.splitlines()[0] == f"identity   used ({identity_row(db, operator, 'used')['publicId']})"
 
@@ -360,7 +361,7 @@ def test_list_is_newest_first_and_filters_by_status(operator):
 
 def test_list_human_output_is_an_aligned_table(operator):
     operator.create("tabled")
-    header, row = operator("list", json=False).stdout.splitlines()
+    header, row = operator("list", "--wide", json=False).stdout.splitlines()
     assert header.startswith("SLUG    PUBLIC ID     STATUS  LIVE TOKENS  NEXT EXPIRY")
     assert row.startswith("tabled  ")
     assert row[header.index("STATUS"):].startswith("active  1 ")
@@ -488,3 +489,54 @@ def test_a_closed_pipe_ends_list_quietly(operator, cli_dsn, monkeypatch):
     stderr = io.StringIO()
     code = tool.main(["list", "--workspace-public-id", operator.workspace["publicId"]], ClosedPipe(), stderr)
     assert (code, stderr.getvalue()) == (141, "")
+
+
+# --- tables that fit the terminal ------------------------------------------------
+
+LONG_NAME = "Release bot for the quarterly compliance reports of the payments platform"
+
+
+@pytest.fixture
+def crowded(operator, db, kan):
+    """An identity with a long name, a long actor email and a long reason."""
+    long_email = f"{'a-very-long-mailbox-name-' * 3}{secrets.token_hex(2)}@operations.example.com"
+    admin = kan.user(long_email)
+    kan.member(operator.workspace, admin)
+    operator.cli("create", "--workspace-public-id", operator.workspace["publicId"], "--slug", "crowded-bot",
+                 "--display-name", LONG_NAME, "--token-name", "a token with a long and descriptive name",
+                 "--scopes", ",".join(tool.SCOPES), "--reason", "ticket OPS-1234 " * 8, "--confirm",
+                 env={"AGENT_IDENTITY_ADMIN_EMAIL": long_email})
+    operator.create("short")
+    return operator
+
+
+@pytest.mark.parametrize("command", [["list"], ["inspect", "--slug", "crowded-bot"]])
+def test_tables_fit_80_columns_and_wide_prints_them_whole(crowded, command):
+    env = {"AGENT_IDENTITY_ADMIN_EMAIL": crowded.email}
+    w = ["--workspace-public-id", crowded.workspace["publicId"]]
+    narrow = crowded.cli(*command, *w, env={**env, "COLUMNS": "80"})
+    assert narrow.code == 0, narrow.stderr
+    assert max(map(len, narrow.stdout.splitlines())) <= 80, narrow.stdout
+    assert "…" in narrow.stdout and "crowded-bot" in narrow.stdout
+    wide = crowded.cli(*command, *w, "--wide", env={**env, "COLUMNS": "80"})
+    assert LONG_NAME in wide.stdout and max(map(len, wide.stdout.splitlines())) > 80
+    roomy = crowded.cli(*command, *w, env={**env, "COLUMNS": "200"})
+    assert max(map(len, roomy.stdout.splitlines())) <= 200
+    assert len(roomy.stdout) > len(narrow.stdout), "more room shows more"
+
+
+def test_a_table_that_fits_is_printed_whole(operator):
+    operator.create("tiny")
+    result = operator.cli("list", "--workspace-public-id", operator.workspace["publicId"],
+                          env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email, "COLUMNS": "250"})
+    assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(less than a minute ago\)", result.stdout), result.stdout
+
+
+def test_fit_table_drops_then_cuts():
+    rows = lambda short: [["a" * 30, "b" * 30, "2026-01-01T00:00:00Z (3 days ago)" if not short else "3 days ago"]]
+    assert tool.fit_table(["A", "B", "WHEN"], rows, None).splitlines()[1].endswith("(3 days ago)")
+    assert tool.fit_table(["A", "B", "WHEN"], rows, 80).splitlines()[1].endswith("  3 days ago")
+    dropped = tool.fit_table(["A", "B", "WHEN"], rows, 50, drop=("B",))
+    assert dropped.splitlines()[0].split() == ["A", "WHEN"]
+    cut = tool.fit_table(["A", "B", "WHEN"], rows, 30, drop=("B",), shrink=("A",))
+    assert all(len(line) <= 30 for line in cut.splitlines()) and "a" * 17 + "…" in cut

@@ -100,7 +100,7 @@ def test_a_token_expiring_within_a_week_is_warned_about(operator):
         f"({listed.json['identities'][1]['nextExpiresAt']})"
     ]
     human = operator("inspect", "--slug", "soon", json=False)
-    assert "(in 3 days)" in human.stdout and "warning: token" in human.stderr
+    assert "in 3 days" in human.stdout and "warning: token" in human.stderr
 
 
 # --- rotation with a grace window -----------------------------------------------
