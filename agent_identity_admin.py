@@ -1427,6 +1427,115 @@ def cmd_schema(args: argparse.Namespace) -> dict:
     return {"ok": True, "command": "schema", "sql": schema_sql(args.db_schema)}
 
 
+def completion_spec(parser) -> dict[str, dict[str, tuple[str, ...] | None]]:
+    """Every command's long options, from the parser itself: an option maps to the values
+    it takes (choices, scopes), () for a value to type (a file for PATH), None for a flag."""
+    spec = {}
+    for name, sub in parser.commands.items():
+        options: dict[str, tuple[str, ...] | None] = {}
+        for action in sub._actions:
+            if not action.option_strings:  # a positional: offer its choices as words
+                options.update(dict.fromkeys(action.choices or (), None))
+            for option in (o for o in action.option_strings if o.startswith("--")):
+                if action.nargs == 0:
+                    options[option] = None
+                elif option == "--scopes":
+                    options[option] = SCOPES
+                else:
+                    options[option] = tuple(action.choices or ())
+        spec[name] = options
+    return spec
+
+
+FILE_OPTIONS = ("--token-file",)
+
+BASH_COMPLETION = """\
+# agent-identity {version}: bash completion, made from its own parser.
+# Install: agent-identity completion bash > ~/.local/share/bash-completion/completions/agent-identity
+_agent_identity() {{
+    # The word being completed, read from the line itself: bash splits words at ':',
+    # which every scope has.
+    local line="${{COMP_LINE:0:COMP_POINT}}"
+    local cur="${{line##*[[:space:]]}}"
+    local words=(${{line% *}}) command="" prev="" word
+    [[ "$line" == *[[:space:]] ]] && cur="" && words=(${{line}})
+    prev="${{words[${{#words[@]}}-1]}}"
+    for word in "${{words[@]:1}}"; do
+        case " {commands} " in *" $word "*) command="$word"; break;; esac
+    done
+    local values="" options=""
+    case "$command" in
+{option_cases}
+        *) values="{commands} --help --version"; options="";;
+    esac
+    if [[ -n "$command" ]]; then
+        case "$prev" in
+{value_cases}
+            *) values="$options";;
+        esac
+    fi
+    if [[ "$values" == FILE ]]; then
+        COMPREPLY=($(compgen -f -- "$cur"))
+        return
+    fi
+    local prefix=""
+    [[ "$prev" == --scopes && "$cur" == *,* ]] && prefix="${{cur%,*}}," && cur="${{cur##*,}}"
+    COMPREPLY=($(compgen -W "$values" -P "$prefix" -- "$cur"))
+    # Hand back only what follows the last ':' of the word, as bash expects.
+    local colon="${{prefix}}${{cur}}"
+    colon="${{colon%"${{colon##*:}}"}}"
+    [[ -n "$colon" ]] && COMPREPLY=("${{COMPREPLY[@]#"$colon"}}")
+}}
+complete -o default -F _agent_identity agent-identity
+"""
+
+
+def completion_script(shell: str, parser) -> str:
+    """A completion script for bash, zsh or fish, generated from the parser: commands,
+    their options, and the values an option takes (statuses, scopes, files)."""
+    spec = completion_spec(parser)
+    commands = " ".join(spec)
+    if shell in ("bash", "zsh"):
+        option_cases = "\n".join(f'        {name}) options="{" ".join(options)}";;' for name, options in spec.items())
+        values = {option: vals for options in spec.values() for option, vals in options.items() if vals}
+        value_cases = [f'            {" | ".join(FILE_OPTIONS)}) values=FILE;;']
+        value_cases += [f'            {option}) values="{" ".join(vals)}";;' for option, vals in values.items()
+                        if option not in FILE_OPTIONS]
+        takes = sorted({option for options in spec.values() for option, vals in options.items()
+                        if vals == () and option not in FILE_OPTIONS})
+        value_cases.append(f'            {" | ".join(takes)}) values="";;')
+        script = BASH_COMPLETION.format(version=__version__, commands=commands, option_cases=option_cases,
+                                        value_cases="\n".join(value_cases))
+        if shell == "zsh":
+            script = ("# zsh: through bash's completion system\nautoload -U +X bashcompinit && bashcompinit\n"
+                      + script)
+        return script
+    lines = [f"# agent-identity {__version__}: fish completion, made from its own parser.",
+             "# Install: agent-identity completion fish > ~/.config/fish/completions/agent-identity.fish",
+             "complete -c agent-identity -f"]
+    for name, sub in parser.commands.items():
+        lines.append(f"complete -c agent-identity -n __fish_use_subcommand -a {name} -d {fish_quote(sub.description or '')}")
+        for option, vals in spec[name].items():
+            rule = f"complete -c agent-identity -n '__fish_seen_subcommand_from {name}' -l {option[2:]}"
+            if option in FILE_OPTIONS:
+                rule += " -r -F"
+            elif vals:
+                rule += f" -x -a {fish_quote(' '.join(vals))}"
+            elif vals == ():
+                rule += " -x"
+            lines.append(rule)
+    return "\n".join(lines) + "\n"
+
+
+def fish_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def cmd_completion(args: argparse.Namespace) -> dict:
+    """Print a shell completion script for bash, zsh or fish."""
+    return {"ok": True, "command": "completion", "script": completion_script(args.shell, build_parser())}
+
+
 class IssuedToken(collections.namedtuple("IssuedToken", "public_id secret hash")):
     """A new token: its public id, the whole secret token string, and its argon2 hash."""
 
@@ -2001,7 +2110,7 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
     return result()
 
 
-OFFLINE_COMMANDS = {"help": cmd_help, "schema": cmd_schema}
+OFFLINE_COMMANDS = {"help": cmd_help, "schema": cmd_schema, "completion": cmd_completion}
 DATABASE_COMMANDS = {
     "create": cmd_create,
     "rotate": cmd_rotate,
@@ -2307,6 +2416,9 @@ class Output:
             lines = [result["text"].rstrip()]
         elif command == "schema":
             lines = [result["sql"].rstrip()]
+        elif command == "completion":
+            self._write(self.stdout, result["script"])  # a script: written as made, not escaped
+            return
         elif command == "inspect":
             lines = render_inspect(result, self.width)
         elif command == "list":
@@ -2488,6 +2600,12 @@ Apply it as the owner of Kan's tables: it also indexes Kan's workspace_members."
     "help": """\
 example:
   agent-identity help rotate""",
+    "completion": """\
+examples:
+  source <(agent-identity completion bash)         # in ~/.bashrc
+  agent-identity completion zsh > agent-identity.zsh   # source it in ~/.zshrc
+  agent-identity completion fish > agent-identity.fish
+      # into ~/.config/fish/completions/""",
 }
 
 MAIN_EPILOG = f"""\
@@ -2567,6 +2685,9 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
     sub = command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
     sub.add_argument("--db-schema", type=parse_db_schema, default=DB_SCHEMA_DEFAULT, metavar="NAME",
                      help=f"the PostgreSQL schema that holds Kan's tables (default {DB_SCHEMA_DEFAULT})")
+
+    sub = command("completion", "print a shell completion script (bash, zsh or fish)", workspace=False, slug=False)
+    sub.add_argument("shell", choices=("bash", "zsh", "fish"))
 
     sub = command("create", "create an active identity and its first token", mutating=True)
     sub.add_argument("--display-name", required=True, type=parse_display_name, metavar="D")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests import support
 from tests.support import run_cli
 
 UNREACHABLE = "postgresql://admin:S3cretPassw0rd@127.0.0.1:9/kan"
@@ -46,7 +47,7 @@ def test_help_for_an_unknown_command_is_a_usage_error():
     assert (result.code, result.stdout) == (2, "")
     assert result.stderr == (
         "agent-identity: error: no command 'frobnicate'; commands: "
-        "help, schema, create, rotate, pause, resume, revoke, inspect, list, doctor, verify\n"
+        "help, schema, completion, create, rotate, pause, resume, revoke, inspect, list, doctor, verify\n"
     )
 
 
@@ -372,3 +373,61 @@ def test_help_fits_80_columns(topic):
             assert result.code == 0
             too_long = [line for line in result.stdout.splitlines() if len(line) > 80]
             assert not too_long, too_long
+
+
+# --- shell completion, driven in a real bash --------------------------------------
+
+COMPLETE = """
+source <(agent-identity completion bash)
+for line in "$@"; do
+    COMP_LINE="$line"; COMP_POINT=${#COMP_LINE}; COMPREPLY=()
+    _agent_identity
+    echo "${COMPREPLY[*]}"
+done
+"""
+
+
+def test_bash_completion_completes_commands_options_and_values(tmp_path):
+    import subprocess
+    import sys
+
+    shim = tmp_path / "agent-identity"
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {support.SCRIPT} \"$@\"\n")
+    shim.chmod(0o755)
+    lines = {
+        "agent-identity rot": "rotate",
+        "agent-identity rotate --gr": "--grace",
+        "agent-identity list --status ": "active paused revoked",
+        "agent-identity list --wid": "--wide",
+        "agent-identity create --scopes boa": "boards:read boards:write",
+        # bash's word starts after the last ':', so what comes back is the rest from there
+        "agent-identity create --scopes boards:read,car": "read,cards:read read,cards:write",
+        "agent-identity create --scopes boards:read,cards:w": "write",
+        "agent-identity completion ": None,
+        "agent-identity create --slug ": "",
+    }
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    done = subprocess.run(["bash", "-c", COMPLETE, "complete", *lines], capture_output=True, text=True, env=env,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    got = dict(zip(lines, done.stdout.splitlines()))
+    for line, expected in lines.items():
+        if expected is not None:
+            assert got[line] == expected, line
+    assert {"bash", "zsh", "fish"} <= set(got["agent-identity completion "].split())
+    token_file = subprocess.run(["bash", "-c", COMPLETE, "complete", "agent-identity rotate --token-file "],
+                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30)
+    assert "agent-identity" in token_file.stdout.split(), "a PATH is completed from the folder"
+
+
+@pytest.mark.parametrize("shell", ["zsh", "fish"])
+def test_zsh_and_fish_completion_cover_every_command_and_option(shell):
+    import agent_identity_admin as tool
+
+    script = offline("completion", shell).stdout
+    parser = tool.build_parser()
+    for name, options in tool.completion_spec(parser).items():
+        assert name in script
+        for option in options:
+            assert (option if shell == "zsh" else f"-l {option[2:]}") in script or not option.startswith("--")
+    assert "active paused revoked" in script and "cards:write" in script
