@@ -1011,7 +1011,13 @@ TOKENS_SQL = """(
     SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY t."id" DESC), '[]'::jsonb)
     FROM (
         SELECT t."id", t."publicId", t.name, t.scopes, t."createdAt", t."expiresAt", t."lastUsedAt",
-               t."revokedAt", source."publicId" AS "rotatedFromPublicId"
+               t."revokedAt", source."publicId" AS "rotatedFromPublicId",
+               -- the lifetime it was issued with, as its issuing event recorded it
+               (SELECT e.metadata->>'expiresIn'
+                FROM agent_audit_event e
+                WHERE e."agentIdentityId" = t."agentIdentityId" AND e."agentTokenId" = t."id"
+                  AND e.action IN ('identity.created', 'identity.token_rotated')
+                ORDER BY e."id" LIMIT 1) AS "issuedFor"
         FROM agent_token t
         LEFT JOIN agent_token source ON source."id" = t."rotatedFromId"
         WHERE t."agentIdentityId" = {identity}
@@ -1400,6 +1406,17 @@ def expiry_warning(token_public_id: str, slug: str, expires_at: datetime, now: d
     return f"warning: token {token_public_id} of agent identity {slug} expires {relative(expires_at, now)} ({iso(expires_at)})"
 
 
+def issued_lifetime(token: dict) -> Duration:
+    """The lifetime a token was issued with: its issuing event's --expires-in, else (a token
+    from before that was recorded) its expiry less its creation, in whole days, or never."""
+    with contextlib.suppress(argparse.ArgumentTypeError, TypeError):
+        return parse_expires_in(token["issuedFor"])
+    if token["expiresAt"] is None:
+        return parse_expires_in("never")
+    days = (token["expiresAt"] - token["createdAt"]).total_seconds() / 86400
+    return parse_expires_in(f"{min(max(round(days), 1), EXPIRES_MAX.days)}d")
+
+
 def expires_at(expiry: Duration, now: datetime) -> datetime | None:
     return None if expiry.delta is None else now + expiry.delta
 
@@ -1673,7 +1690,8 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
         args,
         True,
         identity=identity_view(identity, args.workspace_public_id),
-        token=token_result(issued, args.token_name, args.scopes, expires, args.token_file),
+        token=token_result(issued, args.token_name, args.scopes, expires, args.token_file,
+                           expiresIn=args.expires_in.text),
         auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
     )
 
@@ -1694,8 +1712,11 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
             # The token the new one follows: the newest live one, else the newest.
             source = next((t for t in tokens if is_live(t, now)), tokens[0])
             token_name = args.token_name or source["name"]
-            scopes = list(source["scopes"])
-            expires = expires_at(args.expires_in, now)
+            previous_scopes = list(source["scopes"])
+            scopes = args.scopes or previous_scopes
+            # Unless told, the new token lives as long as the one it follows was issued to.
+            lifetime = args.expires_in or issued_lifetime(source)
+            expires = expires_at(lifetime, now)
             if args.grace.delta:
                 grace_until = now + args.grace.delta
                 retired = []
@@ -1711,9 +1732,11 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
                 "previousStatus": identity["status"],
                 "newStatus": identity["status"],
                 "scopes": scopes,
+                "previousScopes": previous_scopes,
                 "tokenPublicId": issued and issued.public_id,
                 "tokenName": token_name,
-                "expiresIn": args.expires_in.text,
+                "expiresIn": lifetime.text,
+                "lifetimeKeptFromRotatedToken": args.expires_in is None,
                 "expiresAt": iso(expires),
                 "rotatedFromTokenPublicId": source["publicId"],
                 "revokedTokenPublicIds": [t["publicId"] for t in retired],
@@ -1741,7 +1764,8 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
         True,
         identity=identity_view(identity, args.workspace_public_id),
         token=token_result(issued, token_name, scopes, expires, args.token_file,
-                           rotatedFromPublicId=source["publicId"]),
+                           rotatedFromPublicId=source["publicId"], expiresIn=lifetime.text,
+                           lifetimeKept=args.expires_in is None, previousScopes=previous_scopes),
         revokedTokenPublicIds=metadata["revokedTokenPublicIds"],
         gracedTokens=metadata["gracedTokens"],
         auditEvent={"action": audit["action"], "metadata": metadata},
@@ -2278,9 +2302,11 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
     lines = [f"{verb(action)} agent identity {render_identity_line(result['identity'])}"]
     token = result.get("token")
     if token:
+        kept = " (the rotated token's)" if token.get("lifetimeKept") else ""
         lines.append(
             f"{verb('issue')} token {token['publicId'] or '(new)'} {quote(token['name'])} "
-            f"with scopes {','.join(token['scopes'])}, expiring {render_expiry(token['expiresAt'])}"
+            f"with scopes {','.join(token['scopes'])}, lifetime {token['expiresIn']}{kept}, "
+            f"expiring {render_expiry(token['expiresAt'])}"
         )
     revoked = result.get("revokedTokenPublicIds") or []
     if revoked:
@@ -2289,6 +2315,9 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
         lines.append(f"{'would let' if dry_run else 'let'} token {graced['publicId']} work until {graced['expiresAt']}")
     lines.append(f"{verb('record')} audit event {action}")
     notes = [f"target: {describe_target(result['target'])}"]
+    if token and token.get("lifetimeKept") and token["expiresIn"] == "never":
+        notes.append("the new token never expires, as the rotated one was issued with --expires-in never; "
+                     "give --expires-in to change that")
     if dry_run:
         notes.append("dry run: nothing was written")
     elif token and token.get("tokenFile") == "-":
@@ -2671,10 +2700,10 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
             sub.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
         return sub
 
-    def token_options(sub: argparse.ArgumentParser) -> None:
+    def token_options(sub: argparse.ArgumentParser, expires_default: str | None, expires_help: str) -> None:
         """What create and rotate share: how long the new token lives, and where it goes."""
-        sub.add_argument("--expires-in", type=parse_expires_in, default=EXPIRES_DEFAULT, metavar="DURATION",
-                         help=f"30m, 12h, 90d, 1w ... at most 365d, or never (default {EXPIRES_DEFAULT})")
+        sub.add_argument("--expires-in", type=parse_expires_in, default=expires_default, metavar="DURATION",
+                         help=f"30m, 12h, 90d, 1w ... at most 365d, or never ({expires_help})")
         sub.add_argument("--token-file", metavar="PATH", type=parse_path,
                          help="write the token to this new file (mode 0600); - writes only the token to "
                               "stdout, for a secret manager, and the summary to stderr")
@@ -2694,16 +2723,18 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
     sub.add_argument("--token-name", required=True, type=parse_display_name, metavar="T")
     sub.add_argument("--scopes", required=True, type=parse_scopes, metavar="a,b",
                      help=f"comma-separated, from: {', '.join(SCOPES)}")
-    token_options(sub)
+    token_options(sub, EXPIRES_DEFAULT, f"default {EXPIRES_DEFAULT}")
 
-    sub = command("rotate", "issue a new token with the same scopes; revoke the old, or give a grace",
+    sub = command("rotate", "issue a new token; revoke the old ones, or give them a grace",
                   mutating=True)
     sub.add_argument("--token-name", type=parse_display_name, metavar="T",
                      help="name of the new token (default: the old one's)")
     sub.add_argument("--grace", type=parse_grace, default="0", metavar="DURATION",
                      help="let the old live tokens work this much longer instead of revoking them "
                           "(at most 7d; default 0: revoke at once)")
-    token_options(sub)
+    sub.add_argument("--scopes", type=parse_scopes, metavar="a,b",
+                     help="the new token's scopes (default: the old one's)")
+    token_options(sub, None, "default: the lifetime the rotated token was issued with")
 
     command("pause", "pause an active identity (its tokens stop working until resumed)", mutating=True)
     command("resume", "resume a paused identity", mutating=True)

@@ -4,7 +4,7 @@ import os
 import stat
 import subprocess
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -398,3 +398,51 @@ def test_a_token_file_in_a_missing_folder_is_a_usage_error(db, tmp_path, operato
     assert result.code == 2
     assert "cannot create token file" in result.json["error"]["message"]
     assert support.snapshot(db) == before
+
+
+# --- rotation keeps what it had, unless told ---------------------------------------
+
+
+@pytest.mark.parametrize("lifetime, days", [("3d", 3), ("12h", 0.5), ("never", None)])
+def test_rotation_keeps_the_lifetime_the_rotated_token_was_issued_with(operator, lifetime, days):
+    operator.create(f"kept-{len(lifetime)}", "--expires-in", lifetime)
+    rotated = operator("rotate", "--slug", f"kept-{len(lifetime)}", "--confirm")
+    token, now = rotated.json["token"], datetime.now(timezone.utc).replace(tzinfo=None)
+    assert (token["expiresIn"], token["lifetimeKept"]) == (lifetime, True)
+    assert rotated.json["auditEvent"]["metadata"]["lifetimeKeptFromRotatedToken"] is True
+    if days is None:
+        assert token["expiresAt"] is None
+    else:
+        left = tool.from_iso(token["expiresAt"]) - now
+        assert abs(left.total_seconds() - days * 86400) < 120, left
+    human = operator("rotate", "--slug", f"kept-{len(lifetime)}", "--dry-run", json=False)
+    assert f"lifetime {lifetime} (the rotated token's)" in human.stdout
+    assert ("never expires, as the rotated one was issued with --expires-in never" in human.stderr) == (days is None)
+
+
+def test_a_lifetime_given_to_rotate_wins(operator):
+    operator.create("told", "--expires-in", "3d")
+    token = operator("rotate", "--slug", "told", "--expires-in", "30d", "--confirm").json["token"]
+    assert (token["expiresIn"], token["lifetimeKept"]) == ("30d", False)
+
+
+def test_a_token_from_before_lifetimes_were_recorded_keeps_its_span(db, operator):
+    """No issuing event to read (a token older than the audit log): expiry less creation, in days."""
+    created = operator.create("old-span", "--expires-in", "10d").json["token"]
+    db.execute("""UPDATE agent_audit_event SET "agentTokenId" = NULL
+                  WHERE "agentTokenId" = (SELECT id FROM agent_token WHERE "publicId" = %s)""",
+               (created["publicId"],))
+    assert operator("rotate", "--slug", "old-span", "--confirm").json["token"]["expiresIn"] == "10d"
+
+
+def test_rotate_with_scopes_issues_them_and_audits_old_and_new(db, operator):
+    operator.create("rescoped", scopes="boards:read")
+    result = operator("rotate", "--slug", "rescoped", "--scopes", "cards:read,cards:write", "--confirm")
+    assert result.json["token"]["scopes"] == ["cards:read", "cards:write"]
+    metadata = result.json["auditEvent"]["metadata"]
+    assert (metadata["previousScopes"], metadata["scopes"]) == (["boards:read"], ["cards:read", "cards:write"])
+    stored = db.execute('SELECT scopes FROM agent_token WHERE "publicId" = %s',
+                        (result.json["token"]["publicId"],)).fetchone()[0]
+    assert stored == ["cards:read", "cards:write"]
+    refused = operator("rotate", "--slug", "rescoped", "--scopes", "cards:wirte", "--confirm")
+    assert refused.code == 2 and "did you mean cards:write?" in refused.json["error"]["message"]
