@@ -75,6 +75,7 @@ EXPIRES_DEFAULT = "90d"
 EXPIRES_MAX = timedelta(days=365)
 GRACE_MAX = timedelta(days=7)
 EXPIRING_SOON = timedelta(days=7)
+EXPIRING_WITHIN_DEFAULT = "7d"
 DURATION_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 DURATION_RE = re.compile(r"(?P<count>[0-9]{1,6})(?P<unit>[mhdw])")
 
@@ -156,6 +157,7 @@ EXIT_CONFLICT = 5
 EXIT_DATABASE = 6
 EXIT_INVALID_TOKEN = 7
 EXIT_UNDELIVERED = 8
+EXIT_EXPIRING = 9  # expiring: live tokens expire within the window (for cron and CI)
 EXIT_HANGUP = 129  # 128 + the signal's number, as shells report it
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
@@ -169,6 +171,7 @@ EXIT_KINDS = {
     EXIT_CONFLICT: "conflict",
     EXIT_DATABASE: "database",
     EXIT_UNDELIVERED: "undelivered",
+    EXIT_EXPIRING: "expiring",
     EXIT_HANGUP: "interrupted",
     EXIT_INTERRUPTED: "interrupted",
     EXIT_BROKEN_PIPE: "broken_pipe",
@@ -189,6 +192,7 @@ exit codes:
   7  verify: the token is not valid (the output says why)
   8  the output or the token file could not be written; after a change, stderr
      says it was committed and what to do (rotate for a token)
+  9  expiring: live tokens expire within the window
   129, 130, 143  hangup, Ctrl-C, terminated; a transaction not yet committed was
      rolled back (after a commit, stderr says so)
   141 the reader of stdout went away (a closed pipe); verify keeps its 0 or 7"""
@@ -291,6 +295,13 @@ def parse_slug(value: str) -> str:
     return value
 
 
+def parse_workspace(value: str) -> str:
+    """--workspace: a Kan workspace's public id or its slug (Kan's URLs show the slug)."""
+    if PUBLIC_ID_RE.fullmatch(value) or (len(value) <= NAME_MAX and SLUG_RE.fullmatch(value)):
+        return value
+    raise argparse.ArgumentTypeError(f"{value[:40]!r} is neither a workspace slug nor a public id")
+
+
 def parse_public_id(value: str) -> str:
     """Kan's public ids are 12 base62 characters."""
     if not PUBLIC_ID_RE.fullmatch(value):
@@ -383,6 +394,11 @@ def parse_expires_in(value: str) -> Duration:
     """A token's lifetime: at most 365 days, or "never" when asked for by name."""
     if value == "never":
         return Duration(value, None)
+    return parse_duration(value, maximum=EXPIRES_MAX, allow_zero=False)
+
+
+def parse_within(value: str) -> Duration:
+    """expiring --within: 30m to 365d."""
     return parse_duration(value, maximum=EXPIRES_MAX, allow_zero=False)
 
 
@@ -662,6 +678,9 @@ CREATE TABLE IF NOT EXISTS {schema}.agent_token (
     CONSTRAINT "agent_token_publicId_unique" UNIQUE ("publicId")
 );
 CREATE INDEX IF NOT EXISTS "agent_token_identity_idx" ON {schema}.agent_token ("agentIdentityId", "id" DESC);
+-- Live tokens by expiry: what expiring and list's warnings look for, a window at a time.
+CREATE INDEX IF NOT EXISTS "agent_token_live_expiry_idx" ON {schema}.agent_token ("expiresAt")
+    WHERE "revokedAt" IS NULL;
 
 CREATE TABLE IF NOT EXISTS {schema}.agent_audit_event (
     "id" bigserial PRIMARY KEY,
@@ -929,12 +948,12 @@ def database_error(exc: Exception, lock_timeout: float, target: dict) -> AdminEr
 # the legacy role, of which only admin manages) on one of their active
 # memberships, with no override on any of them denying it. The identity is read, and
 # locked for a mutation, only when the actor passes.
-ACCESS_SQL = """
-WITH ws AS (
-    SELECT "id", "publicId", "deletedAt" IS NOT NULL AS deleted
-    FROM workspace
-    WHERE {workspace}
-),
+# Kan's rule, as CTEs that the access check (one workspace) and the commands
+# across workspaces (workspaces, expiring) share: the actor; their active
+# memberships ({scope} narrows them to one workspace); the workspaces where an
+# override denies the permission on any of them, which wins over every other
+# membership (as an explicit Deny wins in AWS IAM); and the workspaces they manage.
+MANAGER_CTES = """
 actor AS (
     SELECT "id", email
     FROM "user"
@@ -945,25 +964,22 @@ actor AS (
 membership AS (
     SELECT m."id", m."roleId", m.role, m."workspaceId"
     FROM workspace_members m
-    JOIN ws ON m."workspaceId" = ws."id"
     JOIN actor ON m."userId" = actor."id"
-    WHERE m.status = 'active' AND m."deletedAt" IS NULL
+    WHERE m.status = 'active' AND m."deletedAt" IS NULL {scope}
 ),
--- An override that denies the permission on any active membership wins over
--- every other membership (as an explicit Deny wins in AWS IAM).
 denied AS (
-    SELECT 1
+    SELECT membership."workspaceId"
     FROM membership
     JOIN workspace_member_permissions override
         ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
     WHERE NOT override.granted
 ),
 manager AS (
-    SELECT membership."id"
+    SELECT DISTINCT membership."workspaceId"
     FROM membership
     LEFT JOIN workspace_member_permissions override
         ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
-    WHERE NOT EXISTS (SELECT 1 FROM denied) AND CASE
+    WHERE membership."workspaceId" NOT IN (SELECT "workspaceId" FROM denied) AND CASE
         WHEN override."workspaceMemberId" IS NOT NULL THEN override.granted
         WHEN membership."roleId" IS NOT NULL THEN EXISTS (
             SELECT 1
@@ -975,7 +991,14 @@ manager AS (
               AND grant_.granted)
         ELSE membership.role = 'admin'
     END
-),
+)"""
+
+ACCESS_SQL = """
+WITH ws AS (
+    SELECT "id", "publicId", "deletedAt" IS NOT NULL AS deleted
+    FROM workspace
+    WHERE {workspace}
+),""" + MANAGER_CTES.replace("{scope}", 'AND m."workspaceId" = (SELECT "id" FROM ws)') + """,
 target AS (
     SELECT i."id", i."publicId", i.slug, i."displayName", i.status::text AS status,
            i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt", i.xmin::text AS version
@@ -1040,6 +1063,25 @@ EVENTS_DETAIL = """(
     ) AS e
 )"""
 
+# Live tokens of identities not revoked that expire within %(within)s, soonest
+# first, in the workspaces the actor manages (in the access check, the one
+# workspace checked): for expiring, and for list's warnings about the whole
+# workspace, not only the page shown.
+EXPIRING_TOKENS = """(
+    SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x."expiresAt", x."id"), '[]'::jsonb)
+    FROM (
+        SELECT t."id", t."publicId", t.name, t."expiresAt", i.slug, i."publicId" AS "identityPublicId",
+               w."publicId" AS "workspacePublicId", w.slug AS "workspaceSlug"
+        FROM manager
+        JOIN workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+        JOIN agent_identity i ON i."workspaceId" = w."id" AND i.status <> 'revoked'
+        JOIN agent_token t ON t."agentIdentityId" = i."id"
+        WHERE t."revokedAt" IS NULL
+          AND t."expiresAt" > timezone('utc', now())
+          AND t."expiresAt" <= timezone('utc', now()) + %(within)s
+    ) AS x
+)"""
+
 # list: one page of the workspace's identities, newest first, starting just
 # after the identity named by --after (and whether that one exists).
 LIST_DETAIL = """(
@@ -1072,10 +1114,11 @@ LIST_DETAIL = """(
         LIMIT %(limit)s
     )
     SELECT jsonb_build_object(
+        'expiring', {expiring},
         'cursorFound', %(after)s::text IS NULL OR EXISTS (SELECT 1 FROM after),
         'identities', coalesce((SELECT jsonb_agg(to_jsonb(page) ORDER BY page."createdAt" DESC, page."id" DESC)
                                 FROM page), '[]'::jsonb))
-)"""
+)""".replace("{expiring}", EXPIRING_TOKENS)
 
 # Every mutation is one statement. Its own CTEs end in `identity_after` (the
 # identity row as the change leaves it) and `subject` (the identity and token
@@ -1183,6 +1226,40 @@ subject AS (
     SELECT %(identity_id)s::bigint AS identity_id, %(token_id)s::bigint AS token_id
 )""" + AUDIT_INSERT
 
+EXPIRING_SQL = "WITH" + MANAGER_CTES.replace("{scope}", "") + "\nSELECT " + EXPIRING_TOKENS
+
+# The workspaces the actor may manage, by the access check's own rule, with
+# what each holds.
+WORKSPACES_SQL = "WITH" + MANAGER_CTES.replace("{scope}", "") + """
+SELECT w."publicId", w.slug, w.name,
+       identities.active, identities.paused, identities.revoked,
+       tokens.live AS "liveTokens", tokens.next AS "nextExpiresAt"
+FROM manager
+JOIN workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE i.status = 'active') AS active,
+           count(*) FILTER (WHERE i.status = 'paused') AS paused,
+           count(*) FILTER (WHERE i.status = 'revoked') AS revoked
+    FROM agent_identity i
+    WHERE i."workspaceId" = w."id"
+) AS identities
+CROSS JOIN LATERAL (
+    SELECT count(*) AS live, min(t."expiresAt") AS next
+    FROM agent_identity i
+    JOIN agent_token t ON t."agentIdentityId" = i."id"
+    WHERE i."workspaceId" = w."id" AND i.status <> 'revoked' AND t."revokedAt" IS NULL
+      AND (t."expiresAt" IS NULL OR t."expiresAt" > timezone('utc', now()))
+) AS tokens
+ORDER BY w.slug, w."publicId"
+"""
+
+
+def managed_names(conn, email: str) -> list[str]:
+    """The slugs and public ids of the workspaces the actor may manage (for "did you mean")."""
+    rows = conn.execute(WORKSPACES_SQL, {"email": email, "permission": MANAGE_PERMISSION}).fetchall()
+    return [name for row in rows for name in row[:2] if name]
+
+
 # verify: the token, with its identity, in the workspace the check found
 # (ACCESS_SQL's ws is the token's own workspace unless --workspace-public-id
 # names one); expiry is judged by the database's clock, as a server should.
@@ -1197,6 +1274,11 @@ VERIFY_DETAIL = """(
         WHERE t."publicId" = %(token_public_id)s AND i."workspaceId" = (SELECT "id" FROM ws)
     ) AS v
 )"""
+
+# --workspace W: the workspace whose public id or slug W is; a public id wins.
+WORKSPACE_REF = """("publicId" = %(workspace)s OR slug = %(workspace)s)
+    ORDER BY "publicId" = %(workspace)s DESC
+    LIMIT 1"""
 
 # The workspace of a token, for verify without --workspace-public-id.
 TOKEN_WORKSPACE = """"id" = (
@@ -1219,12 +1301,14 @@ def check_access(
     params: dict | None = None,
     must_exist: bool = True,
     allow_deleted: bool = False,
+    by_slug: bool = False,
 ) -> dict:
     """Run the workspace and actor check; return the workspace, actor, identity and now
     (with tokens, the identity's tokens; with detail, that SQL's JSON, for a read).
 
     workspace None means the workspace of the token params["token_public_id"]
-    names (verify). Raises exit 3 for a missing (or, unless allow_deleted,
+    names (verify); with by_slug, workspace is a public id or a slug (a public
+    id wins if both match). Raises exit 3 for a missing (or, unless allow_deleted,
     deleted) workspace, exit 4 for an actor who may not manage it, and exit 3
     for a slug that names no identity (unless must_exist is false, as for
     create). With lock, the identity row stays locked until the transaction
@@ -1235,7 +1319,8 @@ def check_access(
     from psycopg.rows import dict_row
 
     query = sql.SQL(ACCESS_SQL).format(
-        workspace=sql.SQL(TOKEN_WORKSPACE if workspace is None else '"publicId" = %(workspace)s'),
+        workspace=sql.SQL(TOKEN_WORKSPACE if workspace is None else WORKSPACE_REF if by_slug
+                          else '"publicId" = %(workspace)s'),
         lock=sql.SQL("FOR UPDATE" if lock else ""),
         tokens=sql.SQL(TOKENS_SQL).format(identity=sql.SQL('target."id"')) if tokens else sql.SQL("NULL::jsonb"),
         detail=sql.SQL(detail or "NULL::jsonb"),
@@ -1244,7 +1329,9 @@ def check_access(
               "slug": slug}
     row = conn.cursor(row_factory=dict_row).execute(query, params).fetchone()
     if row["workspace_id"] is None:
-        raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} not found" + rls_hint(conn, "workspace"))
+        hint = did_you_mean(workspace, managed_names(conn, email)) if by_slug else ""
+        raise AdminError(EXIT_NOT_FOUND, f"workspace {quote(workspace) if by_slug else workspace} not found"
+                         + hint + rls_hint(conn, "workspace"))
     workspace = row["workspace_public_id"]
     if row["workspace_deleted"] and not allow_deleted:
         raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} has been deleted")
@@ -1303,8 +1390,13 @@ def json_times(record: dict) -> dict:
 
 
 def check_identity(conn, args: argparse.Namespace, **options) -> dict:
-    """check_access for the workspace and slug a command was given."""
-    return check_access(conn, args.workspace_public_id, args.actor_email, slug=args.slug, **options)
+    """check_access for the workspace (--workspace-public-id, or --workspace by slug or
+    public id) and slug a command was given. Afterwards args.workspace_public_id is the
+    workspace's public id, whichever way it was named."""
+    access = check_access(conn, args.workspace_public_id, args.actor_email, slug=getattr(args, "slug", None),
+                          by_slug=args.workspace_by_slug, **options)
+    args.workspace_public_id = access["workspace_public_id"]
+    return access
 
 
 def write(conn, statement: str, params: dict) -> dict:
@@ -1881,8 +1973,8 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
 def cmd_list(conn, args: argparse.Namespace) -> dict:
     """List a workspace's identities, newest first, a page at a time."""
     with transaction(conn, args.lock_timeout, read_only=True):
-        access = check_access(conn, args.workspace_public_id, args.actor_email, detail=LIST_DETAIL, params={
-            "status": args.status, "limit": args.limit + 1, "after": args.after,
+        access = check_identity(conn, args, detail=LIST_DETAIL, params={
+            "status": args.status, "limit": args.limit + 1, "after": args.after, "within": EXPIRING_SOON,
         })
     page = access["detail"]
     if not page["cursorFound"]:
@@ -1901,15 +1993,51 @@ def cmd_list(conn, args: argparse.Namespace) -> dict:
         )
         for row in rows
     ]
+    # Warnings cover the whole workspace, not only this page: each identity's soonest.
+    soonest = {}
+    for token in map(json_times, page["expiring"]):
+        soonest.setdefault(token["slug"], token["expiresAt"])
     warnings = [
-        f"warning: agent identity {row['slug']} has a live token that expires "
-        f"{relative(row['nextExpiresAt'], now)} ({iso(row['nextExpiresAt'])})"
-        for row in rows if expiring_soon(row["nextExpiresAt"], now)
+        f"warning: agent identity {slug} has a live token that expires {relative(expires, now)} ({iso(expires)})"
+        for slug, expires in soonest.items()
     ]
     return {
         "ok": True, "command": "list", "now": iso(now), "workspacePublicId": args.workspace_public_id,
         "identities": identities, "nextCursor": rows[-1]["publicId"] if more else None, "warnings": warnings,
     }
+
+
+def cmd_workspaces(conn, args: argparse.Namespace) -> dict:
+    """The workspaces the actor may manage, by the access check's rule, with what each holds."""
+    from psycopg.rows import dict_row
+
+    with transaction(conn, args.lock_timeout, read_only=True):
+        rows = conn.cursor(row_factory=dict_row).execute(
+            WORKSPACES_SQL, {"email": args.actor_email, "permission": MANAGE_PERMISSION}).fetchall()
+    return {"ok": True, "command": "workspaces", "actorEmail": args.actor_email, "workspaces": [
+        {"publicId": row["publicId"], "slug": row["slug"], "name": row["name"],
+         "identities": {status: row[status] for status in STATUSES},
+         "liveTokens": row["liveTokens"], "nextExpiresAt": iso(row["nextExpiresAt"])}
+        for row in rows
+    ]}
+
+
+def cmd_expiring(conn, args: argparse.Namespace) -> dict:
+    """Live tokens expiring within --within, in every workspace the actor manages (or one)."""
+    params = {"email": args.actor_email, "permission": MANAGE_PERMISSION, "within": args.within.delta}
+    with transaction(conn, args.lock_timeout, read_only=True):
+        if args.workspace_public_id:
+            access = check_identity(conn, args, detail=EXPIRING_TOKENS, params=params)
+            found, now = access["detail"], access["now"]
+        else:
+            found, now = conn.execute(EXPIRING_SQL + ", timezone('utc', now())", params).fetchone()
+    tokens = [json_times(token) for token in found]
+    return {"ok": True, "command": "expiring", "now": iso(now), "within": args.within.text, "tokens": [
+        {"workspacePublicId": t["workspacePublicId"], "workspaceSlug": t["workspaceSlug"], "slug": t["slug"],
+         "identityPublicId": t["identityPublicId"], "publicId": t["publicId"], "name": t["name"],
+         "expiresAt": iso(t["expiresAt"])}
+        for t in tokens
+    ]}
 
 
 def read_token(args: argparse.Namespace) -> str:
@@ -1961,8 +2089,8 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
 
     try:
         with transaction(conn, args.lock_timeout, read_only=True):
-            access = check_access(conn, args.workspace_public_id, args.actor_email, detail=VERIFY_DETAIL,
-                                  params={"token_public_id": args.token_public_id}, allow_deleted=True)
+            access = check_identity(conn, args, detail=VERIFY_DETAIL,
+                                    params={"token_public_id": args.token_public_id}, allow_deleted=True)
     except AdminError as refused:
         if args.workspace_public_id or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
             raise  # the operator named the workspace: say what is wrong with it
@@ -2051,6 +2179,8 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
     def result() -> dict:
         return {"ok": True, "command": "doctor", "healthy": all(c["ok"] for c in checks), "checks": checks}
 
+    args.workspace_by_slug = bool(args.workspace)
+    args.workspace_public_id = args.workspace_public_id or args.workspace
     try:
         conn = connect(database_url(args))
     except AdminError as exc:
@@ -2123,7 +2253,7 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                 try:
                     email = actor_email(args)  # validated as every command validates it
                     if kan_ok and not blind:
-                        check_access(conn, args.workspace_public_id, email)
+                        check_access(conn, args.workspace_public_id, email, by_slug=args.workspace_by_slug)
                         check("actor", True, f"{email} manages workspace {args.workspace_public_id}")
                 except AdminError as exc:
                     check("actor", False, exc.message,
@@ -2143,6 +2273,8 @@ DATABASE_COMMANDS = {
     "revoke": cmd_revoke,
     "inspect": cmd_inspect,
     "list": cmd_list,
+    "workspaces": cmd_workspaces,
+    "expiring": cmd_expiring,
     "verify": cmd_verify,
 }
 MUTATING_COMMANDS = ("create", "rotate", "pause", "resume", "revoke")
@@ -2176,6 +2308,10 @@ def run(args: argparse.Namespace) -> dict:
         if verdict:
             return verdict
     args.actor_email = actor_email(args)
+    # --workspace takes a slug or a public id; --workspace-public-id only a public id.
+    args.workspace_by_slug = bool(getattr(args, "workspace", None))
+    if args.workspace_by_slug:
+        args.workspace_public_id = args.workspace
     url = database_url(args)
 
     import psycopg
@@ -2371,7 +2507,6 @@ def render_inspect(result: dict, width: int | None) -> list[str]:
 def render_list(result: dict, width: int | None) -> list[str]:
     if not result["identities"]:
         return [f"no agent identities in workspace {result['workspacePublicId']}"]
-    more = [f"more: add --after {result['nextCursor']}"] if result["nextCursor"] else []
     now = from_iso(result["now"])
     return [fit_table(
         ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "NEXT EXPIRY", "LAST USED", "CREATED", "DISPLAY NAME"],
@@ -2382,7 +2517,34 @@ def render_list(result: dict, width: int | None) -> list[str]:
             for i in result["identities"]
         ],
         width, drop=("CREATED", "LAST USED", "PUBLIC ID"), shrink=("DISPLAY NAME", "SLUG"),
-    )] + more
+    )]
+
+
+def render_workspaces(result: dict, width: int | None) -> list[str]:
+    if not result["workspaces"]:
+        return [f"no workspace that {quote(result['actorEmail'])} may manage"]
+    return [fit_table(
+        ["PUBLIC ID", "SLUG", "ACTIVE", "PAUSED", "REVOKED", "LIVE TOKENS", "NEXT EXPIRY", "NAME"],
+        lambda short: [
+            [w["publicId"], w["slug"], str(w["identities"]["active"]), str(w["identities"]["paused"]),
+             str(w["identities"]["revoked"]), str(w["liveTokens"]),
+             render_expiry(w["nextExpiresAt"]) if w["liveTokens"] else None, w["name"]]
+            for w in result["workspaces"]
+        ],
+        width, drop=("REVOKED", "PAUSED"), shrink=("NAME", "SLUG"),
+    )]
+
+
+def render_expiring(result: dict, width: int | None) -> list[str]:
+    if not result["tokens"]:
+        return [f"no live token expires within {result['within']}"]
+    now = from_iso(result["now"])
+    return [fit_table(
+        ["EXPIRES", "WORKSPACE", "IDENTITY", "TOKEN", "NAME"],
+        lambda short: [[render_time(t["expiresAt"], now, short), t["workspaceSlug"] or t["workspacePublicId"],
+                        t["slug"], t["publicId"], t["name"]] for t in result["tokens"]],
+        width, drop=(), shrink=("NAME", "IDENTITY", "WORKSPACE"),
+    )]
 
 
 def render_doctor(result: dict) -> list[str]:
@@ -2452,6 +2614,12 @@ class Output:
             lines = render_inspect(result, self.width)
         elif command == "list":
             lines = render_list(result, self.width)
+            if result["nextCursor"]:
+                notes = [f"more: add --after {result['nextCursor']}"]
+        elif command == "workspaces":
+            lines = render_workspaces(result, self.width)
+        elif command == "expiring":
+            lines = render_expiring(result, self.width)
         elif command == "verify":
             lines = render_verify(result)
         elif command == "doctor":
@@ -2551,6 +2719,14 @@ class ArgumentParser(argparse.ArgumentParser):
                                              f"(see `{PROG} {command} --help`)")
 
 
+def workspace_options(sub: argparse.ArgumentParser, *, required: bool, help_text: str) -> None:
+    """--workspace-public-id W, or --workspace W (a slug, as in Kan's URLs, or a public id)."""
+    group = sub.add_mutually_exclusive_group(required=required)
+    group.add_argument("--workspace-public-id", type=parse_public_id, metavar="W", help=f"{help_text}: its public id")
+    group.add_argument("--workspace", type=parse_workspace, metavar="W",
+                       help=f"{help_text}: its slug or public id (a public id wins if both match)")
+
+
 def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", metavar="URL", type=parse_database_url,
                         help="PostgreSQL URL (default: DATABASE_URL, else POSTGRES_URL, else libpq's PG* variables)")
@@ -2629,6 +2805,15 @@ Apply it as the owner of Kan's tables: it also indexes Kan's workspace_members."
     "help": """\
 example:
   agent-identity help rotate""",
+    "workspaces": """\
+examples:
+  agent-identity workspaces
+  agent-identity workspaces --json""",
+    "expiring": """\
+examples:
+  agent-identity expiring                      # every workspace you manage, 7 days
+  agent-identity expiring --workspace acme-eng --within 30d --json
+Exit 9 when any token expires within the window (for a cron job), 0 when none.""",
     "completion": """\
 examples:
   source <(agent-identity completion bash)         # in ~/.bashrc
@@ -2657,6 +2842,9 @@ class Unbuilt:
 
     def set_defaults(self, **kwargs) -> None:
         pass
+
+    def add_mutually_exclusive_group(self, **kwargs) -> "Unbuilt":
+        return self
 
 
 def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
@@ -2689,8 +2877,7 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         )
         if workspace:
-            sub.add_argument("--workspace-public-id", required=True, type=parse_public_id, metavar="W",
-                             help="the Kan workspace's public id")
+            workspace_options(sub, required=True, help_text="the Kan workspace")
         if slug:
             sub.add_argument("--slug", required=True, type=parse_slug, metavar="S",
                              help="the identity's slug, unique in its workspace")
@@ -2756,15 +2943,24 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
                      help="start after this identity: the nextCursor of the previous page")
     sub.add_argument("--wide", action="store_true", help="print the table whole, however wide the terminal")
 
+    command("workspaces", "list the workspaces you may manage, with their identities and tokens",
+            workspace=False, slug=False)
+
+    sub = command("expiring", "list live tokens that expire soon, in every workspace you manage (or one)",
+                  workspace=False, slug=False)
+    workspace_options(sub, required=False, help_text="only this workspace")
+    sub.add_argument("--within", type=parse_within, default=EXPIRING_WITHIN_DEFAULT, metavar="DURATION",
+                     help=f"how soon: 30m, 12h, 7d, 2w ... (default {EXPIRING_WITHIN_DEFAULT}); "
+                          f"exit {EXIT_EXPIRING} when any is found")
+
     sub = command("doctor", "check the connection, tables, row level security and your access",
                   workspace=False, slug=False)
-    sub.add_argument("--workspace-public-id", type=parse_public_id, metavar="W",
-                     help="also check that the actor may manage this workspace")
+    workspace_options(sub, required=False, help_text="also check that the actor may manage this workspace")
 
     sub = command("verify", "say whether the server would accept a token (read from stdin), and if not, why",
                   workspace=False, slug=False)
-    sub.add_argument("--workspace-public-id", type=parse_public_id, metavar="W",
-                     help="the workspace the token must belong to (default: the token's own)")
+    workspace_options(sub, required=False,
+                      help_text="the workspace the token must belong to (default: the token's own)")
     sub.add_argument("--token-file", metavar="PATH", type=parse_path,
                      help="read the token from this file instead of stdin")
 
@@ -2773,9 +2969,11 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
 
 
 def exit_code(result: dict) -> int:
-    """A result's exit code: a verdict (verify 7, doctor 6) or success."""
+    """A result's exit code: a verdict (verify 7, doctor 6, expiring 9) or success."""
     if result.get("valid") is False:
         return EXIT_INVALID_TOKEN
+    if result["command"] == "expiring" and result["tokens"]:
+        return EXIT_EXPIRING
     return EXIT_DATABASE if result.get("healthy") is False else EXIT_OK
 
 

@@ -47,7 +47,8 @@ def test_help_for_an_unknown_command_is_a_usage_error():
     assert (result.code, result.stdout) == (2, "")
     assert result.stderr == (
         "agent-identity: error: no command 'frobnicate'; commands: "
-        "help, schema, completion, create, rotate, pause, resume, revoke, inspect, list, doctor, verify\n"
+        "help, schema, completion, create, rotate, pause, resume, revoke, inspect, list, workspaces, expiring, "
+        "doctor, verify\n"
     )
 
 
@@ -146,7 +147,7 @@ def test_usage_error_as_json_is_one_object_on_stdout():
     [
         (["frobnicate"], 'unknown command "frobnicate"'),
         ([], "the following arguments are required: COMMAND"),
-        (["list"], "the following arguments are required: --workspace-public-id"),
+        (["list"], "one of the arguments --workspace-public-id --workspace is required"),
         (["list", *WORKSPACE, "--status", "gone"], "argument --status: invalid choice: 'gone'"),
         (["inspect", *WORKSPACE, "--slug", "Bad_Slug"], "argument --slug: 'Bad_Slug' is not a slug"),
         (["inspect", *WORKSPACE, "--slug", "a" * 65], "argument --slug: is 65 characters long; the limit is 64"),

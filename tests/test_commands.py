@@ -460,7 +460,8 @@ def test_list_pages_with_a_keyset_cursor(operator):
     assert seen == [f"page-{n}" for n in reversed(range(5))]
     assert pages == 3
     human = operator("list", "--limit", "2", json=False)
-    assert human.stdout.splitlines()[-1].startswith("more: add --after ")
+    assert human.stderr.splitlines()[-1].startswith("agent-identity: more: add --after "), "the footer is a note"
+    assert "more:" not in human.stdout
 
 
 def test_list_default_page_is_fifty(operator):
