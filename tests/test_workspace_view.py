@@ -1,0 +1,133 @@
+"""The operator's view across a workspace and across workspaces: --workspace by slug,
+`workspaces`, `expiring`, and list's warnings for the whole workspace."""
+
+
+from tests import support
+
+
+def add_workspace(db, public_id: str, slug: str) -> dict:
+    workspace_id = db.execute('INSERT INTO workspace ("publicId", name, slug) VALUES (%s, %s, %s) RETURNING id',
+                              (public_id, f"Workspace {slug}", slug)).fetchone()[0]
+    return {"id": workspace_id, "publicId": public_id, "slug": slug}
+
+
+def unique(prefix: str) -> str:
+    import secrets
+
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
+def test_every_command_takes_the_workspace_by_slug(db, kan, cli):
+    admin = kan.user()
+    slug = unique("acme-eng")
+    workspace = add_workspace(db, support.tool.new_public_id(), slug)
+    kan.member(workspace, admin)
+    env = {"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]}
+    created = cli("create", "--workspace", slug, "--slug", "by-slug", "--display-name", "S", "--token-name", "t",
+                  "--scopes", "boards:read", "--confirm", "--json", env=env)
+    assert created.code == 0, created.stdout
+    assert created.json["identity"]["workspacePublicId"] == workspace["publicId"]
+    for command in (["inspect", "--slug", "by-slug"], ["list"], ["pause", "--slug", "by-slug", "--confirm"],
+                    ["expiring"]):
+        result = cli(command[0], "--workspace", slug, *command[1:], "--json", env=env)
+        assert result.code == 0, (command, result.stdout)
+    assert cli("doctor", "--workspace", slug, env=env).code == 0
+
+
+def test_a_public_id_wins_over_a_slug_that_reads_the_same(db, kan, cli):
+    admin = kan.user()
+    name = support.tool.new_public_id().lower()[:11] + "1"
+    by_id = add_workspace(db, name, unique("first"))
+    by_slug = add_workspace(db, support.tool.new_public_id(), name)
+    for workspace in (by_id, by_slug):
+        kan.member(workspace, admin)
+    listed = cli("list", "--workspace", name, "--json", env={"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]})
+    assert listed.json["workspacePublicId"] == by_id["publicId"]
+
+
+def test_an_unknown_workspace_suggests_the_closest_one_the_actor_manages(db, kan, cli):
+    admin, stranger = kan.user(), kan.user()
+    mine = add_workspace(db, support.tool.new_public_id(), unique("payments"))
+    kan.member(mine, admin)
+    theirs = add_workspace(db, support.tool.new_public_id(), unique("payroll"))
+    kan.member(theirs, stranger)
+    typo = mine["slug"][:-1]
+    result = cli("list", "--workspace", typo, env={"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]})
+    assert result.code == 3
+    assert result.stderr == (f'agent-identity: error: workspace "{typo}" not found (did you mean {mine["slug"]}?)\n')
+    # A stranger is never shown the names of workspaces they do not manage.
+    other = cli("list", "--workspace", typo, env={"AGENT_IDENTITY_ADMIN_EMAIL": stranger["email"]})
+    assert other.code == 3 and mine["slug"] not in other.stderr
+
+
+def test_a_refusal_by_slug_is_audited_and_reveals_nothing(db, kan, cli):
+    owner, outsider = kan.user(), kan.user()
+    workspace = add_workspace(db, support.tool.new_public_id(), unique("secret-team"))
+    kan.member(workspace, owner)
+    before = support.snapshot(db)
+    result = cli("list", "--workspace", workspace["slug"], env={"AGENT_IDENTITY_ADMIN_EMAIL": outsider["email"]})
+    assert result.code == 4 and result.stdout == ""
+    [event] = support.added_rows(before, support.snapshot(db))["agent_audit_event"]
+    assert (event["action"], event["workspaceId"]) == ("access.denied", workspace["id"])
+
+
+def test_workspaces_lists_what_the_actor_may_manage(db, kan, cli):
+    admin = kan.user()
+    managed = [add_workspace(db, support.tool.new_public_id(), unique(f"team-{n}")) for n in (1, 2)]
+    for workspace in managed:
+        kan.member(workspace, admin)
+    member_only = add_workspace(db, support.tool.new_public_id(), unique("team-3"))
+    kan.member(member_only, admin, role="member")
+    env = {"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]}
+    operator = support.Operator(cli, managed[0], admin["email"])
+    operator.create("one")
+    operator.create("two")
+    operator("pause", "--slug", "two", "--confirm")
+    result = cli("workspaces", "--json", env=env)
+    assert result.code == 0, result.stdout
+    listed = {w["slug"]: w for w in result.json["workspaces"]}
+    assert set(listed) == {w["slug"] for w in managed}
+    assert listed[managed[0]["slug"]]["identities"] == {"active": 1, "paused": 1, "revoked": 0}
+    assert listed[managed[0]["slug"]]["liveTokens"] == 2 and listed[managed[1]["slug"]]["liveTokens"] == 0
+    human = cli("workspaces", env=env)
+    assert human.stdout.splitlines()[0].split()[:3] == ["PUBLIC", "ID", "SLUG"]
+    nobody = cli("workspaces", env={"AGENT_IDENTITY_ADMIN_EMAIL": "nobody@example.com"})
+    assert (nobody.code, nobody.stdout) == (0, 'no workspace that "nobody@example.com" may manage\n')
+
+
+def test_expiring_finds_tokens_across_managed_workspaces_and_exits_9(db, kan, cli):
+    admin, stranger = kan.user(), kan.user()
+    first, second = (add_workspace(db, support.tool.new_public_id(), unique(f"ops-{n}")) for n in (1, 2))
+    for workspace in (first, second):
+        kan.member(workspace, admin)
+    elsewhere = add_workspace(db, support.tool.new_public_id(), unique("elsewhere"))
+    kan.member(elsewhere, stranger)
+    soon = support.Operator(cli, first, admin["email"]).create("soon", "--expires-in", "3d").json["token"]
+    support.Operator(cli, second, admin["email"]).create("later", "--expires-in", "30d")
+    support.Operator(cli, elsewhere, stranger["email"]).create("hidden", "--expires-in", "1d")
+    env = {"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]}
+
+    week = cli("expiring", "--json", env=env)
+    assert week.code == 9 and week.json["ok"] is False
+    assert [(t["slug"], t["publicId"]) for t in week.json["tokens"]] == [("soon", soon["publicId"])]
+    month = cli("expiring", "--within", "60d", "--json", env=env)
+    assert [t["slug"] for t in month.json["tokens"]] == ["soon", "later"]
+    quiet = cli("expiring", "--workspace", second["slug"], env=env)
+    assert (quiet.code, quiet.stdout) == (0, "no live token expires within 7d\n")
+    human = cli("expiring", env=env)
+    assert "soon" in human.stdout and "hidden" not in human.stdout and human.code == 9
+
+    before = support.snapshot(db)
+    refused = cli("expiring", "--workspace", elsewhere["slug"], env=env)
+    assert refused.code == 4 and "hidden" not in refused.stdout + refused.stderr
+    assert [e["action"] for e in support.added_rows(before, support.snapshot(db))["agent_audit_event"]] == \
+        ["access.denied"]
+
+
+def test_list_warns_about_the_whole_workspace_not_only_the_page(operator):
+    operator.create("expires-soon", "--expires-in", "2d")
+    operator.create("newest")
+    page = operator("list", "--limit", "1")
+    assert [i["slug"] for i in page.json["identities"]] == ["newest"]
+    assert any("agent identity expires-soon has a live token that expires in 2 days" in line
+               for line in page.stderr.splitlines())
