@@ -302,6 +302,20 @@ def parse_workspace(value: str) -> str:
     raise argparse.ArgumentTypeError(f"{value[:40]!r} is neither a workspace slug nor a public id")
 
 
+def parse_token_id(value: str) -> str:
+    """A token's public id, bare or as kan_agent_<id> (how logs and scanners show it):
+    that names a token without revealing it. A token with its secret is refused."""
+    bare = value.removeprefix(TOKEN_PREFIX)
+    if PUBLIC_ID_RE.fullmatch(bare):
+        return bare
+    if SECRET_BEARING_RE.match(value):
+        raise argparse.ArgumentTypeError(
+            f"is a whole token, secret and all (it is now in shell history and the process list: rotate it); "
+            f"give only its public id, {TOKEN_PREFIX}{value[len(TOKEN_PREFIX):][:12]}"
+        )
+    raise argparse.ArgumentTypeError(f"{value[:40]!r} is not a token's public id (12 characters of 0-9, A-Z, a-z)")
+
+
 def parse_public_id(value: str) -> str:
     """Kan's public ids are 12 base62 characters."""
     if not PUBLIC_ID_RE.fullmatch(value):
@@ -547,8 +561,12 @@ def redact(text: str, secret: str | None) -> str:
 
 
 def scrub_tokens(message: str) -> str:
-    """Blank out token-shaped text, and say why it matters."""
-    scrubbed = TOKEN_LIKE_RE.sub(TOKEN_PREFIX + "***", message)
+    """Blank out token-shaped text, and say why it matters. kan_agent_<12-character id>
+    alone is how a token is named without its secret: left as it is."""
+    def blank(match: re.Match) -> str:
+        return match[0] if PUBLIC_ID_RE.fullmatch(match[0][len(TOKEN_PREFIX):]) else TOKEN_PREFIX + "***"
+
+    scrubbed = TOKEN_LIKE_RE.sub(blank, message)
     if scrubbed == message:
         return message
     return scrubbed + " (a token on the command line lands in shell history and the process list: rotate it)"
@@ -1004,7 +1022,7 @@ target AS (
            i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt", i.xmin::text AS version
     FROM agent_identity i
     WHERE i."workspaceId" = (SELECT "id" FROM ws WHERE NOT deleted)
-      AND i.slug = %(slug)s
+      AND {identity}
       AND EXISTS (SELECT 1 FROM manager)
     {lock}
 )
@@ -1280,6 +1298,9 @@ WORKSPACE_REF = """("publicId" = %(workspace)s OR slug = %(workspace)s)
     ORDER BY "publicId" = %(workspace)s DESC
     LIMIT 1"""
 
+# The identity that holds a token (inspect --token, revoke --token without --slug).
+TOKEN_IDENTITY = """i."id" = (SELECT t."agentIdentityId" FROM agent_token t WHERE t."publicId" = %(token_public_id)s)"""
+
 # The workspace of a token, for verify without --workspace-public-id.
 TOKEN_WORKSPACE = """"id" = (
         SELECT i."workspaceId"
@@ -1302,13 +1323,15 @@ def check_access(
     must_exist: bool = True,
     allow_deleted: bool = False,
     by_slug: bool = False,
+    by_token: bool = False,
 ) -> dict:
     """Run the workspace and actor check; return the workspace, actor, identity and now
     (with tokens, the identity's tokens; with detail, that SQL's JSON, for a read).
 
     workspace None means the workspace of the token params["token_public_id"]
     names (verify); with by_slug, workspace is a public id or a slug (a public
-    id wins if both match). Raises exit 3 for a missing (or, unless allow_deleted,
+    id wins if both match). With by_token, the identity is the one holding the
+    token params["token_public_id"] names, not the one slug names. Raises exit 3 for a missing (or, unless allow_deleted,
     deleted) workspace, exit 4 for an actor who may not manage it, and exit 3
     for a slug that names no identity (unless must_exist is false, as for
     create). With lock, the identity row stays locked until the transaction
@@ -1321,6 +1344,7 @@ def check_access(
     query = sql.SQL(ACCESS_SQL).format(
         workspace=sql.SQL(TOKEN_WORKSPACE if workspace is None else WORKSPACE_REF if by_slug
                           else '"publicId" = %(workspace)s'),
+        identity=sql.SQL(TOKEN_IDENTITY if by_token else "i.slug = %(slug)s"),
         lock=sql.SQL("FOR UPDATE" if lock else ""),
         tokens=sql.SQL(TOKENS_SQL).format(identity=sql.SQL('target."id"')) if tokens else sql.SQL("NULL::jsonb"),
         detail=sql.SQL(detail or "NULL::jsonb"),
@@ -1346,6 +1370,8 @@ def check_access(
         raise AccessDenied(f"{quote(row['actor_email'])} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
                            condition="lacks_workspace_manage", **denied)
     identity = row["identity"] and json_times(row["identity"])
+    if by_token and identity is None:
+        raise AdminError(EXIT_NOT_FOUND, f"no token {params['token_public_id']} in workspace {workspace}")
     if slug is not None and identity is None and must_exist:
         raise AdminError(EXIT_NOT_FOUND, f"no agent identity {slug} in workspace {workspace}")
     token_list = row["tokens"]
@@ -1391,11 +1417,32 @@ def json_times(record: dict) -> dict:
 
 def check_identity(conn, args: argparse.Namespace, **options) -> dict:
     """check_access for the workspace (--workspace-public-id, or --workspace by slug or
-    public id) and slug a command was given. Afterwards args.workspace_public_id is the
-    workspace's public id, whichever way it was named."""
-    access = check_access(conn, args.workspace_public_id, args.actor_email, slug=getattr(args, "slug", None),
-                          by_slug=args.workspace_by_slug, **options)
+    public id) and the identity (--slug, or the holder of --token) a command was given.
+
+    Afterwards args.workspace_public_id is the workspace's public id and args.slug the
+    identity's slug, whichever way they were named. A token looked up with no workspace
+    named is answered the same whether it does not exist or lies in a workspace the
+    actor may not manage (exit 3, "no token … in a workspace you manage"); the second is
+    audited there as access.denied.
+    """
+    by_token = bool(getattr(args, "token", None)) and not getattr(args, "slug", None)
+    params = dict(options.pop("params", None) or {})
+    if by_token:
+        params["token_public_id"] = args.token
+    try:
+        access = check_access(conn, args.workspace_public_id, args.actor_email, slug=getattr(args, "slug", None),
+                              by_slug=args.workspace_by_slug, by_token=by_token, params=params, **options)
+    except AdminError as refused:
+        if not by_token or args.workspace_public_id or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
+            raise
+        unknown = f"no token {args.token} in a workspace you manage"
+        if isinstance(refused, AccessDenied):
+            refused.exit_code, refused.message, refused.token_public_id = EXIT_NOT_FOUND, unknown, args.token
+            raise  # run() records the probe, then says what an unknown token gets
+        raise AdminError(EXIT_NOT_FOUND, unknown) from None
     args.workspace_public_id = access["workspace_public_id"]
+    if access["identity"] is not None:
+        args.slug = access["identity"]["slug"]
     return access
 
 
@@ -2290,6 +2337,14 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "token_file", None) == "-" and args.json and args.command in ("create", "rotate"):
         raise AdminError(EXIT_USAGE, "give --json or --token-file -, not both: with --token-file -, standard "
                                      "output carries the token alone, for a secret manager to read")
+    if args.command == "inspect" and args.token and args.slug:
+        raise AdminError(EXIT_USAGE, "give --slug or --token, not both (see `agent-identity inspect --help`)")
+    if args.command in ("inspect", "revoke") and not args.token:
+        missing = [flag for flag, value in (("--workspace-public-id or --workspace", args.workspace_public_id
+                                             or args.workspace), ("--slug", args.slug)) if not value]
+        if missing:
+            raise AdminError(EXIT_USAGE, f"the following arguments are required: {', '.join(missing)} "
+                                         f"(or --token) (see `{PROG} {args.command} --help`)")
     if args.command in MUTATING_COMMANDS:
         if args.confirm and args.dry_run:
             raise AdminError(EXIT_USAGE, "give --confirm or --dry-run, not both")
@@ -2782,11 +2837,11 @@ example:
 examples:
   agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --reason "retired" --confirm
-  agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
-      --token Tk12Tk34Tk56 --confirm""",
+  agent-identity revoke --token Tk12Tk34Tk56 --reason "leaked" --confirm""",
     "inspect": """\
 examples:
   agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot
+  agent-identity inspect --token kan_agent_Tk12Tk34Tk56   # whose token is this?
   agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --events 50 --json""",
     "list": """\
@@ -2867,7 +2922,8 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
     parser.set_defaults(lock_timeout=parse_lock_timeout(LOCK_TIMEOUT_DEFAULT))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str, *, workspace: bool = True, slug: bool = True, mutating: bool = False):
+    def command(name: str, help_text: str, *, workspace: bool = True, slug: bool = True, mutating: bool = False,
+                by_token: bool = False):
         if wanted is not None and name not in wanted:
             subparsers.add_parser(name, help=help_text, add_help=False)
             return Unbuilt()
@@ -2876,10 +2932,12 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
             epilog=EXAMPLES[name] + "\n\n" + EXIT_CODES_HELP,
             formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         )
+        # With by_token, --token can name the identity instead: then the workspace and
+        # the slug are optional, and run() asks for them when --token is not given.
         if workspace:
-            workspace_options(sub, required=True, help_text="the Kan workspace")
+            workspace_options(sub, required=not by_token, help_text="the Kan workspace")
         if slug:
-            sub.add_argument("--slug", required=True, type=parse_slug, metavar="S",
+            sub.add_argument("--slug", required=not by_token, type=parse_slug, metavar="S",
                              help="the identity's slug, unique in its workspace")
         if mutating:
             sub.add_argument("--reason", type=parse_reason, metavar="R", help="why, for the audit log")
@@ -2926,11 +2984,15 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
     command("pause", "pause an active identity (its tokens stop working until resumed)", mutating=True)
     command("resume", "resume a paused identity", mutating=True)
     sub = command("revoke", "revoke an identity and all its tokens for good, or with --token one token",
-                  mutating=True)
-    sub.add_argument("--token", type=parse_public_id, metavar="TOKEN_PUBLIC_ID",
-                     help="revoke only this token (its public id, as inspect shows), leaving the identity alone")
+                  mutating=True, by_token=True)
+    sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",
+                     help="revoke only this token (its public id, or kan_agent_<id>), leaving the identity "
+                          "alone; it names the identity and workspace too")
 
-    sub = command("inspect", "show an identity, its tokens and its latest audit events")
+    sub = command("inspect", "show an identity, its tokens and its latest audit events", by_token=True)
+    sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",
+                     help="the identity holding this token (its public id, or kan_agent_<id>), in any "
+                          "workspace you manage")
     sub.add_argument("--events", type=parse_event_count, default=EVENTS_DEFAULT, metavar="N",
                      help=f"how many audit events to show (default {EVENTS_DEFAULT})")
     sub.add_argument("--wide", action="store_true", help="print the tables whole, however wide the terminal")

@@ -131,3 +131,51 @@ def test_list_warns_about_the_whole_workspace_not_only_the_page(operator):
     assert [i["slug"] for i in page.json["identities"]] == ["newest"]
     assert any("agent identity expires-soon has a live token that expires in 2 days" in line
                for line in page.stderr.splitlines())
+
+
+# --- a token's public id is enough -------------------------------------------------
+
+
+def test_inspect_and_revoke_by_token_id_alone(db, operator):
+    created = operator.create("found").json["token"]
+    env = {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email}
+    for form in (created["publicId"], f"kan_agent_{created['publicId']}"):
+        inspected = operator.cli("inspect", "--token", form, "--json", env=env)
+        assert inspected.code == 0, inspected.stdout
+        assert inspected.json["identity"]["slug"] == "found"
+        assert inspected.json["identity"]["workspacePublicId"] == operator.workspace["publicId"]
+        assert "rotate it" not in inspected.stderr, "an id is not a leaked token"
+    revoked = operator.cli("revoke", "--token", f"kan_agent_{created['publicId']}", "--reason", "scanner hit",
+                           "--confirm", "--json", env=env)
+    assert revoked.code == 0, revoked.stdout
+    assert revoked.json["revokedTokenPublicIds"] == [created["publicId"]]
+    assert db.execute('SELECT "revokedAt" IS NOT NULL FROM agent_token WHERE "publicId" = %s',
+                      (created["publicId"],)).fetchone()[0]
+
+
+def test_a_token_id_tells_an_outsider_nothing(db, kan, cli, operator):
+    token = operator.create("kept-quiet").json["token"]["publicId"]
+    outsider = kan.managed_workspace()[1]["email"]
+    env = {"AGENT_IDENTITY_ADMIN_EMAIL": outsider}
+    before = support.snapshot(db)
+    real = cli("inspect", "--token", token, env=env)
+    unknown = cli("inspect", "--token", "Zz99Zz99Zz99", env=env)
+    assert real.code == unknown.code == 3
+    assert real.stderr.replace(token, "ID") == unknown.stderr.replace("Zz99Zz99Zz99", "ID")
+    assert real.stderr == f"agent-identity: error: no token {token} in a workspace you manage\n"
+    [event] = support.added_rows(before, support.snapshot(db))["agent_audit_event"]
+    assert (event["action"], event["workspaceId"], event["metadata"]["tokenPublicId"]) == \
+        ("access.denied", operator.workspace["id"], token)
+
+
+def test_a_whole_token_given_as_an_id_is_refused_and_blanked(operator):
+    secret = operator.create("whole").json["token"]["secret"]
+    result = operator.cli("inspect", "--token", secret, env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert result.code == 2
+    assert secret.rsplit("_", 1)[1] not in result.stderr and "rotate it" in result.stderr
+
+
+def test_inspect_needs_a_slug_and_workspace_or_a_token(operator):
+    env = {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email}
+    result = operator.cli("inspect", "--workspace-public-id", operator.workspace["publicId"], env=env)
+    assert result.code == 2 and "--slug" in result.stderr and "(or --token)" in result.stderr
