@@ -88,6 +88,8 @@ class Bench:
             "usage error (exit 2)": lambda: (["rotate", *w, "--slug", "bench"], None, 2),
             "inspect": lambda: (["inspect", *w, "--slug", "bench"], None, 0),
             "list": lambda: (["list", *w], None, 0),
+            "workspaces": lambda: (["workspaces"], None, 0),
+            "expiring": lambda: (["expiring"], None, None),  # 9 once rotate --grace leaves tokens expiring
             "pause": lambda: (["pause", *w, "--slug", "bench", "--confirm"], None, 0),
             "resume": lambda: (["resume", *w, "--slug", "bench", "--confirm"], None, 0),
             "revoke": lambda: self.fresh_then(["revoke", *w, "--confirm"]),
@@ -178,6 +180,7 @@ TARGETS = {  # command: (floor, highest ratio)
     "help": ("python -I -c pass", 3.0), "--version": ("python -I -c pass", 3.0), "schema": ("python -I -c pass", 3.0),
     "usage error (exit 2)": ("python -I -c pass", 3.0),
     "inspect": ("psycopg connect + select 1", 1.15), "list": ("psycopg connect + select 1", 1.15),
+    "workspaces": ("psycopg connect + select 1", 1.15), "expiring": ("psycopg connect + select 1", 1.15),
     "pause": ("psycopg connect + select 1", 1.15), "resume": ("psycopg connect + select 1", 1.15),
     "revoke": ("psycopg connect + select 1", 1.15), "verify": ("psycopg connect + select 1", 1.15),
     "create": ("psycopg connect + select 1", 1.15), "rotate": ("psycopg connect + select 1", 1.15),
