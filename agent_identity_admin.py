@@ -1206,8 +1206,8 @@ subject AS (
     SELECT "agentIdentityId" AS identity_id, "id" AS token_id FROM new_token
 )""" + AUDIT_INSERT
 
-STATUS_SQL = RETIRE_TOKENS + """,
-identity_after AS (
+# An identity's move to %(status)s, with the times that go with it.
+SET_STATUS = """
     UPDATE agent_identity
     SET status = %(status)s::agent_identity_status,
         "updatedAt" = timezone('utc', now()),
@@ -1217,7 +1217,10 @@ identity_after AS (
             ELSE "pausedAt" END,
         "revokedAt" = CASE %(status)s::agent_identity_status
             WHEN 'revoked' THEN timezone('utc', now())
-            ELSE "revokedAt" END
+            ELSE "revokedAt" END"""
+
+STATUS_SQL = RETIRE_TOKENS + """,
+identity_after AS (""" + SET_STATUS + """
     WHERE "id" = %(identity_id)s
     RETURNING *
 ),
@@ -1225,6 +1228,44 @@ subject AS (
     SELECT "id" AS identity_id, NULL::bigint AS token_id FROM identity_after
 )""" + AUDIT_INSERT
 
+
+# pause, resume and revoke --all: every identity of the workspace the move
+# applies to, in id order, locked (so two bulk runs take their locks in the
+# same order and cannot deadlock), with its tokens not yet revoked.
+BULK_DETAIL = """(
+    SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x."id"), '[]'::jsonb)
+    FROM (
+        SELECT i."id", i."publicId", i.slug, i.status::text AS status,
+               (SELECT coalesce(jsonb_agg(jsonb_build_object('id', t."id", 'publicId', t."publicId")
+                                          ORDER BY t."id"), '[]'::jsonb)
+                FROM agent_token t
+                WHERE t."agentIdentityId" = i."id" AND t."revokedAt" IS NULL) AS tokens
+        FROM agent_identity i
+        WHERE i."workspaceId" = (SELECT "id" FROM ws WHERE NOT deleted)
+          AND i.status::text = ANY(%(from_statuses)s)
+        ORDER BY i."id"
+        FOR UPDATE OF i
+    ) AS x
+)"""
+
+# ... then the move of them all, their tokens retired (revoke), and one audit
+# event each, in one statement.
+BULK_SQL = RETIRE_TOKENS.replace(
+    'AND "agentIdentityId" = %(identity_id)s', 'AND "agentIdentityId" = ANY(%(identity_ids)s)') + """,
+moved AS (""" + SET_STATUS + """
+    WHERE "id" = ANY(%(identity_ids)s)
+    RETURNING "id"
+),
+audit AS (
+    INSERT INTO agent_audit_event
+        ("publicId", "workspaceId", "agentIdentityId", action, "actorUserId", "actorEmail", reason, metadata)
+    SELECT e."publicId", %(workspace_id)s, e."identityId", %(action)s, %(actor_id)s, %(actor_email)s,
+           %(reason)s, e.metadata
+    FROM jsonb_to_recordset(%(events)s) AS e("publicId" text, "identityId" bigint, metadata jsonb)
+    RETURNING "id"
+)
+SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM audit)
+"""
 
 # A refused attempt, recorded in a transaction of its own after the
 # command's has rolled back: what was tried, by whom, and which condition failed.
@@ -1947,8 +1988,50 @@ def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
     )
 
 
+def cmd_set_status_all(conn, args: argparse.Namespace) -> dict:
+    """pause, resume and revoke --all: every identity of the workspace the move applies
+    to, in one transaction, with one audit event each, sharing a batch id."""
+    from psycopg.types.json import Jsonb
+
+    new_status, allowed_from, action = TRANSITIONS[args.command]
+    with transaction(conn, args.lock_timeout):
+        access = check_identity(conn, args, detail=BULK_DETAIL, params={"from_statuses": list(allowed_from)})
+        targets = access["detail"]
+        if not targets:
+            return mutation_result(args, False, identities=[], message=(
+                f"no agent identity in workspace {args.workspace_public_id} is "
+                f"{' or '.join(allowed_from)}; nothing to change"))
+        batch = {"batchId": new_public_id(), "batchCount": len(targets)}
+        events = [{
+            "publicId": new_public_id(),
+            "identityId": target["id"],
+            "metadata": {
+                "previousStatus": target["status"], "newStatus": new_status,
+                "revokedTokenPublicIds": [t["publicId"] for t in target["tokens"]] if new_status == "revoked" else [],
+                **batch, "toolVersion": __version__,
+            },
+        } for target in targets]
+        if not args.dry_run:
+            conn.execute(BULK_SQL, {
+                "identity_ids": [t["id"] for t in targets], "status": new_status,
+                "revoke_token_ids": [token["id"] for t in targets for token in t["tokens"]]
+                if new_status == "revoked" else [],
+                "actor_id": access["actor_id"], "actor_email": access["actor_email"], "reason": args.reason,
+                "workspace_id": access["workspace_id"], "action": action, "events": Jsonb(events),
+            })
+    return mutation_result(
+        args, True, workspacePublicId=args.workspace_public_id, batchId=batch["batchId"],
+        identities=[{"publicId": t["publicId"], "slug": t["slug"], "previousStatus": t["status"],
+                     "status": new_status} for t in targets],
+        revokedTokenPublicIds=[token for event in events for token in event["metadata"]["revokedTokenPublicIds"]],
+        auditEvent={"action": action, "metadata": dict(batch, count=len(events))},
+    )
+
+
 def cmd_set_status(conn, args: argparse.Namespace) -> dict:
-    """pause, resume and revoke: move an identity to another status."""
+    """pause, resume and revoke: move an identity to another status (or, with --all, every one)."""
+    if args.all:
+        return cmd_set_status_all(conn, args)
     new_status, allowed_from, action = TRANSITIONS[args.command]
     with transaction(conn, args.lock_timeout):
         access = check_identity(conn, args, lock=True, tokens=new_status == "revoked")
@@ -2339,12 +2422,20 @@ def run(args: argparse.Namespace) -> dict:
                                      "output carries the token alone, for a secret manager to read")
     if args.command == "inspect" and args.token and args.slug:
         raise AdminError(EXIT_USAGE, "give --slug or --token, not both (see `agent-identity inspect --help`)")
-    if args.command in ("inspect", "revoke") and not args.token:
-        missing = [flag for flag, value in (("--workspace-public-id or --workspace", args.workspace_public_id
-                                             or args.workspace), ("--slug", args.slug)) if not value]
-        if missing:
-            raise AdminError(EXIT_USAGE, f"the following arguments are required: {', '.join(missing)} "
-                                         f"(or --token) (see `{PROG} {args.command} --help`)")
+    if args.command in ("inspect", "revoke", "pause", "resume"):
+        chosen = [flag for flag in ("slug", "token", "all") if getattr(args, flag, None)]
+        if len(chosen) > 1 and chosen != ["slug", "token"]:
+            raise AdminError(EXIT_USAGE, f"give one of --{' or --'.join(chosen)}, not both "
+                                         f"(see `{PROG} {args.command} --help`)")
+        if not getattr(args, "token", None):
+            missing = [flag for flag, value in (
+                ("--workspace-public-id or --workspace", args.workspace_public_id or args.workspace),
+                ("--slug", args.slug or getattr(args, "all", False))) if not value]
+            if missing:
+                alternatives = " or --all" if hasattr(args, "all") else ""
+                alternatives += " (or --token)" if hasattr(args, "token") else ""
+                raise AdminError(EXIT_USAGE, f"the following arguments are required: {', '.join(missing)}"
+                                             f"{alternatives} (see `{PROG} {args.command} --help`)")
     if args.command in MUTATING_COMMANDS:
         if args.confirm and args.dry_run:
             raise AdminError(EXIT_USAGE, "give --confirm or --dry-run, not both")
@@ -2490,7 +2581,12 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
         return MUTATION_VERBS[name][dry_run]
 
     action = result["auditEvent"]["action"]
-    lines = [f"{verb(action)} agent identity {render_identity_line(result['identity'])}"]
+    if "identities" in result:  # --all
+        slugs = [identity["slug"] for identity in result["identities"]]
+        lines = [f"{verb(action)} {len(slugs)} agent identit{'y' if len(slugs) == 1 else 'ies'} in workspace "
+                 f"{result['workspacePublicId']}: {', '.join(slugs)}"]
+    else:
+        lines = [f"{verb(action)} agent identity {render_identity_line(result['identity'])}"]
     token = result.get("token")
     if token:
         kept = " (the rotated token's)" if token.get("lifetimeKept") else ""
@@ -2504,7 +2600,10 @@ def render_mutation(result: dict) -> tuple[list[str], list[str]]:
         lines.append(f"{verb('revoke token')} token{'s' if len(revoked) > 1 else ''} {', '.join(revoked)}")
     for graced in result.get("gracedTokens") or []:
         lines.append(f"{'would let' if dry_run else 'let'} token {graced['publicId']} work until {graced['expiresAt']}")
-    lines.append(f"{verb('record')} audit event {action}")
+    if "identities" in result:
+        lines.append(f"{verb('record')} {len(result['identities'])} audit events {action}, batch {result['batchId']}")
+    else:
+        lines.append(f"{verb('record')} audit event {action}")
     notes = [f"target: {describe_target(result['target'])}"]
     if token and token.get("lifetimeKept") and token["expiresIn"] == "never":
         notes.append("the new token never expires, as the rotated one was issued with --expires-in never; "
@@ -2826,13 +2925,16 @@ examples:
 The token is read from standard input or a file, never from the command line;
 exit 0 when valid, 7 when not.""",
     "pause": """\
-example:
+examples:
   agent-identity pause --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
-      --reason "investigating" --confirm""",
+      --reason "investigating" --confirm
+  agent-identity pause --workspace-public-id Ab12Cd34Ef56 --all \\
+      --reason "incident" --confirm     # every active identity, one transaction""",
     "resume": """\
 example:
   agent-identity resume --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
-      --confirm""",
+      --confirm
+  agent-identity resume --workspace acme-eng --all --dry-run""",
     "revoke": """\
 examples:
   agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
@@ -2981,13 +3083,19 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
                      help="the new token's scopes (default: the old one's)")
     token_options(sub, None, "default: the lifetime the rotated token was issued with")
 
-    command("pause", "pause an active identity (its tokens stop working until resumed)", mutating=True)
-    command("resume", "resume a paused identity", mutating=True)
+    def bulk_option(sub) -> None:
+        sub.add_argument("--all", action="store_true",
+                         help="every identity of the workspace this applies to, in one transaction")
+
+    bulk_option(command("pause", "pause an active identity (its tokens stop working until resumed)",
+                        mutating=True, by_token=True))
+    bulk_option(command("resume", "resume a paused identity", mutating=True, by_token=True))
     sub = command("revoke", "revoke an identity and all its tokens for good, or with --token one token",
                   mutating=True, by_token=True)
     sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",
                      help="revoke only this token (its public id, or kan_agent_<id>), leaving the identity "
                           "alone; it names the identity and workspace too")
+    bulk_option(sub)
 
     sub = command("inspect", "show an identity, its tokens and its latest audit events", by_token=True)
     sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",

@@ -111,3 +111,15 @@ def test_workspaces_reads_each_managed_workspace_once(grown):
     [(text, plan)] = plans
     relations = [relation for node, relation in scans(plan[0]["Plan"]) if node == "Seq Scan"]
     assert "workspace_members" not in relations, text[:400]
+
+
+def test_a_bulk_action_reads_the_workspace_once_and_nothing_else_in_full(grown):
+    """pause --all locks every active identity of the workspace (2,000 here), so it reads
+    them all by design; it must not read workspace_members or the tokens in full."""
+    dsn, workspace, email = grown
+    code, plans = plans_of(["pause", "--workspace-public-id", workspace["publicId"], "--all", "--dry-run"],
+                           dsn, email)
+    assert code == 0
+    for text, plan in plans:
+        relations = {relation for node, relation in scans(plan[0]["Plan"]) if node == "Seq Scan"}
+        assert not relations & {"workspace_members", "agent_token", "agent_audit_event"}, text[:400]

@@ -30,6 +30,8 @@ def counted(cli_dsn, operator):
     ("rotate", ["--slug", "counted", "--grace", "1h"]),
     ("pause", ["--slug", "counted"]),
     ("revoke", ["--slug", "counted"]),
+    ("pause", ["--all"]),
+    ("revoke", ["--all"]),
 ])
 @pytest.mark.parametrize("mode", ["--confirm", "--dry-run"])
 def test_a_mutation_takes_at_most_four_round_trips(counted, operator, command, args, mode):

@@ -179,3 +179,76 @@ def test_inspect_needs_a_slug_and_workspace_or_a_token(operator):
     env = {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email}
     result = operator.cli("inspect", "--workspace-public-id", operator.workspace["publicId"], env=env)
     assert result.code == 2 and "--slug" in result.stderr and "(or --token)" in result.stderr
+
+
+# --- bulk incident actions: pause, resume, revoke --all --------------------------
+
+
+def test_pause_all_moves_every_active_identity_in_one_batch(db, operator):
+    for slug in ("bulk-a", "bulk-b", "bulk-c"):
+        operator.create(slug)
+    operator("pause", "--slug", "bulk-c", "--confirm")
+    before = support.snapshot(db)
+    planned = operator("pause", "--all", "--dry-run", json=False)
+    assert planned.code == 0 and planned.stdout.startswith(
+        f"would pause 2 agent identities in workspace {operator.workspace['publicId']}: bulk-a, bulk-b")
+    assert support.snapshot(db) == before
+    done = operator("pause", "--all", "--reason", "incident 42", "--confirm")
+    assert done.code == 0, done.stdout
+    assert [i["slug"] for i in done.json["identities"]] == ["bulk-a", "bulk-b"]
+    from psycopg.rows import dict_row
+
+    events = db.cursor(row_factory=dict_row).execute(
+        "SELECT action, metadata, reason FROM agent_audit_event WHERE metadata->>'batchId' = %s ORDER BY id",
+        (done.json["batchId"],)).fetchall()
+    assert [e["action"] for e in events] == ["identity.paused"] * 2
+    assert {e["metadata"]["batchId"] for e in events} == {done.json["batchId"]}
+    assert {e["metadata"]["batchCount"] for e in events} == {2} and {e["reason"] for e in events} == {"incident 42"}
+    statuses = dict(db.execute('SELECT slug, status::text FROM agent_identity WHERE "workspaceId" = %s',
+                               (operator.workspace["id"],)).fetchall())
+    assert statuses == {"bulk-a": "paused", "bulk-b": "paused", "bulk-c": "paused"}
+    again = operator("pause", "--all", "--confirm")
+    assert (again.code, again.json["changed"]) == (0, False)
+
+
+def test_revoke_all_revokes_every_token_too(db, operator):
+    tokens = [operator.create(slug).json["token"]["publicId"] for slug in ("gone-a", "gone-b")]
+    done = operator("revoke", "--all", "--confirm")
+    assert sorted(done.json["revokedTokenPublicIds"]) == sorted(tokens)
+    live = db.execute("""SELECT count(*) FROM agent_token t JOIN agent_identity i ON i.id = t."agentIdentityId"
+                         WHERE i."workspaceId" = %s AND t."revokedAt" IS NULL""",
+                      (operator.workspace["id"],)).fetchone()[0]
+    assert live == 0
+
+
+def test_a_held_lock_on_one_identity_stops_the_whole_batch(db, database, operator):
+    from tests.test_reliability import HeldLock
+
+    for slug in ("batch-a", "batch-b"):
+        operator.create(slug)
+    before = support.snapshot(db)
+    lock = HeldLock(database, operator.workspace["id"], "batch-b")
+    try:
+        result = operator("pause", "--all", "--lock-timeout", "1", "--confirm")
+    finally:
+        lock.release()
+    assert result.code == 5
+    assert support.snapshot(db) == before, "nothing written"
+
+
+def test_bulk_refusal_is_audited(db, kan, cli, operator):
+    operator.create("guarded")
+    outsider = kan.user()
+    before = support.snapshot(db)
+    result = cli("pause", "--workspace-public-id", operator.workspace["publicId"], "--all", "--confirm",
+                 env={"AGENT_IDENTITY_ADMIN_EMAIL": outsider["email"]})
+    assert result.code == 4
+    added = support.added_rows(before, support.snapshot(db))
+    assert [e["action"] for e in added["agent_audit_event"]] == ["access.denied"] and "agent_identity" not in added
+
+
+def test_all_and_slug_are_one_or_the_other(operator):
+    result = operator("pause", "--all", "--slug", "x", "--confirm")
+    assert result.code == 2 and "not both" in result.json["error"]["message"]
+    missing = operator("pause", "--confirm")
+    assert missing.code == 2 and "--slug or --all" in missing.json["error"]["message"]
