@@ -266,16 +266,20 @@ class AccessDenied(AdminError):
 # --- Pure helpers: validation -----------------------------------------------
 
 
+def is_invisible(char: str) -> bool:
+    """A character that would act on a terminal or read as something else: a control
+    character, an unpaired surrogate (an undecodable byte), a bidirectional override."""
+    return unicodedata.category(char) in ("Cc", "Cs") or char in BIDI_CONTROLS
+
+
 def check_text(value: str, *, max_length: int, allow_empty: bool = False) -> str:
     """Refuse text that is too long, empty, or holds control characters."""
     if not allow_empty and not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     if len(value) > max_length:
         raise argparse.ArgumentTypeError(f"is {len(value)} characters long; the limit is {max_length}")
-    for char in value:
-        category = unicodedata.category(char)
-        if category == "Cc" or category == "Cs" or char in BIDI_CONTROLS:
-            raise argparse.ArgumentTypeError(f"contains a control character (U+{ord(char):04X})")
+    for char in filter(is_invisible, value):
+        raise argparse.ArgumentTypeError(f"contains a control character (U+{ord(char):04X})")
     if SECRET_BEARING_RE.search(value):
         raise argparse.ArgumentTypeError(
             "contains a token with its secret, which would be stored and shown to every reader of the audit log; "
@@ -577,13 +581,11 @@ def visible(text: str) -> str:
     links, carriage returns), bidirectional overrides and unpaired surrogates
     (undecodable bytes) shown as escapes instead of acted on."""
     def escape(char: str) -> str:
-        if char == "\n":
+        if char == "\n" or not is_invisible(char):
             return char
-        category = unicodedata.category(char)
-        if category in ("Cc", "Cs") or char in BIDI_CONTROLS:
-            return char.encode("unicode_escape", "backslashreplace").decode("ascii") if category != "Cs" \
-                else f"\\x{ord(char) - 0xDC00:02x}"
-        return char
+        if unicodedata.category(char) == "Cs":  # surrogateescape keeps byte 0xNN as U+DCNN
+            return f"\\x{ord(char) - 0xDC00:02x}"
+        return char.encode("unicode_escape").decode("ascii")
 
     return "".join(map(escape, text))
 
@@ -803,17 +805,21 @@ KAN_TABLES = ("user", "workspace", "workspace_members", "workspace_roles",
 # --- Database access --------------------------------------------------------
 
 
+def statement_timeout_ms(lock_timeout: float) -> int:
+    """The whole lock wait plus the usual 30 s of work."""
+    return STATEMENT_TIMEOUT_MS + round(lock_timeout * 1000)
+
+
 def session_limits(lock_timeout: float) -> dict[str, str]:
     """The settings every transaction of the tool runs under.
 
     The statement limit leaves room for the whole lock wait plus the usual
     30 s of work, so a long --lock-timeout ends in exit 5, not exit 6.
     """
-    lock_ms = round(lock_timeout * 1000)
     return {
         "TimeZone": "UTC",
-        "lock_timeout": f"{lock_ms}ms",
-        "statement_timeout": f"{STATEMENT_TIMEOUT_MS + lock_ms}ms",
+        "lock_timeout": f"{round(lock_timeout * 1000)}ms",
+        "statement_timeout": f"{statement_timeout_ms(lock_timeout)}ms",
         "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_TIMEOUT_MS}ms",
     }
 
@@ -936,10 +942,9 @@ def database_error(exc: Exception, lock_timeout: float, target: dict) -> AdminEr
             "nothing was written: try again, or wait longer with --lock-timeout",
         )
     if isinstance(exc, errors.QueryCanceled):
-        limit = session_limits(lock_timeout)["statement_timeout"].removesuffix("ms")
         return AdminError(
             EXIT_DATABASE,
-            f"the database did not answer within {int(limit) / 1000:g} s; nothing was written",
+            f"the database did not answer within {statement_timeout_ms(lock_timeout) / 1000:g} s; nothing was written",
         )
     if isinstance(exc, (errors.UndefinedTable, errors.UndefinedObject, errors.UndefinedColumn)):
         missing = exc.diag.message_primary or str(exc)
@@ -1177,7 +1182,7 @@ RETIRE_TOKENS = """
 WITH retired AS (
     UPDATE agent_token
     SET "revokedAt" = timezone('utc', now()), "revokedBy" = %(actor_id)s
-    WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = %(identity_id)s AND "revokedAt" IS NULL
+    WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = ANY(%(identity_ids)s) AND "revokedAt" IS NULL
 )"""
 
 # A change to an identity's tokens stamps the identity's updatedAt.
@@ -1250,8 +1255,7 @@ BULK_DETAIL = """(
 
 # ... then the move of them all, their tokens retired (revoke), and one audit
 # event each, in one statement.
-BULK_SQL = RETIRE_TOKENS.replace(
-    'AND "agentIdentityId" = %(identity_id)s', 'AND "agentIdentityId" = ANY(%(identity_ids)s)') + """,
+BULK_SQL = RETIRE_TOKENS + """,
 moved AS (""" + SET_STATUS + """
     WHERE "id" = ANY(%(identity_ids)s)
     RETURNING "id"
@@ -1372,8 +1376,9 @@ def check_access(
     workspace None means the workspace of the token params["token_public_id"]
     names (verify); with by_slug, workspace is a public id or a slug (a public
     id wins if both match). With by_token, the identity is the one holding the
-    token params["token_public_id"] names, not the one slug names. Raises exit 3 for a missing (or, unless allow_deleted,
-    deleted) workspace, exit 4 for an actor who may not manage it, and exit 3
+    token params["token_public_id"] names, not the one slug names. Raises exit
+    3 for a missing (or, unless allow_deleted, deleted) workspace, exit 4 for an
+    actor who may not manage it, and exit 3
     for a slug that names no identity (unless must_exist is false, as for
     create). With lock, the identity row stays locked until the transaction
     ends. `now` is the transaction's clock, which every later statement of it
@@ -1927,6 +1932,7 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
                 identity = write(conn, ROTATE_SQL, {
                     **audit,
                     "identity_id": identity["id"],
+                    "identity_ids": [identity["id"]],
                     "revoke_token_ids": [t["id"] for t in retired],
                     "grace_token_ids": [t["id"] for t, _ in graced],
                     "grace_until": grace_until,
@@ -1977,7 +1983,8 @@ def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
         })
         if not args.dry_run:
             identity = write(conn, REVOKE_TOKEN_SQL, {
-                **audit, "identity_id": identity["id"], "token_id": token["id"], "revoke_token_ids": [token["id"]],
+                **audit, "identity_id": identity["id"], "identity_ids": [identity["id"]], "token_id": token["id"],
+                "revoke_token_ids": [token["id"]],
             })
     return mutation_result(
         args,
@@ -2061,6 +2068,7 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
             identity = write(conn, STATUS_SQL, {
                 **audit,
                 "identity_id": identity["id"],
+                "identity_ids": [identity["id"]],
                 "status": new_status,
                 "revoke_token_ids": [t["id"] for t in revoked_tokens],
             })
@@ -2309,8 +2317,6 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
     def result() -> dict:
         return {"ok": True, "command": "doctor", "healthy": all(c["ok"] for c in checks), "checks": checks}
 
-    args.workspace_by_slug = bool(args.workspace)
-    args.workspace_public_id = args.workspace_public_id or args.workspace
     try:
         conn = connect(database_url(args))
     except AdminError as exc:
@@ -2414,6 +2420,10 @@ def run(args: argparse.Namespace) -> dict:
     """Check the arguments that argparse cannot, then run the command."""
     if args.command in OFFLINE_COMMANDS:
         return OFFLINE_COMMANDS[args.command](args)
+    # --workspace takes a slug or a public id; --workspace-public-id only a public id.
+    args.workspace_by_slug = bool(getattr(args, "workspace", None))
+    if args.workspace_by_slug:
+        args.workspace_public_id = args.workspace
     if args.command == "doctor":
         # Every failure is one of its checks, the connection's included.
         return cmd_doctor(args)
@@ -2429,7 +2439,7 @@ def run(args: argparse.Namespace) -> dict:
                                          f"(see `{PROG} {args.command} --help`)")
         if not getattr(args, "token", None):
             missing = [flag for flag, value in (
-                ("--workspace-public-id or --workspace", args.workspace_public_id or args.workspace),
+                ("--workspace-public-id or --workspace", args.workspace_public_id),
                 ("--slug", args.slug or getattr(args, "all", False))) if not value]
             if missing:
                 alternatives = " or --all" if hasattr(args, "all") else ""
@@ -2454,10 +2464,6 @@ def run(args: argparse.Namespace) -> dict:
         if verdict:
             return verdict
     args.actor_email = actor_email(args)
-    # --workspace takes a slug or a public id; --workspace-public-id only a public id.
-    args.workspace_by_slug = bool(getattr(args, "workspace", None))
-    if args.workspace_by_slug:
-        args.workspace_public_id = args.workspace
     url = database_url(args)
 
     import psycopg
@@ -2634,8 +2640,9 @@ def render_inspect(result: dict, width: int | None) -> list[str]:
     for label, key in (("updated", "updatedAt"), ("paused", "pausedAt"), ("revoked", "revokedAt")):
         if identity[key]:
             lines.append(f"{label:<10} {render_time(identity[key], now)}")
+    lines = [visible(line) for line in lines]
     if width is not None:
-        lines = [visible(line) if len(visible(line)) <= width else visible(line)[:width - 1] + "…" for line in lines]
+        lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
     lines += ["", "tokens"]
     lines.append(fit_table(
         ["PUBLIC ID", "NAME", "SCOPES", "LIVE", "CREATED", "EXPIRES", "LAST USED", "REVOKED", "ROTATED FROM"],
