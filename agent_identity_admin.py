@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import os
 import re
 import sys
@@ -67,6 +68,16 @@ TRANSITIONS = {
     "resume": ("active", ("paused",), "identity.resumed"),
     "revoke": ("revoked", ("active", "paused"), "identity.revoked"),
 }
+# Every action the audit log records; access.denied is a refused attempt.
+AUDIT_ACTIONS = (
+    "identity.created",
+    "identity.token_rotated",
+    "identity.paused",
+    "identity.resumed",
+    "identity.revoked",
+    "identity.token_revoked",
+    "access.denied",
+)
 
 # Token lifetimes: create and rotate default to 90 days, allow at most 365,
 # and "never" only when asked for. A rotation's grace keeps old tokens alive
@@ -112,6 +123,7 @@ LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
 EVENTS_DEFAULT = 10
 EVENTS_MAX = 1000
+AUDIT_LOOKBACK_MAX = timedelta(days=100 * 365)  # audit --since 52w and the like; beyond that, give a date
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 PUBLIC_ID_LENGTH = 12
@@ -420,6 +432,37 @@ def parse_within(value: str) -> Duration:
     return parse_duration(value, maximum=EXPIRES_MAX, allow_zero=False)
 
 
+class Moment(collections.namedtuple("Moment", "text ago at")):
+    """A bound of audit's window as the operator wrote it: a span back from now
+    (ago, a timedelta) or a moment (at, a naive UTC datetime); the other is None."""
+
+    __slots__ = ()
+
+
+def parse_moment(value: str) -> Moment:
+    """audit --since/--until: a duration back from now (24h, 7d), or an ISO 8601 date or
+    time; one without an offset is UTC, as every time the tool prints is."""
+    if DURATION_RE.fullmatch(value):
+        return Moment(value, parse_duration(value, maximum=AUDIT_LOOKBACK_MAX, allow_zero=False).delta, None)
+    try:
+        moment = datetime.fromisoformat(value) if value.isascii() else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is neither a duration (24h, 7d) nor an ISO time "
+                                         "(2026-11-28T09:00:00Z)")
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return Moment(value, None, moment)
+
+
+def parse_action(value: str) -> str:
+    if value not in AUDIT_ACTIONS:
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is not an audit action: use one of "
+                                         f"{', '.join(AUDIT_ACTIONS)}")
+    return value
+
+
 def parse_grace(value: str) -> Duration:
     """How long a rotated-out token keeps working: 0 (revoke at once) to 7 days."""
     return parse_duration(value, maximum=GRACE_MAX, allow_zero=True)
@@ -720,6 +763,9 @@ CREATE INDEX IF NOT EXISTS "agent_audit_event_identity_created_idx"
     ON {schema}.agent_audit_event ("agentIdentityId", "createdAt" DESC, "id" DESC);
 CREATE INDEX IF NOT EXISTS "agent_audit_event_workspace_created_idx"
     ON {schema}.agent_audit_event ("workspaceId", "createdAt" DESC, "id" DESC);
+-- audit --token: a token's events, newest first.
+CREATE INDEX IF NOT EXISTS "agent_audit_event_token_created_idx"
+    ON {schema}.agent_audit_event ("agentTokenId", "createdAt" DESC, "id" DESC);
 
 -- On Kan's own workspace_members, which has no index on these columns: the
 -- access check finds the actor's memberships in a workspace through it, so
@@ -1336,6 +1382,45 @@ VERIFY_DETAIL = """(
         JOIN agent_identity i ON i."id" = t."agentIdentityId"
         WHERE t."publicId" = %(token_public_id)s AND i."workspaceId" = (SELECT "id" FROM ws)
     ) AS v
+)"""
+
+# audit: one page of the workspace's events, newest first, starting just after
+# the event named by --after (and whether that one exists), within the window
+# and filters given. The columns are UTC timestamps; the window's bounds are
+# computed from the transaction's clock in UTC, whatever the server's TimeZone.
+# Each filter is either absent (NULL: the planner drops it) or narrows the scan;
+# --slug and --token read their own indexes.
+AUDIT_DETAIL = """(
+    WITH after AS (
+        SELECT "createdAt", "id"
+        FROM agent_audit_event
+        WHERE "workspaceId" = (SELECT "id" FROM ws) AND "publicId" = %(after)s
+    ),
+    page AS (
+        SELECT e."id", e."publicId", e."createdAt", e.action, e."actorEmail", e.reason, e.metadata,
+               i."publicId" AS "identityPublicId", i.slug, t."publicId" AS "tokenPublicId"
+        FROM agent_audit_event e
+        LEFT JOIN agent_identity i ON i."id" = e."agentIdentityId"
+        LEFT JOIN agent_token t ON t."id" = e."agentTokenId"
+        WHERE e."workspaceId" = (SELECT "id" FROM ws)
+          AND e."createdAt" >= coalesce(%(since_at)s::timestamp,
+                                        timezone('utc', now()) - %(since_ago)s::interval, '-infinity')
+          AND e."createdAt" < coalesce(%(until_at)s::timestamp,
+                                       timezone('utc', now()) - %(until_ago)s::interval, 'infinity')
+          AND (%(slug)s::text IS NULL OR e."agentIdentityId" = (SELECT "id" FROM target))
+          AND (%(token_filter)s::text IS NULL OR e."agentTokenId" = (
+                SELECT t."id" FROM agent_token t WHERE t."publicId" = %(token_filter)s))
+          AND (%(actor)s::text IS NULL OR lower(e."actorEmail") = lower(%(actor)s))
+          AND (%(actions)s::text[] IS NULL OR e.action = ANY(%(actions)s))
+          AND (%(after)s::text IS NULL
+               OR (e."createdAt", e."id") < ((SELECT "createdAt" FROM after), (SELECT "id" FROM after)))
+        ORDER BY e."createdAt" DESC, e."id" DESC
+        LIMIT %(limit)s
+    )
+    SELECT jsonb_build_object(
+        'cursorFound', %(after)s::text IS NULL OR EXISTS (SELECT 1 FROM after),
+        'events', coalesce((SELECT jsonb_agg(to_jsonb(page) ORDER BY page."createdAt" DESC, page."id" DESC)
+                            FROM page), '[]'::jsonb))
 )"""
 
 # --workspace W: the workspace whose public id or slug W is; a public id wins.
@@ -2178,6 +2263,79 @@ def cmd_expiring(conn, args: argparse.Namespace) -> dict:
     ]}
 
 
+def event_view(event: dict, workspace_public_id: str) -> dict:
+    """An audit event as audit prints it (and --jsonl streams it: each line whole)."""
+    return {
+        "publicId": event["publicId"],
+        "createdAt": iso(event["createdAt"]),
+        "workspacePublicId": workspace_public_id,
+        "action": event["action"],
+        "actorEmail": event["actorEmail"],
+        "identityPublicId": event["identityPublicId"],
+        "slug": event["slug"],
+        "tokenPublicId": event["tokenPublicId"],
+        "reason": event["reason"],
+        "metadata": event["metadata"],
+    }
+
+
+def audit_page(conn, args: argparse.Namespace, after: str | None) -> dict:
+    """One page of audit's events, newest first, after the event named by after, in a
+    read-only transaction of its own: the access check and the page in one query."""
+    moments = {f"{bound}_{part}": getattr(getattr(args, bound), part, None)
+               for bound in ("since", "until") for part in ("ago", "at")}
+    params = dict(moments, after=after, limit=args.limit + 1, token_filter=args.token, actor=args.actor,
+                  actions=args.action)
+    # check_identity names the workspace, and the identity a --token belongs to, in what it
+    # is given: only the workspace carries over (a --token stays a filter on that token).
+    named = argparse.Namespace(**vars(args))
+    with transaction(conn, args.lock_timeout, read_only=True):
+        access = check_identity(conn, named, detail=AUDIT_DETAIL, params=params)
+    args.workspace_public_id = named.workspace_public_id
+    page = access["detail"]
+    if not page["cursorFound"]:
+        raise AdminError(EXIT_NOT_FOUND, f"no audit event {after} in workspace {args.workspace_public_id}")
+    events = [event_view(event, args.workspace_public_id) for event in map(json_times, page["events"])]
+    more = len(events) > args.limit
+    events = events[:args.limit]
+    return {"now": access["now"], "events": events, "nextCursor": events[-1]["publicId"] if more else None}
+
+
+def later_pages(conn, args: argparse.Namespace, cursor: str | None):
+    """audit --all: the pages after the first, each in a transaction of its own (so a slow
+    reader holds no snapshot, lock or idle transaction open), until the last; then it
+    closes the connection, which it owns from the first page on."""
+    import psycopg
+
+    try:
+        while cursor:
+            page = audit_page(conn, args, cursor)
+            yield page["events"]
+            cursor = page["nextCursor"]
+    except AccessDenied as denied:  # the actor lost workspace:manage mid-way
+        record_denial(conn, args, denied)
+        raise
+    except psycopg.Error as exc:
+        raise database_error(exc, args.lock_timeout, target_of(conn)) from exc
+    finally:
+        conn.close()
+
+
+def cmd_audit(conn, args: argparse.Namespace) -> dict:
+    """The workspace's audit events, newest first, a page at a time; with --all (and
+    --jsonl), every page, streamed as it is read."""
+    if args.limit is None:
+        args.limit = LIST_LIMIT_MAX if args.all else LIST_LIMIT_DEFAULT
+    page = audit_page(conn, args, args.after)
+    result = {"ok": True, "command": "audit", "now": iso(page["now"]), "workspacePublicId": args.workspace_public_id,
+              "events": page["events"], "nextCursor": page["nextCursor"]}
+    if args.all:
+        result["nextCursor"] = None
+        if page["nextCursor"]:
+            result["later"] = later_pages(conn, args, page["nextCursor"])  # run() leaves conn to it
+    return result
+
+
 def read_token(args: argparse.Namespace) -> str:
     """One token from --token-file or standard input; never from the command line."""
     if args.token_file and args.token_file != "-":
@@ -2412,6 +2570,7 @@ DATABASE_COMMANDS = {
     "workspaces": cmd_workspaces,
     "expiring": cmd_expiring,
     "verify": cmd_verify,
+    "audit": cmd_audit,
 }
 MUTATING_COMMANDS = ("create", "rotate", "pause", "resume", "revoke")
 
@@ -2446,6 +2605,15 @@ def run(args: argparse.Namespace) -> dict:
                 alternatives += " (or --token)" if hasattr(args, "token") else ""
                 raise AdminError(EXIT_USAGE, f"the following arguments are required: {', '.join(missing)}"
                                              f"{alternatives} (see `{PROG} {args.command} --help`)")
+    if args.command == "audit":
+        if not (args.workspace_public_id or args.token):
+            raise AdminError(EXIT_USAGE, "the following arguments are required: --workspace-public-id or "
+                                         f"--workspace (or --token) (see `{PROG} audit --help`)")
+        if args.all and not args.jsonl:
+            raise AdminError(EXIT_USAGE, "--all streams every page, one event per line: give it with --jsonl")
+        if args.json and args.jsonl:
+            raise AdminError(EXIT_USAGE, "give --json (one object, one page) or --jsonl (one event per line), "
+                                         "not both")
     if args.command in MUTATING_COMMANDS:
         if args.confirm and args.dry_run:
             raise AdminError(EXIT_USAGE, "give --confirm or --dry-run, not both")
@@ -2470,6 +2638,7 @@ def run(args: argparse.Namespace) -> dict:
 
     conn = connect(url)
     target = target_of(conn)
+    result = {}
     try:
         result = DATABASE_COMMANDS[args.command](conn, args)
     except AccessDenied as denied:
@@ -2479,7 +2648,8 @@ def run(args: argparse.Namespace) -> dict:
     except psycopg.Error as exc:
         raise database_error(exc, args.lock_timeout, target) from exc
     finally:
-        conn.close()
+        if "later" not in result:  # audit --all reads its later pages as it prints them, then closes
+            conn.close()
     if args.command in MUTATING_COMMANDS:
         result["target"] = target  # where it wrote (or would have): staging or production?
     return result
@@ -2708,6 +2878,18 @@ def render_expiring(result: dict, width: int | None) -> list[str]:
     )]
 
 
+def render_audit(result: dict, width: int | None) -> list[str]:
+    if not result["events"]:
+        return [f"no audit events in workspace {result['workspacePublicId']} match"]
+    now = from_iso(result["now"])
+    return [fit_table(
+        ["WHEN", "ACTION", "IDENTITY", "TOKEN", "ACTOR", "REASON"],
+        lambda short: [[render_time(e["createdAt"], now, short), e["action"], e["slug"], e["tokenPublicId"],
+                        e["actorEmail"], e["reason"]] for e in result["events"]],
+        width, drop=("TOKEN",), shrink=("REASON", "ACTOR", "IDENTITY"),
+    )]
+
+
 def render_doctor(result: dict) -> list[str]:
     lines = []
     for check in result["checks"]:
@@ -2737,10 +2919,11 @@ class Output:
     is valid UTF-8 JSON under any locale.
     """
 
-    def __init__(self, stdout, stderr, as_json: bool, wide: bool = False):
+    def __init__(self, stdout, stderr, as_json: bool, wide: bool = False, lines: bool = False):
         self.stdout = stdout
         self.stderr = stderr
         self.as_json = as_json
+        self.lines = lines  # audit --jsonl: one JSON event per line
         # Tables fit the terminal (80 columns when stdout is not one, unless COLUMNS says
         # otherwise); --wide prints them whole.
         if wide:
@@ -2759,10 +2942,13 @@ class Output:
 
     def result(self, result: dict) -> None:
         self.notes(result.get("warnings", []))
+        command = result["command"]
+        if self.lines and command == "audit":
+            self.event_lines(result)
+            return
         if self.as_json:
             self._json(result)
             return
-        command = result["command"]
         notes: list[str] = []
         if command == "help":
             lines = [result["text"].rstrip()]
@@ -2775,6 +2961,10 @@ class Output:
             lines = render_inspect(result, self.width)
         elif command == "list":
             lines = render_list(result, self.width)
+            if result["nextCursor"]:
+                notes = [f"more: add --after {result['nextCursor']}"]
+        elif command == "audit":
+            lines = render_audit(result, self.width)
             if result["nextCursor"]:
                 notes = [f"more: add --after {result['nextCursor']}"]
         elif command == "workspaces":
@@ -2801,6 +2991,16 @@ class Output:
                           text, flags=re.M)
         self._write(self.stdout, text)
         self.notes(notes)
+
+    def event_lines(self, result: dict) -> None:
+        """audit --jsonl: each event a line of ASCII JSON, a page per write, as pages are read."""
+        import json
+
+        for page in itertools.chain([result["events"]], result.get("later", ())):
+            if page:
+                self._write(self.stdout, "".join(json.dumps(event) + "\n" for event in page))
+        if result["nextCursor"]:
+            self.notes([f"more: add --after {result['nextCursor']}"])
 
     def notes(self, notes: list[str]) -> None:
         for note in notes:
@@ -2969,6 +3169,15 @@ Apply it as the owner of Kan's tables: it also indexes Kan's workspace_members."
     "help": """\
 example:
   agent-identity help rotate""",
+    "audit": """\
+examples:
+  agent-identity audit --workspace acme-eng --since 24h      # who did what today
+  agent-identity audit --workspace acme-eng --action access.denied --since 7d
+  agent-identity audit --token Tk12Tk34Tk56                   # a token's whole story
+  agent-identity audit --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
+      --since 2026-11-01 --until 2026-12-01 --json
+  agent-identity audit --workspace acme-eng --jsonl --all > acme-eng-audit.jsonl
+Times are UTC; --since and --until take a duration back from now or an ISO time.""",
     "workspaces": """\
 examples:
   agent-identity workspaces
@@ -3120,6 +3329,29 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
                      help="start after this identity: the nextCursor of the previous page")
     sub.add_argument("--wide", action="store_true", help="print the table whole, however wide the terminal")
 
+    sub = command("audit", "show a workspace's audit events, newest first: who did what, when",
+                  slug=False, by_token=True)
+    sub.add_argument("--since", type=parse_moment, metavar="WHEN",
+                     help="only events at or after WHEN: a duration back from now (24h, 7d) or an ISO time "
+                          "(UTC unless it says otherwise)")
+    sub.add_argument("--until", type=parse_moment, metavar="WHEN", help="only events before WHEN (as --since)")
+    sub.add_argument("--actor", type=parse_email, metavar="EMAIL", help="only what this Kan user did")
+    sub.add_argument("--action", type=parse_action, action="append", metavar="ACTION",
+                     help=f"only this action (repeatable): {', '.join(AUDIT_ACTIONS)}")
+    sub.add_argument("--slug", type=parse_slug, metavar="S", help="only events about this identity")
+    sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",
+                     help="only events about this token (its public id, or kan_agent_<id>); it names the "
+                          "workspace too")
+    sub.add_argument("--limit", type=parse_list_limit, metavar="N",
+                     help=f"events per page (default {LIST_LIMIT_DEFAULT}; {LIST_LIMIT_MAX} with --all; "
+                          f"at most {LIST_LIMIT_MAX})")
+    sub.add_argument("--after", type=parse_public_id, metavar="EVENT_ID",
+                     help="start after this event: the nextCursor of the previous page")
+    sub.add_argument("--jsonl", action="store_true",
+                     help="print one JSON event per line, as read (for a SIEM or jq)")
+    sub.add_argument("--all", action="store_true", help="with --jsonl: every page, streamed, not only the first")
+    sub.add_argument("--wide", action="store_true", help="print the table whole, however wide the terminal")
+
     command("workspaces", "list the workspaces you may manage, with their identities and tokens",
             workspace=False, slug=False)
 
@@ -3197,7 +3429,7 @@ def json_help(parser: ArgumentParser, argv: list[str], out: Output) -> int:
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     out = Output(sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr,
-                 as_json="--json" in argv, wide="--wide" in argv)
+                 as_json="--json" in argv, wide="--wide" in argv, lines="--jsonl" in argv)
     debug = "--debug" in argv
     # Named in a usage error's JSON even when argparse refuses the rest.
     command = next((arg for arg in argv if arg in OFFLINE_COMMANDS or arg in DATABASE_COMMANDS or arg == "doctor"),

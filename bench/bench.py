@@ -19,8 +19,8 @@ hash with the tool's parameters (in-process) and `psql -c 'select 1'` where psql
 exists (what an operator would use by hand).
 
 --scale then seeds the workspace with 10,000 identities, 100,000 tokens and
-1,000,000 audit events and times inspect, list, create, rotate and verify
-again: each should stay within 1.2x of its time on the empty database.
+1,000,000 audit events and times inspect, list, audit, create, rotate and
+verify again: each should stay within 1.2x of its time on the empty database.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class Bench:
             "list": lambda: (["list", *w], None, 0),
             "workspaces": lambda: (["workspaces"], None, 0),
             "expiring": lambda: (["expiring"], None, None),  # 9 once rotate --grace leaves tokens expiring
+            "audit": lambda: (["audit", *w, "--since", "24h"], None, 0),
             "pause": lambda: (["pause", *w, "--slug", "bench", "--confirm"], None, 0),
             "resume": lambda: (["resume", *w, "--slug", "bench", "--confirm"], None, 0),
             "revoke": lambda: self.fresh_then(["revoke", *w, "--confirm"]),
@@ -181,6 +182,7 @@ TARGETS = {  # command: (floor, highest ratio)
     "usage error (exit 2)": ("python -I -c pass", 3.0),
     "inspect": ("psycopg connect + select 1", 1.15), "list": ("psycopg connect + select 1", 1.15),
     "workspaces": ("psycopg connect + select 1", 1.15), "expiring": ("psycopg connect + select 1", 1.15),
+    "audit": ("psycopg connect + select 1", 1.15),
     "pause": ("psycopg connect + select 1", 1.15), "resume": ("psycopg connect + select 1", 1.15),
     "revoke": ("psycopg connect + select 1", 1.15), "verify": ("psycopg connect + select 1", 1.15),
     "create": ("psycopg connect + select 1", 1.15), "rotate": ("psycopg connect + select 1", 1.15),
@@ -270,7 +272,7 @@ def scale(bench: Bench, dsn: str, workspace: dict, empty: dict[str, float], args
         support.seed_scale(conn, workspace["id"], **sizes)
     print(f"\nseeded {sizes['identities']:,} identities, {sizes['tokens']:,} tokens and {sizes['events']:,} "
           f"audit events in {time.perf_counter() - started:.0f} s")
-    names = ["inspect", "list", "create", "rotate", "verify"]
+    names = ["inspect", "list", "audit", "create", "rotate", "verify"]
     seeded = measure(bench, dsn, names, args.runs, args.warmup)
     print(f"{'':<28}{'empty ms':>10}{'seeded ms':>11}{'ratio':>8}  target")
     missed = 0

@@ -47,7 +47,7 @@ def test_help_for_an_unknown_command_is_a_usage_error():
     assert (result.code, result.stdout) == (2, "")
     assert result.stderr == (
         "agent-identity: error: no command 'frobnicate'; commands: "
-        "help, schema, completion, create, rotate, pause, resume, revoke, inspect, list, workspaces, expiring, "
+        "help, schema, completion, create, rotate, pause, resume, revoke, inspect, list, audit, workspaces, expiring, "
         "doctor, verify\n"
     )
 

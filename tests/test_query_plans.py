@@ -37,15 +37,17 @@ def grown(server_dsn):
     support.drop_database(server_dsn, dsn)
 
 
-def plans_of(argv, dsn, email, stdin=""):
-    """Run main() in-process, EXPLAINing each statement (with its values) before it runs."""
+def plans_of(argv, dsn, email, stdin="", analyze=False):
+    """Run main() in-process, EXPLAINing each statement (with its values) before it runs;
+    with analyze, running it too (for reads: what each node actually read)."""
     real_execute = psycopg.Cursor.execute
     plans = []
 
     def explaining(cursor, query, params=None, **kwargs):
         text = query.as_string(cursor.connection) if hasattr(query, "as_string") else query
         if not text.strip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK")):
-            row = real_execute(cursor, "EXPLAIN (FORMAT JSON) " + text, params).fetchone()
+            explain = "EXPLAIN (ANALYZE, FORMAT JSON) " if analyze else "EXPLAIN (FORMAT JSON) "
+            row = real_execute(cursor, explain + text, params).fetchone()
             plans.append((text, row["QUERY PLAN"] if isinstance(row, dict) else row[0]))
         return real_execute(cursor, query, params, **kwargs)
 
@@ -88,6 +90,11 @@ def test_every_command_uses_indexes(grown, tmp_path):
         (["expiring", "--within", "30d"], ""),
         (["expiring", "--workspace", workspace["publicId"]], ""),
         (["list", "--workspace", workspace["publicId"]], ""),
+        (["audit", *w], ""),
+        (["audit", *w, "--since", "24h", "--action", "identity.paused", "--after", "E00000000064"], ""),
+        (["audit", *w, "--slug", "seeded-17", "--actor", "seed@example.com"], ""),
+        (["audit", *w, "--token", token[10:22]], ""),
+        (["audit", "--token", token[10:22], "--until", "1h"], ""),
     ]
     seen = 0
     for argv, stdin in commands:
@@ -98,7 +105,29 @@ def test_every_command_uses_indexes(grown, tmp_path):
             sequential = {relation for node, relation in scans(plan[0]["Plan"])
                           if node == "Seq Scan" and relation in WATCHED}
             assert not sequential, f"{argv[0]}: sequential scan of {sequential} in\n{text[:400]}"
-    assert seen >= 19
+    assert seen >= 24
+
+
+@pytest.mark.parametrize("args", [[], ["--since", "7d"], ["--after", "E00000000064"], ["--slug", "seeded-17"],
+                                  ["--until", "2026-01-01T00:00:00Z"]])
+def test_audit_reads_one_page_not_the_workspace(grown, args):
+    """audit on a workspace of 100,000 events reads about one page of them, newest first
+    from an index, whatever the window: what keeps it flat at 1,000,000."""
+    dsn, workspace, email = grown
+    code, plans = plans_of(["audit", "--workspace-public-id", workspace["publicId"], "--limit", "50", *args],
+                           dsn, email, analyze=True)
+    assert code == 0
+    [(text, plan)] = plans
+
+    def nodes(node):
+        yield node
+        for child in node.get("Plans", []):
+            yield from nodes(child)
+
+    events_read = [node for node in nodes(plan[0]["Plan"]) if node.get("Relation Name") == "agent_audit_event"]
+    assert events_read and all(node["Node Type"] != "Seq Scan" for node in events_read), events_read
+    assert sum(node["Actual Rows"] * node.get("Actual Loops", 1) for node in events_read) <= 52, \
+        [(node["Node Type"], node.get("Index Name"), node["Actual Rows"]) for node in events_read]
 
 
 def test_workspaces_reads_each_managed_workspace_once(grown):

@@ -59,12 +59,15 @@ def test_resume_and_revoking_one_token_too(counted, operator):
     ("workspaces", [], 3),
     ("expiring", [], 3),
     ("expiring", ["--workspace-public-id", "WORKSPACE"], 3),
+    ("audit", [], 3),
+    ("audit", ["--since", "24h", "--action", "identity.created", "--slug", "counted", "--after", "EVENT"], 3),
 ])
 def test_reads(counted, operator, command, args, budget):
     created = operator.create("counted").json
     operator.create("counted-2")
     token = created["token"]["secret"]
-    values = {"WORKSPACE": operator.workspace["publicId"], "CURSOR": created["identity"]["publicId"]}
+    values = {"WORKSPACE": operator.workspace["publicId"], "CURSOR": created["identity"]["publicId"],
+              "EVENT": operator("audit", "--limit", "1").json["nextCursor"]}
     args = [values.get(arg, arg) for arg in args]
     code, trips, statements = counted(command, *args, stdin=token)
     assert code in (0, 9)  # expiring: 9 if a token expires within the window
