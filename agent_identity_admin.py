@@ -170,6 +170,7 @@ EXIT_DATABASE = 6
 EXIT_INVALID_TOKEN = 7
 EXIT_UNDELIVERED = 8
 EXIT_EXPIRING = 9  # expiring: live tokens expire within the window (for cron and CI)
+EXIT_CHAIN_BROKEN = 10  # audit verify: an audit chain is broken, or does not extend the pinned head
 EXIT_HANGUP = 129  # 128 + the signal's number, as shells report it
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
@@ -184,6 +185,7 @@ EXIT_KINDS = {
     EXIT_DATABASE: "database",
     EXIT_UNDELIVERED: "undelivered",
     EXIT_EXPIRING: "expiring",
+    EXIT_CHAIN_BROKEN: "chain_broken",
     EXIT_HANGUP: "interrupted",
     EXIT_INTERRUPTED: "interrupted",
     EXIT_BROKEN_PIPE: "broken_pipe",
@@ -205,6 +207,8 @@ exit codes:
   8  the output or the token file could not be written; after a change, stderr
      says it was committed and what to do (rotate for a token)
   9  expiring: live tokens expire within the window
+  10 audit verify: an audit chain is broken, or no longer extends the pinned
+     head (the output says where and how)
   129, 130, 143  hangup, Ctrl-C, terminated; a transaction not yet committed was
      rolled back (after a commit, stderr says so)
   141 the reader of stdout went away (a closed pipe); verify keeps its 0 or 7"""
@@ -575,6 +579,134 @@ def hash_token(token: str) -> str:
     return token_hasher().hash(token)
 
 
+# --- Pure helpers: the audit chain -------------------------------------------
+#
+# What the database's trigger computes in SQL when it writes an event, computed
+# again here, from the rows alone, as docs/schema.md ("The audit chain") specifies.
+
+CHAIN_ENCODING = "agent-identity audit v1"
+CHAIN_START = "0" * 64  # the previous hash of a workspace's first event
+HEAD_RE = re.compile(r"(?P<sequence>[1-9][0-9]{0,18}):(?P<hash>[0-9a-f]{64})")
+CHAIN_BREAKS = ("changed", "gap", "inserted", "reordered", "unchained", "head_mismatch")
+
+
+class Head(collections.namedtuple("Head", "sequence hash")):
+    """A chain's head, or a point of it: a sequence number and that event's hash."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return f"{self.sequence}:{self.hash}"
+
+
+def parse_head(value: str) -> Head:
+    """audit verify --expect-head SEQ:HASH, as audit head printed it."""
+    match = HEAD_RE.fullmatch(value.strip().lower()) if value.isascii() else None
+    if match is None:
+        raise argparse.ArgumentTypeError("must be SEQUENCE:HASH as `agent-identity audit head` prints it "
+                                         "(a number, a colon, 64 hexadecimal digits)")
+    return Head(int(match["sequence"]), match["hash"])
+
+
+def chain_field(value: str | None) -> bytes:
+    """One field of the encoding: its UTF-8 length in bytes, ':', the bytes, ','; NULL is '-,'."""
+    if value is None:
+        return b"-,"
+    data = value.encode("utf-8")
+    return b"%d:%s," % (len(data), data)
+
+
+def chain_hash(previous_hash: str, event: dict) -> str:
+    """SHA-256, as hex, of the previous event's hash (32 bytes) followed by this event's encoding."""
+    import hashlib
+
+    fields = (
+        CHAIN_ENCODING,
+        str(event["sequence"]),
+        event["workspacePublicId"],
+        event["publicId"],
+        event["action"],
+        event["identityPublicId"],
+        event["identitySlug"],
+        event["tokenPublicId"],
+        None if event["actorUserUuid"] is None else str(event["actorUserUuid"]),
+        event["actorEmail"],
+        event["reason"],
+        event["metadata"],  # the jsonb's text, as PostgreSQL writes it
+        event["createdAt"].strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    )
+    return hashlib.sha256(bytes.fromhex(previous_hash) + b"".join(map(chain_field, fields))).hexdigest()
+
+
+def check_chain(events, expect: Head | None = None) -> dict:
+    """Walk a workspace's events in sequence order (an iterable of rows, read as it goes)
+    and say whether they form an intact chain: how many were checked, the head, and the
+    first break, with its kind:
+
+    gap        a sequence number is missing (an event was deleted)
+    changed    an event does not hash to its recorded hash, or (when the next event no
+               longer links to it) was rewritten with its hash recomputed
+    inserted   an event sits between two that linked to each other
+    reordered  events swapped places (their links or times say so)
+    unchained  an event has no place in the chain (written past the trigger)
+    head_mismatch  with expect: the event at that sequence is not the pinned one, or the
+               chain ends before it (later events rewritten, or the end cut off)
+    """
+    previous_hash, before_previous, expected = CHAIN_START, None, 1
+    previous, checked, head = None, 0, None
+
+    def broken(kind: str, sequence: int | None, event: dict | None, message: str) -> dict:
+        return {"events": checked, "head": head, "intact": False,
+                "break": {"kind": kind, "sequence": sequence, "eventPublicId": event and event["publicId"],
+                          "message": message}}
+
+    events = iter(events)
+    event = next(events, None)
+    while event is not None:
+        following = next(events, None)
+        sequence = event["sequence"]
+        if sequence is None:
+            return broken("unchained", None, event, f"event {event['publicId']} has no place in the chain: it was "
+                                                    "written past the chain's trigger")
+        if sequence > expected:
+            missing = str(expected) if sequence == expected + 1 else f"{expected} to {sequence - 1}"
+            return broken("gap", expected, event, f"event {missing} is missing: the chain goes from "
+                                                  f"{expected - 1} to {sequence}")
+        if sequence < expected:
+            return broken("inserted", sequence, event, f"two events have sequence {sequence}")
+        if event["previousHash"] != previous_hash:
+            if event["previousHash"] == before_previous:
+                return broken("inserted", sequence - 1, previous,
+                              f"event {sequence - 1} was inserted: event {sequence} links to the event before it")
+            if following is not None and following["hash"] == event["previousHash"]:
+                return broken("reordered", sequence, event,
+                              f"events {sequence} and {sequence + 1} swapped places: {sequence} links to {sequence + 1}")
+            return broken("changed", sequence - 1, previous,
+                          f"event {sequence - 1} was changed and its hash recomputed: event {sequence} links to "
+                          "a hash it no longer has")
+        if chain_hash(previous_hash, event) != event["hash"]:
+            out_of_order = (previous is not None and event["createdAt"] < previous["createdAt"]) or \
+                (following is not None and following["sequence"] is not None
+                 and event["createdAt"] > following["createdAt"])
+            if out_of_order:
+                return broken("reordered", sequence, event,
+                              f"event {sequence} is out of order: its time does not fall between its neighbours'")
+            return broken("changed", sequence, event, f"event {sequence} was changed: it no longer hashes to "
+                                                      "its recorded hash")
+        if expect is not None and sequence == expect.sequence and event["hash"] != expect.hash:
+            return broken("head_mismatch", sequence, event,
+                          f"event {sequence} is not the one pinned ({expect}): the chain was rewritten from there "
+                          "or before")
+        before_previous, previous_hash, previous = previous_hash, event["hash"], event
+        checked, expected, head = checked + 1, expected + 1, str(Head(sequence, event["hash"]))
+        event = following
+    if expect is not None and expect.sequence >= expected:
+        return broken("head_mismatch", expect.sequence, None,
+                      f"the chain ends at {expected - 1}, before the pinned head {expect}: events were removed "
+                      "from its end")
+    return {"events": checked, "head": head, "intact": True, "break": None}
+
+
 # --- Pure helpers: configuration and output values --------------------------
 
 
@@ -807,6 +939,167 @@ CREATE OR REPLACE TRIGGER agent_identity_revocation_is_final
     BEFORE UPDATE ON {schema}.agent_identity
     FOR EACH ROW EXECUTE FUNCTION {schema}.agent_identity_revocation_is_final();
 
+-- The audit chain (docs/schema.md, "The audit chain"). Each event gets its
+-- workspace's next sequence number, the hash of the event before it, and its own
+-- hash: SHA-256 of that previous hash and an encoding of what the event means, by
+-- values no cascade changes (the public ids and names of what it is about, kept in
+-- columns of its own). A trigger writes them, in the statement and transaction that
+-- write the event, whoever writes it; writers of one workspace take turns (a
+-- transaction-level advisory lock keyed by the workspace), other workspaces never wait.
+ALTER TABLE {schema}.agent_audit_event
+    ADD COLUMN IF NOT EXISTS "sequence" bigint,
+    ADD COLUMN IF NOT EXISTS "workspacePublicId" varchar(12),
+    ADD COLUMN IF NOT EXISTS "identityPublicId" varchar(12),
+    ADD COLUMN IF NOT EXISTS "identitySlug" varchar(64),
+    ADD COLUMN IF NOT EXISTS "tokenPublicId" varchar(12),
+    ADD COLUMN IF NOT EXISTS "actorUserUuid" uuid,
+    ADD COLUMN IF NOT EXISTS "previousHash" varchar(64),
+    ADD COLUMN IF NOT EXISTS "hash" varchar(64);
+-- The chain's order, and its head (the highest sequence) by index at any size.
+CREATE UNIQUE INDEX IF NOT EXISTS "agent_audit_event_workspace_sequence_idx"
+    ON {schema}.agent_audit_event ("workspaceId", "sequence");
+
+-- One field of the encoding: its length in UTF-8 bytes, ':', its text, ','; NULL is '-,'.
+CREATE OR REPLACE FUNCTION {schema}.agent_audit_field(value text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN value IS NULL THEN '-,'
+                ELSE octet_length(convert_to(value, 'UTF8')) || ':' || value || ',' END
+$$;
+
+-- An event's hash, as hex: SHA-256 of the previous hash's 32 bytes, then the encoding.
+CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_hash(e {schema}.agent_audit_event) RETURNS varchar
+LANGUAGE sql STABLE AS $$
+    SELECT encode(sha256(decode(e."previousHash", 'hex') || convert_to(
+        {schema}.agent_audit_field('agent-identity audit v1')
+        || {schema}.agent_audit_field(e."sequence"::text)
+        || {schema}.agent_audit_field(e."workspacePublicId")
+        || {schema}.agent_audit_field(e."publicId")
+        || {schema}.agent_audit_field(e.action)
+        || {schema}.agent_audit_field(e."identityPublicId")
+        || {schema}.agent_audit_field(e."identitySlug")
+        || {schema}.agent_audit_field(e."tokenPublicId")
+        || {schema}.agent_audit_field(e."actorUserUuid"::text)
+        || {schema}.agent_audit_field(e."actorEmail")
+        || {schema}.agent_audit_field(e.reason)
+        || {schema}.agent_audit_field(e.metadata::text)
+        || {schema}.agent_audit_field(to_char(e."createdAt", 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
+        'UTF8')), 'hex')
+$$;
+
+-- An event made the next link of its workspace's chain: the names of what it is
+-- about, its sequence number and hashes. A new event (monotonic) is also never
+-- earlier than the one before it, so times never run backwards along a chain.
+CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_link(e {schema}.agent_audit_event, monotonic boolean)
+RETURNS {schema}.agent_audit_event
+LANGUAGE plpgsql AS $$
+DECLARE
+    head record;
+BEGIN
+    SELECT h."sequence", h."hash", h."createdAt" INTO head
+    FROM {schema}.agent_audit_event h
+    WHERE h."workspaceId" = e."workspaceId" AND h."sequence" IS NOT NULL
+    ORDER BY h."sequence" DESC
+    LIMIT 1;
+    e."workspacePublicId" := (SELECT w."publicId" FROM {schema}.workspace w WHERE w."id" = e."workspaceId");
+    e."identityPublicId" := (SELECT i."publicId" FROM {schema}.agent_identity i WHERE i."id" = e."agentIdentityId");
+    e."identitySlug" := (SELECT i.slug FROM {schema}.agent_identity i WHERE i."id" = e."agentIdentityId");
+    e."tokenPublicId" := (SELECT t."publicId" FROM {schema}.agent_token t WHERE t."id" = e."agentTokenId");
+    e."actorUserUuid" := e."actorUserId";
+    IF monotonic THEN
+        e."createdAt" := GREATEST(e."createdAt", head."createdAt");
+    END IF;
+    e."sequence" := coalesce(head."sequence", 0) + 1;
+    e."previousHash" := coalesce(head."hash", repeat('0', 64));
+    e."hash" := {schema}.agent_audit_event_hash(e);
+    RETURN e;
+END $$;
+
+-- Events written before the chain existed join it when schema is applied, in the
+-- order they were written (time, then id), in each workspace whose chain has not
+-- begun: an upgrade. Applying schema again finds none. An unchained event in a
+-- chained workspace is left alone, for audit verify to report: only a writer that
+-- bypassed the trigger below leaves one.
+DO $$
+DECLARE
+    event {schema}.agent_audit_event;
+BEGIN
+    IF EXISTS (SELECT 1 FROM {schema}.agent_audit_event WHERE "sequence" IS NULL) THEN
+        LOCK TABLE {schema}.agent_audit_event IN SHARE ROW EXCLUSIVE MODE;  -- no writer meanwhile
+        FOR event IN
+            SELECT e.* FROM {schema}.agent_audit_event e
+            WHERE e."sequence" IS NULL
+              AND NOT EXISTS (SELECT 1 FROM {schema}.agent_audit_event c
+                              WHERE c."workspaceId" = e."workspaceId" AND c."sequence" IS NOT NULL)
+            ORDER BY e."workspaceId", e."createdAt", e."id"
+        LOOP
+            event := {schema}.agent_audit_event_link(event, false);
+            UPDATE {schema}.agent_audit_event
+            SET "sequence" = event."sequence", "workspacePublicId" = event."workspacePublicId",
+                "identityPublicId" = event."identityPublicId", "identitySlug" = event."identitySlug",
+                "tokenPublicId" = event."tokenPublicId", "actorUserUuid" = event."actorUserUuid",
+                "previousHash" = event."previousHash", "hash" = event."hash"
+            WHERE "id" = event."id";
+        END LOOP;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_chain() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- This workspace's writers take turns from here to the end of the transaction;
+    -- the next reads this event as its head (each query here sees what committed
+    -- before it ran).
+    PERFORM pg_advisory_xact_lock(hashtext('agent_audit_event chain'), (NEW."workspaceId" % 2147483647)::integer);
+    RETURN {schema}.agent_audit_event_link(NEW, true);
+END $$;
+CREATE OR REPLACE TRIGGER agent_audit_event_chain
+    BEFORE INSERT ON {schema}.agent_audit_event
+    FOR EACH ROW EXECUTE FUNCTION {schema}.agent_audit_event_chain();
+
+-- Append-only, for every role, the owner included. What may still happen: Kan
+-- hard-deleting a workspace deletes its events; a deleted identity, token or user
+-- leaves NULL in the event's foreign key (the chain keeps their ids in columns of its
+-- own); and the backfill above chains an event written before the chain, once. A
+-- superuser can disable these triggers: audit verify is what catches that.
+CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    cascades text[] := ARRAY['agentIdentityId', 'agentTokenId', 'actorUserId'];
+    chain text[] := ARRAY['sequence', 'workspacePublicId', 'identityPublicId', 'identitySlug', 'tokenPublicId',
+                          'actorUserUuid', 'previousHash', 'hash'];
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        IF NOT EXISTS (SELECT 1 FROM {schema}.workspace w WHERE w."id" = OLD."workspaceId") THEN
+            RETURN OLD;  -- its workspace is being deleted
+        END IF;
+        RAISE EXCEPTION 'agent_audit_event is append-only: audit event % may not be deleted', OLD."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF to_jsonb(NEW) - cascades = to_jsonb(OLD) - cascades
+       AND (NEW."agentIdentityId" IS NULL OR NEW."agentIdentityId" = OLD."agentIdentityId")
+       AND (NEW."agentTokenId" IS NULL OR NEW."agentTokenId" = OLD."agentTokenId")
+       AND (NEW."actorUserId" IS NULL OR NEW."actorUserId" = OLD."actorUserId") THEN
+        RETURN NEW;
+    END IF;
+    IF OLD."sequence" IS NULL AND to_jsonb(NEW) - chain = to_jsonb(OLD) - chain THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'agent_audit_event is append-only: audit event % may not be changed', OLD."publicId"
+        USING ERRCODE = 'check_violation';
+END $$;
+CREATE OR REPLACE TRIGGER agent_audit_event_append_only
+    BEFORE UPDATE OR DELETE ON {schema}.agent_audit_event
+    FOR EACH ROW EXECUTE FUNCTION {schema}.agent_audit_event_append_only();
+
+CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_no_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'agent_audit_event is append-only: it may not be truncated' USING ERRCODE = 'check_violation';
+END $$;
+CREATE OR REPLACE TRIGGER agent_audit_event_no_truncate
+    BEFORE TRUNCATE ON {schema}.agent_audit_event
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.agent_audit_event_no_truncate();
+
 -- Like Kan's own tables: row level security on, no policies. The table owner
 -- (the role migrations run as) is not subject to it.
 ALTER TABLE {schema}.agent_identity ENABLE ROW LEVEL SECURITY;
@@ -842,6 +1135,10 @@ EXPECTED_COLUMNS = {
         "agentIdentityId": "bigint", "agentTokenId": "bigint", "action": "character varying(64)",
         "actorUserId": "uuid", "actorEmail": "character varying(255)", "reason": "text",
         "metadata": "jsonb", "createdAt": "timestamp without time zone",
+        "sequence": "bigint", "workspacePublicId": "character varying(12)",
+        "identityPublicId": "character varying(12)", "identitySlug": "character varying(64)",
+        "tokenPublicId": "character varying(12)", "actorUserUuid": "uuid",
+        "previousHash": "character varying(64)", "hash": "character varying(64)",
     },
 }
 KAN_TABLES = ("user", "workspace", "workspace_members", "workspace_roles",
@@ -1422,6 +1719,63 @@ AUDIT_DETAIL = """(
         'events', coalesce((SELECT jsonb_agg(to_jsonb(page) ORDER BY page."createdAt" DESC, page."id" DESC)
                             FROM page), '[]'::jsonb))
 )"""
+
+# The head of a workspace's audit chain (its highest sequence), and how many of
+# its events have no place in the chain; {workspace} is the workspace's id.
+CHAIN_HEAD = """(
+    SELECT jsonb_build_object(
+        'sequence', head."sequence", 'hash', head."hash", 'createdAt', head."createdAt",
+        'unchained', (SELECT count(*) FROM agent_audit_event u
+                      WHERE u."workspaceId" = {workspace} AND u."sequence" IS NULL))
+    FROM (SELECT) AS one
+    LEFT JOIN LATERAL (
+        SELECT e."sequence", e."hash", e."createdAt"
+        FROM agent_audit_event e
+        WHERE e."workspaceId" = {workspace} AND e."sequence" IS NOT NULL
+        ORDER BY e."sequence" DESC
+        LIMIT 1
+    ) AS head ON true
+)"""
+
+# audit head and audit verify without a workspace: every workspace the actor
+# manages, with its chain's head.
+MANAGED_HEADS_SQL = "WITH" + MANAGER_CTES.replace("{scope}", "") + """
+SELECT w."id", w."publicId", w.slug, """ + CHAIN_HEAD.replace("{workspace}", 'w."id"') + """ AS head
+FROM manager
+JOIN workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+ORDER BY w.slug, w."publicId"
+"""
+
+# doctor: every workspace that has audit events, whoever manages it.
+AUDITED_WORKSPACES_SQL = """
+SELECT w."id", w."publicId", w.slug
+FROM workspace w
+WHERE EXISTS (SELECT 1 FROM agent_audit_event e WHERE e."workspaceId" = w."id")
+ORDER BY w.slug, w."publicId"
+"""
+
+# A workspace's events in chain order, the unchained last, with the values the
+# chain's encoding covers (the metadata as the jsonb's text): what check_chain reads.
+CHAIN_EVENTS_SQL = """
+SELECT "publicId", "sequence", "workspacePublicId", action, "identityPublicId", "identitySlug",
+       "tokenPublicId", "actorUserUuid", "actorEmail", reason, metadata::text AS metadata, "createdAt",
+       "previousHash", "hash"
+FROM agent_audit_event
+WHERE "workspaceId" = %(workspace_id)s
+ORDER BY "sequence" NULLS LAST, "id"
+"""
+CHAIN_FETCH_ROWS = 10_000  # rows per fetch: memory stays flat however long the chain
+
+
+def chain_events(conn, workspace_id: int):
+    """A workspace's events in chain order, fetched a batch at a time from a server-side cursor."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(name="agent_audit_chain", row_factory=dict_row) as cursor:
+        cursor.itersize = CHAIN_FETCH_ROWS
+        cursor.execute(CHAIN_EVENTS_SQL, {"workspace_id": workspace_id})
+        yield from cursor
+
 
 # --workspace W: the workspace whose public id or slug W is; a public id wins.
 WORKSPACE_REF = """("publicId" = %(workspace)s OR slug = %(workspace)s)
@@ -2323,7 +2677,11 @@ def later_pages(conn, args: argparse.Namespace, cursor: str | None):
 
 def cmd_audit(conn, args: argparse.Namespace) -> dict:
     """The workspace's audit events, newest first, a page at a time; with --all (and
-    --jsonl), every page, streamed as it is read."""
+    --jsonl), every page, streamed as it is read. audit head and audit verify: its chain."""
+    if args.mode == "head":
+        return cmd_audit_head(conn, args)
+    if args.mode == "verify":
+        return cmd_audit_verify(conn, args)
     if args.limit is None:
         args.limit = LIST_LIMIT_MAX if args.all else LIST_LIMIT_DEFAULT
     page = audit_page(conn, args, args.after)
@@ -2334,6 +2692,51 @@ def cmd_audit(conn, args: argparse.Namespace) -> dict:
         if page["nextCursor"]:
             result["later"] = later_pages(conn, args, page["nextCursor"])  # run() leaves conn to it
     return result
+
+
+def chain_workspaces(conn, args: argparse.Namespace) -> list[dict]:
+    """What audit head and audit verify look at: the workspace given (after the access
+    check), or every one the actor manages; each with its public id, slug and chain head."""
+    from psycopg.rows import dict_row
+
+    if args.workspace_public_id:
+        detail = ("""jsonb_build_object('slug', (SELECT w.slug FROM workspace w WHERE w."id" = ws."id"), 'head', """
+                  + CHAIN_HEAD.replace("{workspace}", 'ws."id"') + ")")
+        access = check_identity(conn, args, detail=detail)
+        return [{"id": access["workspace_id"], "publicId": access["workspace_public_id"],
+                 "slug": access["detail"]["slug"], "head": access["detail"]["head"]}]
+    return conn.cursor(row_factory=dict_row).execute(
+        MANAGED_HEADS_SQL, {"email": args.actor_email, "permission": MANAGE_PERMISSION}).fetchall()
+
+
+def cmd_audit_head(conn, args: argparse.Namespace) -> dict:
+    """The head of each audit chain (SEQUENCE:HASH), to pin somewhere the database's
+    writers cannot reach; audit verify --expect-head checks the chain still extends it."""
+    with transaction(conn, args.lock_timeout, read_only=True):
+        workspaces = chain_workspaces(conn, args)
+    heads = []
+    for workspace in workspaces:
+        head = json_times(workspace["head"])
+        heads.append({
+            "workspacePublicId": workspace["publicId"], "slug": workspace["slug"],
+            "sequence": head["sequence"], "hash": head["hash"],
+            "head": str(Head(head["sequence"], head["hash"])) if head["sequence"] else None,
+            "createdAt": iso(head["createdAt"]), "unchained": head["unchained"],
+        })
+    return {"ok": True, "command": "audit head", "workspaces": heads}
+
+
+def cmd_audit_verify(conn, args: argparse.Namespace) -> dict:
+    """Recompute every event's hash from the rows alone, in chain order, streamed, and say
+    per workspace whether the chain is intact, its head, and the first break."""
+    reports = []
+    with transaction(conn, args.lock_timeout, read_only=True):
+        for workspace in chain_workspaces(conn, args):
+            with contextlib.closing(chain_events(conn, workspace["id"])) as events:
+                report = check_chain(events, args.expect_head)
+            reports.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], **report})
+    return {"ok": True, "command": "audit verify", "intact": all(r["intact"] for r in reports),
+            "expectHead": args.expect_head and str(args.expect_head), "workspaces": reports}
 
 
 def read_token(args: argparse.Namespace) -> str:
@@ -2463,6 +2866,45 @@ SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)
 """
 
 
+def chain_health(conn) -> list[dict]:
+    """Every workspace's audit chain, whoever manages it, verified: intact, broken, or
+    not yet chained (events from before the chain, which applying schema chains)."""
+    from psycopg.rows import dict_row
+
+    health = []
+    for workspace in conn.cursor(row_factory=dict_row).execute(AUDITED_WORKSPACES_SQL).fetchall():
+        with contextlib.closing(chain_events(conn, workspace["id"])) as events:
+            report = check_chain(events)
+        fault = report["break"]
+        state = ("intact" if report["intact"]
+                 else "not_chained" if fault["kind"] == "unchained" and not report["events"] else "broken")
+        health.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], "state": state,
+                       **report})
+    return health
+
+
+def check_chains(chains: list[dict], check) -> None:
+    """doctor's line about the audit chains."""
+    def name(chain: dict) -> str:
+        return f"{chain['slug'] or chain['workspacePublicId']} ({chain['workspacePublicId']})"
+
+    intact = [c for c in chains if c["state"] == "intact"]
+    broken = [c for c in chains if c["state"] == "broken"]
+    waiting = [c for c in chains if c["state"] == "not_chained"]
+    said = [f"{len(intact)} of {len(chains)} workspaces intact ({sum(c['events'] for c in intact)} events)"]
+    said += [f"broken: {name(c)} at {c['break']['sequence'] or 'an unchained event'} ({c['break']['kind']})"
+             for c in broken]
+    if waiting:
+        said.append(f"not yet chained: {', '.join(map(name, waiting))}")
+    fixes = []
+    if waiting:
+        fixes.append("apply `agent-identity schema` as the owner of Kan's tables: it chains the older events")
+    if broken:
+        fixes.append("run `agent-identity audit verify --workspace W` for each broken one and treat its log as "
+                     "tampered with from that event on (docs/runbook.md)")
+    check("audit chains", not (broken or waiting), "; ".join(said), "; ".join(fixes))
+
+
 def cmd_doctor(args: argparse.Namespace) -> dict:
     """Check what the tool needs, one line each, with how to fix what fails."""
     checks: list[dict] = []
@@ -2472,8 +2914,11 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
         checks.append({"name": name, "ok": ok, "detail": scrub_tokens(detail), "fix": None if ok else fix})
         return ok
 
+    chains: list[dict] = []
+
     def result() -> dict:
-        return {"ok": True, "command": "doctor", "healthy": all(c["ok"] for c in checks), "checks": checks}
+        return {"ok": True, "command": "doctor", "healthy": all(c["ok"] for c in checks), "checks": checks,
+                "chains": chains}
 
     try:
         conn = connect(database_url(args))
@@ -2535,6 +2980,9 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                       "slower argon2 parameters: they verify; rotate them to re-hash (agent-identity rotate)"
                       if old else f"every live token is hashed with argon2id m={ARGON2_MEMORY_KIB} KiB, "
                                   f"t={ARGON2_TIME_COST}, p={ARGON2_PARALLELISM}")
+            if not drift:
+                chains.extend(chain_health(conn))
+                check_chains(chains, check)
             present = [t for t in tables if t in found]
             blind = [row["table"] for row in cursor.execute(READABLE_SQL, {"tables": present})
                      if not (row["can_select"] and row["past_rls"])]
@@ -2605,7 +3053,20 @@ def run(args: argparse.Namespace) -> dict:
                 alternatives += " (or --token)" if hasattr(args, "token") else ""
                 raise AdminError(EXIT_USAGE, f"the following arguments are required: {', '.join(missing)}"
                                              f"{alternatives} (see `{PROG} {args.command} --help`)")
-    if args.command == "audit":
+    if args.command == "audit" and args.mode:
+        listing = [option for option, value in (
+            ("--since", args.since), ("--until", args.until), ("--actor", args.actor), ("--action", args.action),
+            ("--slug", args.slug), ("--token", args.token), ("--limit", args.limit), ("--after", args.after),
+            ("--jsonl", args.jsonl), ("--all", args.all)) if value]
+        if listing:
+            raise AdminError(EXIT_USAGE, f"audit {args.mode} looks at whole chains: {listing[0]} is for listing "
+                                         f"events (see `{PROG} audit --help`)")
+        if args.expect_head and (args.mode != "verify" or not args.workspace_public_id):
+            raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify and one workspace "
+                                         "(--workspace or --workspace-public-id)")
+    elif args.command == "audit":
+        if args.expect_head:
+            raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify")
         if not (args.workspace_public_id or args.token):
             raise AdminError(EXIT_USAGE, "the following arguments are required: --workspace-public-id or "
                                          f"--workspace (or --token) (see `{PROG} audit --help`)")
@@ -2890,6 +3351,35 @@ def render_audit(result: dict, width: int | None) -> list[str]:
     )]
 
 
+def render_audit_head(result: dict) -> list[str]:
+    if not result["workspaces"]:
+        return ["no workspace to show"]
+    lines = []
+    for w in result["workspaces"]:
+        name = f"{w['slug'] or w['workspacePublicId']} ({w['workspacePublicId']})"
+        head = f"head {w['head']} ({w['createdAt']})" if w["head"] else "no chained events yet"
+        unchained = f"; {w['unchained']} events not yet chained" if w["unchained"] else ""
+        lines.append(f"{name}: {head}{unchained}")
+    return lines
+
+
+def render_audit_verify(result: dict) -> list[str]:
+    if not result["workspaces"]:
+        return ["no workspace to verify"]
+    lines = []
+    for w in result["workspaces"]:
+        name = f"{w['slug'] or w['workspacePublicId']} ({w['workspacePublicId']})"
+        if w["intact"]:
+            head = f", head {w['head']}" if w["head"] else ""
+            lines.append(f"✓ {name}: intact, {w['events']} event{'' if w['events'] == 1 else 's'}{head}")
+        else:
+            fault = w["break"]
+            where = f" at {fault['sequence']}" if fault["sequence"] else ""
+            lines.append(f"✗ {name}: broken{where} ({fault['kind']}): {fault['message']}")
+            lines.append(f"  the first {w['events']} events are intact" + (f", up to {w['head']}" if w["head"] else ""))
+    return lines
+
+
 def render_doctor(result: dict) -> list[str]:
     lines = []
     for check in result["checks"]:
@@ -2963,6 +3453,10 @@ class Output:
             lines = render_list(result, self.width)
             if result["nextCursor"]:
                 notes = [f"more: add --after {result['nextCursor']}"]
+        elif command == "audit head":
+            lines = render_audit_head(result)
+        elif command == "audit verify":
+            lines = render_audit_verify(result)
         elif command == "audit":
             lines = render_audit(result, self.width)
             if result["nextCursor"]:
@@ -2986,7 +3480,7 @@ class Output:
                 self.notes(notes)
                 return
         text = visible("\n".join(lines)) + "\n"
-        if self.colour and command == "doctor":  # the marks are ours: coloured after visible()
+        if self.colour and command in ("doctor", "audit verify"):  # the marks are ours: coloured after visible()
             text = re.sub(r"^([✓✗])", lambda mark: f"\033[{32 if mark[1] == '✓' else 31}m{mark[1]}\033[0m",
                           text, flags=re.M)
         self._write(self.stdout, text)
@@ -3329,8 +3823,14 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
                      help="start after this identity: the nextCursor of the previous page")
     sub.add_argument("--wide", action="store_true", help="print the table whole, however wide the terminal")
 
-    sub = command("audit", "show a workspace's audit events, newest first: who did what, when",
-                  slug=False, by_token=True)
+    sub = command("audit", "show a workspace's audit events, newest first: who did what, when; "
+                           "verify its hash chain", slug=False, by_token=True)
+    sub.add_argument("mode", nargs="?", choices=("verify", "head"), metavar="verify|head",
+                     help="verify: recompute every audit chain (the workspace's, or every one you manage) and "
+                          f"exit {EXIT_CHAIN_BROKEN} at a break; head: print each chain's head, SEQUENCE:HASH, "
+                          "to pin")
+    sub.add_argument("--expect-head", type=parse_head, metavar="SEQ:HASH",
+                     help="with verify: also fail unless the chain still holds this head, pinned earlier")
     sub.add_argument("--since", type=parse_moment, metavar="WHEN",
                      help="only events at or after WHEN: a duration back from now (24h, 7d) or an ISO time "
                           "(UTC unless it says otherwise)")
@@ -3378,11 +3878,13 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
 
 
 def exit_code(result: dict) -> int:
-    """A result's exit code: a verdict (verify 7, doctor 6, expiring 9) or success."""
+    """A result's exit code: a verdict (verify 7, doctor 6, expiring 9, audit verify 10) or success."""
     if result.get("valid") is False:
         return EXIT_INVALID_TOKEN
     if result["command"] == "expiring" and result["tokens"]:
         return EXIT_EXPIRING
+    if result["command"] == "audit verify" and not result["intact"]:
+        return EXIT_CHAIN_BROKEN
     return EXIT_DATABASE if result.get("healthy") is False else EXIT_OK
 
 

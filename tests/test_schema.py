@@ -27,6 +27,11 @@ CONTRACT = {
         "agentIdentityId": "bigint", "agentTokenId": "bigint", "action": "character varying(64)",
         "actorUserId": "uuid", "actorEmail": "character varying(255)", "reason": "text",
         "metadata": "jsonb", "createdAt": "timestamp without time zone",
+        # the audit chain (docs/schema.md)
+        "sequence": "bigint", "workspacePublicId": "character varying(12)",
+        "identityPublicId": "character varying(12)", "identitySlug": "character varying(64)",
+        "tokenPublicId": "character varying(12)", "actorUserUuid": "uuid",
+        "previousHash": "character varying(64)", "hash": "character varying(64)",
     },
 }
 
