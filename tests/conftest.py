@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -73,3 +77,23 @@ def operator(kan, cli):
     """The admin of a fresh workspace: operator("list"), operator.create("bot")."""
     workspace, admin = kan.managed_workspace()
     return support.Operator(cli, workspace, admin["email"])
+
+
+@pytest.fixture(scope="session")
+def node_bin() -> Path:
+    """server/'s Node tools (the token and audit chain verifiers): its node_modules/.bin."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        if os.environ.get("AGENT_IDENTITY_REQUIRE_NODE"):
+            pytest.fail("AGENT_IDENTITY_REQUIRE_NODE is set but node or npm is missing")
+        pytest.skip("node and npm are needed to run the server-side verifier")
+    # Test workers (or two runs in one checkout) may get here at once, and two `npm ci`
+    # in one folder break each other: the first holds a lock on the lockfile, the rest
+    # wait and then find the packages installed. npm never writes package-lock.json in ci.
+    with open(support.SERVER / "package-lock.json") as lockfile:
+        fcntl.flock(lockfile, fcntl.LOCK_EX)
+        if not (support.SERVER / "node_modules" / ".package-lock.json").exists():
+            installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=support.SERVER, capture_output=True,
+                                       text=True, timeout=600)
+            assert installed.returncode == 0, f"npm ci in server/ failed: {installed.stderr[-2000:]}"
+    return support.SERVER / "node_modules" / ".bin"

@@ -26,6 +26,7 @@ import agent_identity_admin as tool
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "agent_identity_admin.py"
+SERVER = REPO / "server"  # the Kan server's side, in Node: tests/test_server_verifier.py, test_audit_chain.py
 KAN_SCHEMA = Path(__file__).resolve().parent / "kan_schema.sql"
 TEST_DSN_VARIABLE = "AGENT_IDENTITY_TEST_DSN"
 PG_VERSION_VARIABLE = "AGENT_IDENTITY_TEST_PG_VERSION"

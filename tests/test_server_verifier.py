@@ -5,7 +5,6 @@ CI sets, is not). Where they are present, the session installs server/'s
 locked dependencies itself (npm ci), so the README's test command is enough.
 """
 
-import fcntl
 import json
 import os
 import shutil
@@ -18,27 +17,8 @@ from psycopg.conninfo import conninfo_to_dict
 import agent_identity_admin as tool
 from tests import support
 
-SERVER = support.REPO / "server"
+SERVER = support.SERVER
 VERIFIER = SERVER / "verify-agent-token.ts"
-
-
-@pytest.fixture(scope="session")
-def node_bin() -> Path:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        if os.environ.get("AGENT_IDENTITY_REQUIRE_NODE"):
-            pytest.fail("AGENT_IDENTITY_REQUIRE_NODE is set but node or npm is missing")
-        pytest.skip("node and npm are needed to run the server-side verifier")
-    # Test workers (or two runs in one checkout) may get here at once, and two `npm ci`
-    # in one folder break each other: the first holds a lock on the lockfile, the rest
-    # wait and then find the packages installed. npm never writes package-lock.json in ci.
-    with open(SERVER / "package-lock.json") as lockfile:
-        fcntl.flock(lockfile, fcntl.LOCK_EX)
-        if not (SERVER / "node_modules" / ".package-lock.json").exists():
-            installed = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=SERVER, capture_output=True,
-                                       text=True, timeout=600)
-            assert installed.returncode == 0, f"npm ci in server/ failed: {installed.stderr[-2000:]}"
-    return SERVER / "node_modules" / ".bin"
 
 
 def node_verdicts(node_bin: Path, database: str, tokens: list[str]) -> list[dict]:

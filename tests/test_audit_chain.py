@@ -1,0 +1,409 @@
+"""The audit log's hash chain: written by the database in the event's own statement,
+append-only for every role, and checked by `audit verify` — which catches what an attacker
+with the triggers disabled (a superuser) does to the rows."""
+
+import json
+import os
+import subprocess
+import time
+from datetime import datetime
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+import agent_identity_admin as tool
+from tests import support
+
+
+def chain(db, workspace: dict) -> list[dict]:
+    return db.cursor(row_factory=psycopg.rows.dict_row).execute(
+        """SELECT "publicId", "sequence", action, "identitySlug", "identityPublicId", "tokenPublicId",
+                  "workspacePublicId", "actorUserUuid", "previousHash", "hash", "createdAt"
+           FROM agent_audit_event WHERE "workspaceId" = %s ORDER BY "sequence" NULLS LAST, id""",
+        (workspace["id"],)).fetchall()
+
+
+def verified(operator, *args):
+    run = operator.cli("audit", "verify", "--workspace-public-id", operator.workspace["publicId"], "--json", *args,
+                       env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    [report] = run.json["workspaces"]
+    return run, report
+
+
+def head_of(operator) -> str:
+    run = operator.cli("audit", "head", "--workspace-public-id", operator.workspace["publicId"], "--json",
+                       env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert run.code == 0, run.stdout
+    return run.json["workspaces"][0]["head"]
+
+
+@pytest.fixture
+def history(operator, kan, cli):
+    """Six events, each a different way of writing one: create (two), rotate, pause --all
+    (a bulk statement), revoke of one token, and a refusal (access.denied)."""
+    first = operator.create("chain-one").json
+    operator.create("chain-two")
+    operator("rotate", "--slug", "chain-two", "--reason", "routine: ünïcödé, \"quotes\" & 1:2,3", "--confirm")
+    operator("pause", "--all", "--reason", "drill", "--confirm")
+    outsider = kan.user()
+    refused = cli("inspect", "--workspace-public-id", operator.workspace["publicId"], "--slug", "chain-one",
+                  env={"AGENT_IDENTITY_ADMIN_EMAIL": outsider["email"]})
+    assert refused.code == 4
+    return first
+
+
+def tamper(db, statement: str, params=()) -> None:
+    """What an attacker with a superuser's access does: write with the triggers off."""
+    with db.transaction():
+        db.execute("SET LOCAL session_replication_role = replica")
+        db.execute(statement, params)
+
+
+# --- written by the database, in the event's own statement --------------------------
+
+
+def test_every_way_of_writing_an_event_extends_the_chain(db, operator, history):
+    events = chain(db, operator.workspace)
+    assert [e["sequence"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e["action"] for e in events] == ["identity.created", "identity.created", "identity.token_rotated",
+                                             "identity.paused", "identity.paused", "access.denied"]
+    assert events[0]["previousHash"] == "0" * 64
+    assert all(later["previousHash"] == earlier["hash"] for earlier, later in zip(events, events[1:]))
+    assert all(earlier["createdAt"] <= later["createdAt"] for earlier, later in zip(events, events[1:]))
+    # The chain names what each event is about by values no cascade changes.
+    assert (events[0]["identitySlug"], events[0]["identityPublicId"], events[0]["tokenPublicId"]) == \
+        ("chain-one", history["identity"]["publicId"], history["token"]["publicId"])
+    assert {e["workspacePublicId"] for e in events} == {operator.workspace["publicId"]}
+    run, report = verified(operator)
+    assert run.code == 0, run.stdout
+    assert (report["intact"], report["events"], report["head"]) == (True, 6, f"6:{events[-1]['hash']}")
+    assert head_of(operator) == report["head"]
+
+
+def test_writing_still_takes_the_same_round_trips(cli_dsn, operator):
+    operator.create("counted")
+    code, trips, statements = support.round_trips(
+        ["pause", "--workspace-public-id", operator.workspace["publicId"], "--slug", "counted", "--confirm"],
+        cli_dsn, operator.email)
+    assert code == 0 and trips <= 4, statements
+
+
+# --- append-only for every role ----------------------------------------------------
+
+
+@pytest.mark.parametrize("statement, refusal", [
+    ("""UPDATE agent_audit_event SET reason = 'rewritten' WHERE "workspaceId" = %s""", "may not be changed"),
+    ("""UPDATE agent_audit_event SET "actorEmail" = 'someone@example.com' WHERE "workspaceId" = %s""",
+     "may not be changed"),
+    ("""UPDATE agent_audit_event SET "hash" = repeat('0', 64) WHERE "workspaceId" = %s""", "may not be changed"),
+    ("""DELETE FROM agent_audit_event WHERE "workspaceId" = %s""", "may not be deleted"),
+    ("""TRUNCATE agent_audit_event""", "may not be truncated"),
+])
+def test_the_owner_cannot_rewrite_or_remove_an_event(db, operator, history, statement, refusal):
+    before = chain(db, operator.workspace)
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"agent_audit_event is append-only: .*{refusal}"):
+        db.execute(statement, (operator.workspace["id"],) if "%s" in statement else ())
+    assert chain(db, operator.workspace) == before
+    assert db.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0], \
+        "refused although the session is a superuser and the table's owner"
+
+
+def test_kans_cascades_still_work_and_leave_the_chain_intact(db, operator, history):
+    # An identity deleted by hand: its events keep their place, their foreign keys go NULL.
+    db.execute('DELETE FROM agent_identity WHERE "publicId" = %s', (history["identity"]["publicId"],))
+    orphaned = db.execute("""SELECT count(*) FROM agent_audit_event
+                             WHERE "identityPublicId" = %s AND "agentIdentityId" IS NULL""",
+                          (history["identity"]["publicId"],)).fetchone()[0]
+    assert orphaned == 3  # created, paused by the batch, and the refusal
+    run, report = verified(operator)
+    assert (run.code, report["intact"], report["events"]) == (0, True, 6)
+    # Kan hard-deleting the workspace takes its events with it.
+    db.execute("DELETE FROM workspace WHERE id = %s", (operator.workspace["id"],))
+    assert chain(db, operator.workspace) == []
+
+
+# --- audit verify catches what a superuser does with the triggers off --------------
+
+
+def test_a_changed_reason_is_a_changed_event(db, operator, history):
+    tamper(db, """UPDATE agent_audit_event SET reason = 'nothing to see' WHERE "workspaceId" = %s AND "sequence" = 3""",
+           (operator.workspace["id"],))
+    run, report = verified(operator)
+    assert run.code == 10 and run.json["ok"] is False
+    assert report["break"]["kind"] == "changed" and report["break"]["sequence"] == 3
+    assert report["events"] == 2
+    text = operator.cli("audit", "verify", "--workspace-public-id", operator.workspace["publicId"],
+                        env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert text.code == 10
+    assert text.stdout.splitlines()[0] == (
+        f"✗ {db.execute('SELECT slug FROM workspace WHERE id = %s', (operator.workspace['id'],)).fetchone()[0]} "
+        f"({operator.workspace['publicId']}): broken at 3 (changed): event 3 was changed: it no longer hashes to "
+        "its recorded hash")
+
+
+def test_a_deleted_event_is_a_gap(db, operator, history):
+    tamper(db, """DELETE FROM agent_audit_event WHERE "workspaceId" = %s AND "sequence" = 4""",
+           (operator.workspace["id"],))
+    run, report = verified(operator)
+    assert run.code == 10
+    assert (report["break"]["kind"], report["break"]["sequence"], report["events"]) == ("gap", 4, 3)
+
+
+@pytest.mark.parametrize("swap", ["sequence", "createdAt"])
+def test_swapped_events_are_reordered(db, operator, history, swap):
+    events = chain(db, operator.workspace)
+    second, third = events[1], events[2]
+    with db.transaction():
+        db.execute("SET LOCAL session_replication_role = replica")
+        # In two steps: the unique (workspace, sequence) index holds after each statement.
+        placeholder = {"sequence": -1, "createdAt": datetime(1970, 1, 1)}[swap]
+        for event, value in ((second, placeholder), (third, second[swap]), (second, third[swap])):
+            db.execute(f"""UPDATE agent_audit_event SET "{swap}" = %s WHERE "publicId" = %s""",
+                       (value, event["publicId"]))
+    run, report = verified(operator)
+    assert run.code == 10
+    assert (report["break"]["kind"], report["break"]["sequence"]) == ("reordered", 2), report
+
+
+def test_a_rewrite_that_recomputes_every_later_hash_fails_only_the_pinned_head(db, operator, history):
+    pinned = head_of(operator)
+    # The attacker inserts a forged event at 3, moves the later ones up, and recomputes
+    # every hash from there on, with the database's own function: the chain is whole again.
+    workspace_id = operator.workspace["id"]
+    with db.transaction():
+        db.execute("SET LOCAL session_replication_role = replica")
+        db.execute("""UPDATE agent_audit_event SET "sequence" = -"sequence"
+                      WHERE "workspaceId" = %s AND "sequence" >= 3""", (workspace_id,))
+        db.execute("""UPDATE agent_audit_event SET "sequence" = 1 - "sequence"
+                      WHERE "workspaceId" = %s AND "sequence" < 0""", (workspace_id,))
+        db.execute("""INSERT INTO agent_audit_event ("publicId", "workspaceId", action, "actorEmail", reason,
+                                                     "workspacePublicId", "sequence", "createdAt")
+                      SELECT 'Forged000001', %s, 'identity.resumed', 'admin@example.com', 'approved', %s, 3,
+                             e."createdAt"
+                      FROM agent_audit_event e WHERE e."workspaceId" = %s AND e."sequence" = 2""",
+                   (workspace_id, operator.workspace["publicId"], workspace_id))
+        db.execute("""DO $$
+            DECLARE e agent_audit_event;
+            BEGIN
+                FOR e IN SELECT * FROM agent_audit_event WHERE "workspaceId" = %s AND "sequence" >= 3
+                         ORDER BY "sequence" LOOP
+                    e."previousHash" := (SELECT p."hash" FROM agent_audit_event p
+                                         WHERE p."workspaceId" = e."workspaceId" AND p."sequence" = e."sequence" - 1);
+                    UPDATE agent_audit_event SET "previousHash" = e."previousHash",
+                                                 "hash" = agent_audit_event_hash(e)
+                    WHERE "publicId" = e."publicId";
+                END LOOP;
+            END $$""".replace("%s", str(int(workspace_id))))
+    run, report = verified(operator)
+    assert (run.code, report["intact"], report["events"]) == (0, True, 7), "the chain alone cannot tell"
+    run, report = verified(operator, "--expect-head", pinned)
+    assert run.code == 10
+    assert (report["break"]["kind"], report["break"]["sequence"]) == ("head_mismatch", 6)
+    assert run.json["expectHead"] == pinned
+
+
+def test_a_cut_off_end_fails_the_pinned_head(db, operator, history):
+    pinned = head_of(operator)
+    assert verified(operator, "--expect-head", pinned)[0].code == 0
+    tamper(db, """DELETE FROM agent_audit_event WHERE "workspaceId" = %s AND "sequence" = 6""",
+           (operator.workspace["id"],))
+    run, report = verified(operator)
+    assert (run.code, report["intact"]) == (0, True)
+    run, report = verified(operator, "--expect-head", pinned)
+    assert run.code == 10
+    assert report["break"]["kind"] == "head_mismatch"
+    assert report["break"]["message"].startswith("the chain ends at 5, before the pinned head 6:")
+
+
+def test_an_event_written_past_the_trigger_is_unchained(db, operator, history):
+    tamper(db, """INSERT INTO agent_audit_event ("publicId", "workspaceId", action, "actorEmail")
+                  VALUES ('Sneaked00001', %s, 'identity.resumed', 'x@example.com')""", (operator.workspace["id"],))
+    run, report = verified(operator)
+    assert run.code == 10
+    assert (report["break"]["kind"], report["break"]["eventPublicId"], report["events"]) == \
+        ("unchained", "Sneaked00001", 6)
+    doctor = operator.cli("doctor", "--json", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert doctor.code == 6
+    [mine] = [c for c in doctor.json["chains"] if c["workspacePublicId"] == operator.workspace["publicId"]]
+    assert mine["state"] == "broken"
+
+
+# --- who may verify, and how it is asked --------------------------------------------
+
+
+def test_verify_without_a_workspace_checks_every_one_the_actor_manages(db, kan, cli):
+    admin = kan.user()
+    workspaces = [kan.workspace() for _ in range(2)]
+    for workspace in workspaces:
+        kan.member(workspace, admin)
+        support.Operator(cli, workspace, admin["email"]).create("bot")
+    elsewhere = kan.managed_workspace()[0]  # someone else's: not looked at
+    run = cli("audit", "verify", "--json", env={"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]})
+    assert run.code == 0
+    assert {w["workspacePublicId"] for w in run.json["workspaces"]} == {w["publicId"] for w in workspaces}
+    assert elsewhere["publicId"] not in run.stdout
+
+
+def test_an_outsider_may_not_verify_and_is_audited(db, kan, cli, operator, history):
+    outsider = kan.user()
+    before = support.snapshot(db)
+    run = cli("audit", "verify", "--workspace-public-id", operator.workspace["publicId"], "--json",
+              env={"AGENT_IDENTITY_ADMIN_EMAIL": outsider["email"]})
+    assert run.code == 4 and "head" not in run.stdout
+    [event] = support.added_rows(before, support.snapshot(db))["agent_audit_event"]
+    assert (event["action"], event["metadata"]["command"]) == ("access.denied", "audit")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["verify", "--since", "24h"], "audit verify looks at whole chains: --since is for listing events"),
+    (["head", "--jsonl"], "audit head looks at whole chains: --jsonl is for listing events"),
+    (["--expect-head", "1:" + "a" * 64], "--expect-head goes with audit verify"),
+    (["verify", "--expect-head", "1:xyz"], "must be SEQUENCE:HASH"),
+])
+def test_chain_usage_errors(operator, args, message):
+    run = operator.cli("audit", "--workspace-public-id", operator.workspace["publicId"], *args,
+                       env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert run.code == 2 and message in run.stderr, run.stderr
+
+
+def test_expect_head_needs_one_workspace(operator):
+    run = operator.cli("audit", "verify", "--expect-head", "1:" + "a" * 64,
+                       env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert run.code == 2 and "one workspace" in run.stderr
+
+
+# --- concurrency: one workspace's writers take turns; other workspaces never wait ---
+
+
+def test_sixteen_concurrent_changes_in_one_workspace_all_land_in_one_chain(db, cli_dsn, operator):
+    slugs = [f"racer-{number}" for number in range(16)]
+    for slug in slugs:
+        operator.create(slug)
+    before = len(chain(db, operator.workspace))
+    processes = [support.start_cli(["pause", "--workspace-public-id", operator.workspace["publicId"], "--slug", slug,
+                                    "--confirm", "--json"], cli_dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+                 for slug in slugs]
+    results = [(process.wait(timeout=120), process.stdout.read(), process.stderr.read()) for process in processes]
+    assert [code for code, _, _ in results] == [0] * 16, [err for _, _, err in results]
+    events = chain(db, operator.workspace)
+    assert len(events) == before + 16
+    assert [e["sequence"] for e in events] == list(range(1, before + 17))
+    run, report = verified(operator)
+    assert (run.code, report["events"]) == (0, before + 16)
+
+
+def test_a_held_chain_makes_its_workspace_wait_and_no_other(db, database, kan, cli_dsn, operator):
+    other_workspace, other_admin = kan.managed_workspace()
+    other = support.Operator(operator.cli, other_workspace, other_admin["email"])
+    operator.create("waiting")
+    # Another session writes an event in the operator's workspace and holds its transaction open.
+    with psycopg.connect(database) as holder:
+        holder.execute("""INSERT INTO agent_audit_event ("publicId", "workspaceId", action, "actorEmail")
+                          VALUES ('Holding00001', %s, 'identity.paused', 'holder@example.com')""",
+                       (operator.workspace["id"],))
+        started = time.monotonic()
+        elsewhere = other.create("unhindered", "--lock-timeout", "2")
+        assert elsewhere.code == 0 and time.monotonic() - started < 10
+        blocked = operator("pause", "--slug", "waiting", "--lock-timeout", "1", "--confirm")
+        assert blocked.code == 5, blocked.stdout
+        holder.rollback()
+    assert db.execute("""SELECT status FROM agent_identity WHERE slug = 'waiting' AND "workspaceId" = %s""",
+                      (operator.workspace["id"],)).fetchone()[0] == "active", "nothing written"
+    assert verified(operator)[0].code == 0 and verified(other)[0].code == 0
+
+
+# --- upgrade in place ----------------------------------------------------------------
+
+
+CHAIN_OBJECTS = """
+DROP TRIGGER agent_audit_event_chain ON agent_audit_event;
+DROP TRIGGER agent_audit_event_append_only ON agent_audit_event;
+DROP TRIGGER agent_audit_event_no_truncate ON agent_audit_event;
+DROP FUNCTION agent_audit_event_chain(), agent_audit_event_append_only(), agent_audit_event_no_truncate(),
+              agent_audit_event_link(agent_audit_event, boolean), agent_audit_event_hash(agent_audit_event),
+              agent_audit_field(text);
+ALTER TABLE agent_audit_event DROP COLUMN "sequence", DROP COLUMN "workspacePublicId",
+    DROP COLUMN "identityPublicId", DROP COLUMN "identitySlug", DROP COLUMN "tokenPublicId",
+    DROP COLUMN "actorUserUuid", DROP COLUMN "previousHash", DROP COLUMN "hash";
+"""
+
+
+def test_applying_schema_chains_the_events_written_before_it_once(server_dsn):
+    dsn = support.create_database(server_dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(CHAIN_OBJECTS)  # the database as version 0.2.0 of the tool left it
+            kan = support.Kan(conn)
+            operators = []
+            for _ in range(2):
+                workspace, admin = kan.managed_workspace()
+                operators.append(support.Operator(None, workspace, admin["email"]))
+        for number in range(3):
+            for operator in operators:
+                support.run_cli(["create", "--workspace-public-id", operator.workspace["publicId"], "--slug",
+                                 f"before-{number}", "--display-name", "B", "--token-name", "t", "--scopes",
+                                 "boards:read", "--confirm"], dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+        doctor = support.run_cli(["doctor"], dsn)
+        assert doctor.code == 6 and 'agent_audit_event."sequence" is missing' in doctor.stdout
+        schema = support.run_cli(["schema"], dsn).stdout
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(schema)
+            first = conn.execute("""SELECT "publicId", "workspaceId", "sequence", "hash", "createdAt"
+                                    FROM agent_audit_event ORDER BY "workspaceId", "sequence" """).fetchall()
+            conn.execute(schema)  # again: nothing changes
+            again = conn.execute("""SELECT "publicId", "workspaceId", "sequence", "hash", "createdAt"
+                                    FROM agent_audit_event ORDER BY "workspaceId", "sequence" """).fetchall()
+        assert first == again and len(first) == 6
+        for workspace_id in {row[1] for row in first}:
+            rows = [row for row in first if row[1] == workspace_id]
+            assert [row[2] for row in rows] == [1, 2, 3]
+            assert [row[4] for row in rows] == sorted(row[4] for row in rows), "in the order written"
+        doctor = support.run_cli(["doctor", "--json"], dsn)
+        assert doctor.code == 0, doctor.stdout
+        assert [chain["state"] for chain in doctor.json["chains"]] == ["intact", "intact"]
+        for operator in operators:
+            run = support.run_cli(["audit", "verify", "--workspace-public-id", operator.workspace["publicId"]], dsn,
+                                  {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+            assert run.code == 0 and ": intact, 3 events, head 3:" in run.stdout
+    finally:
+        support.drop_database(server_dsn, dsn)
+
+
+def test_doctor_names_a_workspace_not_yet_chained(db, operator):
+    operator.create("old-bot")
+    tamper(db, """UPDATE agent_audit_event SET "sequence" = NULL, "previousHash" = NULL, "hash" = NULL
+                  WHERE "workspaceId" = %s""", (operator.workspace["id"],))
+    doctor = operator.cli("doctor", "--json", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert doctor.code == 6
+    [mine] = [c for c in doctor.json["chains"] if c["workspacePublicId"] == operator.workspace["publicId"]]
+    assert mine["state"] == "not_chained"
+    [line] = [c for c in doctor.json["checks"] if c["name"] == "audit chains"]
+    assert "not yet chained: " in line["detail"] and "apply `agent-identity schema`" in line["fix"]
+
+
+# --- the spec, checked by an implementation written from it alone ------------------
+
+
+def test_the_node_implementation_of_the_spec_agrees(db, operator, history, node_bin, database):
+    params = conninfo_to_dict(database)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
+    env.update(PGHOST=params.get("host", "localhost"), PGPORT=str(params.get("port", 5432)),
+               PGUSER=params.get("user", "postgres"), PGDATABASE=params["dbname"],
+               PGPASSWORD=params.get("password", ""))
+    completed = subprocess.run([str(node_bin / "tsx"), str(support.SERVER / "verify-audit-chain.ts"),
+                                operator.workspace["publicId"]], env=env, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    *lines, summary = [json.loads(line) for line in completed.stdout.splitlines()]
+    stored = chain(db, operator.workspace)
+    assert [line["hash"] for line in lines] == [event["hash"] for event in stored]
+    assert all(line["linked"] for line in lines)
+    assert summary == {"intact": True, "events": 6, "head": verified(operator)[1]["head"]}
+
+
+def test_the_encoding_of_a_field():
+    assert tool.chain_field(None) == b"-,"
+    assert tool.chain_field("") == b"0:,"
+    assert tool.chain_field("é,1:") == b"5:\xc3\xa9,1:,"
+    assert tool.parse_head(" 12:" + "AB" * 32) == tool.Head(12, "ab" * 32)
