@@ -35,7 +35,7 @@ import unicodedata
 import zlib
 from datetime import datetime, timedelta, timezone
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 PROG = "agent-identity"
 APPLICATION_NAME = "agent-identity"
@@ -986,6 +986,18 @@ LANGUAGE sql STABLE AS $$
         'UTF8')), 'hex')
 $$;
 
+-- A workspace's chain head: its event with the highest sequence, through the unique
+-- index (a SQL function PostgreSQL inlines, so its plan shows in the caller's).
+CREATE OR REPLACE FUNCTION {schema}.agent_audit_chain_head(workspace_id bigint)
+RETURNS TABLE ("sequence" bigint, "hash" varchar, "createdAt" timestamp)
+LANGUAGE sql STABLE AS $$
+    SELECT h."sequence", h."hash", h."createdAt"
+    FROM {schema}.agent_audit_event h
+    WHERE h."workspaceId" = workspace_id AND h."sequence" IS NOT NULL
+    ORDER BY h."sequence" DESC
+    LIMIT 1
+$$;
+
 -- An event made the next link of its workspace's chain: the names of what it is
 -- about, its sequence number and hashes. A new event (monotonic) is also never
 -- earlier than the one before it, so times never run backwards along a chain.
@@ -995,11 +1007,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     head record;
 BEGIN
-    SELECT h."sequence", h."hash", h."createdAt" INTO head
-    FROM {schema}.agent_audit_event h
-    WHERE h."workspaceId" = e."workspaceId" AND h."sequence" IS NOT NULL
-    ORDER BY h."sequence" DESC
-    LIMIT 1;
+    SELECT * INTO head FROM {schema}.agent_audit_chain_head(e."workspaceId");
     e."workspacePublicId" := (SELECT w."publicId" FROM {schema}.workspace w WHERE w."id" = e."workspaceId");
     e."identityPublicId" := (SELECT i."publicId" FROM {schema}.agent_identity i WHERE i."id" = e."agentIdentityId");
     e."identitySlug" := (SELECT i.slug FROM {schema}.agent_identity i WHERE i."id" = e."agentIdentityId");
@@ -1728,13 +1736,7 @@ CHAIN_HEAD = """(
         'unchained', (SELECT count(*) FROM agent_audit_event u
                       WHERE u."workspaceId" = {workspace} AND u."sequence" IS NULL))
     FROM (SELECT) AS one
-    LEFT JOIN LATERAL (
-        SELECT e."sequence", e."hash", e."createdAt"
-        FROM agent_audit_event e
-        WHERE e."workspaceId" = {workspace} AND e."sequence" IS NOT NULL
-        ORDER BY e."sequence" DESC
-        LIMIT 1
-    ) AS head ON true
+    LEFT JOIN LATERAL agent_audit_chain_head({workspace}) AS head ON true
 )"""
 
 # audit head and audit verify without a workspace: every workspace the actor
@@ -3671,6 +3673,9 @@ examples:
   agent-identity audit --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --since 2026-11-01 --until 2026-12-01 --json
   agent-identity audit --workspace acme-eng --jsonl --all > acme-eng-audit.jsonl
+  agent-identity audit verify                  # every chain you manage, exit 10 at a break
+  agent-identity audit head --workspace acme-eng --json >> pinned-heads.jsonl
+  agent-identity audit verify --workspace acme-eng --expect-head 42:<the hash>
 Times are UTC; --since and --until take a duration back from now or an ISO time.""",
     "workspaces": """\
 examples:

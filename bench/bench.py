@@ -19,8 +19,9 @@ hash with the tool's parameters (in-process) and `psql -c 'select 1'` where psql
 exists (what an operator would use by hand).
 
 --scale then seeds the workspace with 10,000 identities, 100,000 tokens and
-1,000,000 audit events and times inspect, list, audit, create, rotate and
-verify again: each should stay within 1.2x of its time on the empty database.
+1,000,000 audit events (one chain) and times inspect, list, audit, audit head,
+create, rotate and verify again: each should stay within 1.2x of its time on
+the empty database. Then it times audit verify of that whole chain.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class Bench:
             "workspaces": lambda: (["workspaces"], None, 0),
             "expiring": lambda: (["expiring"], None, None),  # 9 once rotate --grace leaves tokens expiring
             "audit": lambda: (["audit", *w, "--since", "24h"], None, 0),
+            "audit head": lambda: (["audit", "head", *w], None, 0),
             "pause": lambda: (["pause", *w, "--slug", "bench", "--confirm"], None, 0),
             "resume": lambda: (["resume", *w, "--slug", "bench", "--confirm"], None, 0),
             "revoke": lambda: self.fresh_then(["revoke", *w, "--confirm"]),
@@ -182,7 +184,7 @@ TARGETS = {  # command: (floor, highest ratio)
     "usage error (exit 2)": ("python -I -c pass", 3.0),
     "inspect": ("psycopg connect + select 1", 1.15), "list": ("psycopg connect + select 1", 1.15),
     "workspaces": ("psycopg connect + select 1", 1.15), "expiring": ("psycopg connect + select 1", 1.15),
-    "audit": ("psycopg connect + select 1", 1.15),
+    "audit": ("psycopg connect + select 1", 1.15), "audit head": ("psycopg connect + select 1", 1.15),
     "pause": ("psycopg connect + select 1", 1.15), "resume": ("psycopg connect + select 1", 1.15),
     "revoke": ("psycopg connect + select 1", 1.15), "verify": ("psycopg connect + select 1", 1.15),
     "create": ("psycopg connect + select 1", 1.15), "rotate": ("psycopg connect + select 1", 1.15),
@@ -272,7 +274,7 @@ def scale(bench: Bench, dsn: str, workspace: dict, empty: dict[str, float], args
         support.seed_scale(conn, workspace["id"], **sizes)
     print(f"\nseeded {sizes['identities']:,} identities, {sizes['tokens']:,} tokens and {sizes['events']:,} "
           f"audit events in {time.perf_counter() - started:.0f} s")
-    names = ["inspect", "list", "audit", "create", "rotate", "verify"]
+    names = ["inspect", "list", "audit", "audit head", "create", "rotate", "verify"]
     seeded = measure(bench, dsn, names, args.runs, args.warmup)
     print(f"{'':<28}{'empty ms':>10}{'seeded ms':>11}{'ratio':>8}  target")
     missed = 0
@@ -281,7 +283,23 @@ def scale(bench: Bench, dsn: str, workspace: dict, empty: dict[str, float], args
         missed += ratio > 1.2 and not name.endswith(" (script)")
         print(f"{name:<28}{empty[name]:>10.1f}{seeded[name]:>11.1f}{ratio:>8.2f}  1.20x  "
               f"{'ok' if ratio <= 1.2 else 'MISSED'}")
-    return missed
+    return missed + verify_chain(bench, sizes["events"])
+
+
+def verify_chain(bench: Bench, events: int) -> int:
+    """audit verify of the whole seeded chain, streamed: its time, and the process's peak memory."""
+    started = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-f", "%M", *bench.invocations[""], "audit", "verify", *bench.w, "--json"]
+                          if os.path.exists("/usr/bin/time") else
+                          [*bench.invocations[""], "audit", "verify", *bench.w, "--json"],
+                          env=bench.env, capture_output=True, text=True, timeout=1200)
+    elapsed = time.perf_counter() - started
+    ok = done.returncode == 0
+    peak = done.stderr.strip().splitlines()[-1] if os.path.exists("/usr/bin/time") and ok else "?"
+    print(f"
+audit verify of {events:,} events (one chain, recomputed in Python): {elapsed:.1f} s, "
+          f"{events / elapsed:,.0f} events/s, peak memory {peak} KiB  {'ok' if ok else 'FAILED: ' + done.stdout[:300]}")
+    return not ok
 
 
 if __name__ == "__main__":

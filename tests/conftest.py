@@ -43,10 +43,7 @@ def pytest_report_header(config):
 def cli_dsn(database):
     """The DSN the CLI runs with: the owner's, or (AGENT_IDENTITY_TEST_AS=least-privilege)
     the role docs/security.md defines, created from that document's SQL."""
-    if not LEAST_PRIVILEGE:
-        yield database
-        return
-    with support.least_privilege_role(database) as dsn:
+    with support.cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
         yield dsn
 
 

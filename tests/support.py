@@ -138,6 +138,17 @@ def run_cli(args: list[str], dsn: str | None, env: dict[str, str] | None = None,
     return Run(list(args), process.returncode, stdout, stderr)
 
 
+@contextlib.contextmanager
+def cli_role(database: str, *, least_privilege: bool):
+    """The DSN the CLI runs with against database: the owner's, or with least_privilege
+    the role docs/security.md defines, created from that document's SQL for the run."""
+    if not least_privilege:
+        yield database
+        return
+    with least_privilege_role(database) as dsn:
+        yield dsn
+
+
 class Kan:
     """Makes Kan users, workspaces, roles and memberships in a test database."""
 
@@ -359,6 +370,7 @@ SELECT 'E' || lpad(to_hex(g), 11, '0'), %(workspace_id)s, first."id" + g %% %(id
        'seed@example.com', '{"seeded": true}', timezone('utc', now()) - interval '1 second' * g
 FROM generate_series(1, %(events)s) AS g, (SELECT min("id") AS "id" FROM agent_identity
                                             WHERE "workspaceId" = %(workspace_id)s) AS first
+ORDER BY g DESC  -- oldest first, as they would have been written: each the next link of the chain
 """, "ANALYZE"]
 
 

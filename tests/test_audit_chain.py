@@ -14,6 +14,22 @@ from psycopg.conninfo import conninfo_to_dict
 
 import agent_identity_admin as tool
 from tests import support
+from tests.conftest import LEAST_PRIVILEGE
+
+
+@pytest.fixture(scope="module")
+def database(server_dsn):
+    """This module's own database: tampering with the log, as these tests do, must not
+    break the chains that other tests' doctor runs check across the shared one."""
+    dsn = support.create_database(server_dsn)
+    yield dsn
+    support.drop_database(server_dsn, dsn)
+
+
+@pytest.fixture(scope="module")
+def cli_dsn(database):
+    with support.cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
+        yield dsn
 
 
 def chain(db, workspace: dict) -> list[dict]:
@@ -27,6 +43,7 @@ def chain(db, workspace: dict) -> list[dict]:
 def verified(operator, *args):
     run = operator.cli("audit", "verify", "--workspace-public-id", operator.workspace["publicId"], "--json", *args,
                        env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    assert run.stdout, run.stderr
     [report] = run.json["workspaces"]
     return run, report
 
@@ -322,7 +339,7 @@ DROP TRIGGER agent_audit_event_append_only ON agent_audit_event;
 DROP TRIGGER agent_audit_event_no_truncate ON agent_audit_event;
 DROP FUNCTION agent_audit_event_chain(), agent_audit_event_append_only(), agent_audit_event_no_truncate(),
               agent_audit_event_link(agent_audit_event, boolean), agent_audit_event_hash(agent_audit_event),
-              agent_audit_field(text);
+              agent_audit_chain_head(bigint), agent_audit_field(text);
 ALTER TABLE agent_audit_event DROP COLUMN "sequence", DROP COLUMN "workspacePublicId",
     DROP COLUMN "identityPublicId", DROP COLUMN "identitySlug", DROP COLUMN "tokenPublicId",
     DROP COLUMN "actorUserUuid", DROP COLUMN "previousHash", DROP COLUMN "hash";
@@ -403,6 +420,8 @@ def test_the_node_implementation_of_the_spec_agrees(db, operator, history, node_
 
 
 def test_the_encoding_of_a_field():
+    example = (tool.chain_field(tool.CHAIN_ENCODING) + tool.chain_field("1") + tool.chain_field("Ab12Cd34Ef56")).decode()
+    assert f"`{example}`" in (support.REPO / "docs" / "schema.md").read_text(), "the spec's example"
     assert tool.chain_field(None) == b"-,"
     assert tool.chain_field("") == b"0:,"
     assert tool.chain_field("é,1:") == b"5:\xc3\xa9,1:,"

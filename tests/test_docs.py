@@ -29,4 +29,4 @@ def test_documented_sql_runs(database, block):
 
 
 def test_there_is_documented_sql_to_run():
-    assert len(list(sql_blocks())) >= 3  # the runbook reads the audit log with `audit` now, not SQL
+    assert len(list(sql_blocks())) >= 2  # the runbook reads the audit log with `audit` now, not SQL

@@ -95,6 +95,8 @@ def test_every_command_uses_indexes(grown, tmp_path):
         (["audit", *w, "--slug", "seeded-17", "--actor", "seed@example.com"], ""),
         (["audit", *w, "--token", token[10:22]], ""),
         (["audit", "--token", token[10:22], "--until", "1h"], ""),
+        (["audit", "head", *w], ""),
+        (["audit", "head"], ""),
     ]
     seen = 0
     for argv, stdin in commands:
@@ -105,7 +107,7 @@ def test_every_command_uses_indexes(grown, tmp_path):
             sequential = {relation for node, relation in scans(plan[0]["Plan"])
                           if node == "Seq Scan" and relation in WATCHED}
             assert not sequential, f"{argv[0]}: sequential scan of {sequential} in\n{text[:400]}"
-    assert seen >= 24
+    assert seen >= 26
 
 
 @pytest.mark.parametrize("args", [[], ["--since", "7d"], ["--after", "E00000000064"], ["--slug", "seeded-17"],
@@ -152,3 +154,22 @@ def test_a_bulk_action_reads_the_workspace_once_and_nothing_else_in_full(grown):
     for text, plan in plans:
         relations = {relation for node, relation in scans(plan[0]["Plan"]) if node == "Seq Scan"}
         assert not relations & {"workspace_members", "agent_token", "agent_audit_event"}, text[:400]
+
+
+def test_the_chain_head_is_one_index_probe(grown):
+    """The head of a 100,000-event chain — what every write's trigger reads, through the
+    same function audit head calls — is one row from the unique (workspace, sequence) index."""
+    dsn, workspace, email = grown
+    code, plans = plans_of(["audit", "head", "--workspace-public-id", workspace["publicId"]], dsn, email,
+                           analyze=True)
+    assert code == 0
+    [(text, plan)] = plans
+    nodes, pending = [], [plan[0]["Plan"]]
+    while pending:
+        node = pending.pop()
+        nodes.append(node)
+        pending.extend(node.get("Plans", []))
+    head = [node for node in nodes if node.get("Index Name") == "agent_audit_event_workspace_sequence_idx"
+            and "IS NOT NULL" in node.get("Index Cond", "")]
+    assert head and head[0]["Actual Rows"] == 1, [(n["Node Type"], n.get("Index Name")) for n in nodes]
+
