@@ -1703,7 +1703,7 @@ AUDIT_DETAIL = """(
     ),
     page AS (
         SELECT e."id", e."publicId", e."createdAt", e.action, e."actorEmail", e.reason, e.metadata,
-               i."publicId" AS "identityPublicId", i.slug, t."publicId" AS "tokenPublicId"
+               i."publicId" AS "identityPublicId", i.slug, t."publicId" AS "tokenPublicId", e."sequence", e."hash"
         FROM agent_audit_event e
         LEFT JOIN agent_identity i ON i."id" = e."agentIdentityId"
         LEFT JOIN agent_token t ON t."id" = e."agentTokenId"
@@ -2632,6 +2632,8 @@ def event_view(event: dict, workspace_public_id: str) -> dict:
         "tokenPublicId": event["tokenPublicId"],
         "reason": event["reason"],
         "metadata": event["metadata"],
+        "sequence": event["sequence"],  # its place in the workspace's audit chain, and its hash there
+        "hash": event["hash"],
     }
 
 
@@ -2867,6 +2869,20 @@ LIMITS_SQL = """
 SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)
 """
 
+# The triggers schema adds, and whether each fires in this session: disabled
+# ('D'), or enabled only for origin sessions ('O') while this role's sessions
+# run as replicas (session_replication_role), they do not.
+SCHEMA_TRIGGERS = {
+    "agent_token": ("agent_token_only_ends",),
+    "agent_identity": ("agent_identity_revocation_is_final",),
+    "agent_audit_event": ("agent_audit_event_chain", "agent_audit_event_append_only", "agent_audit_event_no_truncate"),
+}
+TRIGGERS_SQL = """
+SELECT wanted.name, t.tgenabled::text AS enabled, current_setting('session_replication_role') AS role_mode
+FROM unnest(%(tables)s::text[], %(names)s::text[]) AS wanted(tab, name)
+LEFT JOIN pg_trigger t ON t.tgrelid = to_regclass(quote_ident(wanted.tab)) AND t.tgname = wanted.name
+"""
+
 
 def chain_health(conn) -> list[dict]:
     """Every workspace's audit chain, whoever manages it, verified: intact, broken, or
@@ -2983,6 +2999,19 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
                       if old else f"every live token is hashed with argon2id m={ARGON2_MEMORY_KIB} KiB, "
                                   f"t={ARGON2_TIME_COST}, p={ARGON2_PARALLELISM}")
             if not drift:
+                pairs = [(table, name) for table, names in SCHEMA_TRIGGERS.items() for name in names]
+                rows = cursor.execute(TRIGGERS_SQL, {"tables": [t for t, _ in pairs],
+                                                     "names": [n for _, n in pairs]}).fetchall()
+                replica = bool(rows) and rows[0]["role_mode"] == "replica"
+                firing = {"A", "R"} if replica else {"A", "O"}
+                silent = [row["name"] + (" is missing" if row["enabled"] is None else " does not fire here")
+                          for row in rows if row["enabled"] not in firing]
+                check("triggers", not silent,
+                      "; ".join(silent) + (" (this role's session_replication_role is replica)" if replica else "")
+                      if silent else f"all {len(rows)} fire: revocation is final, the audit log is append-only "
+                                     "and chained",
+                      "apply `agent-identity schema` as the owner (it recreates them), or ALTER TABLE ... ENABLE "
+                      "TRIGGER ...; and ALTER ROLE ... RESET session_replication_role")
                 chains.extend(chain_health(conn))
                 check_chains(chains, check)
             present = [t for t in tables if t in found]

@@ -296,8 +296,7 @@ def verify_chain(bench: Bench, events: int) -> int:
     elapsed = time.perf_counter() - started
     ok = done.returncode == 0
     peak = done.stderr.strip().splitlines()[-1] if os.path.exists("/usr/bin/time") and ok else "?"
-    print(f"
-audit verify of {events:,} events (one chain, recomputed in Python): {elapsed:.1f} s, "
+    print(f"\naudit verify of {events:,} events (one chain, recomputed in Python): {elapsed:.1f} s, "
           f"{events / elapsed:,.0f} events/s, peak memory {peak} KiB  {'ok' if ok else 'FAILED: ' + done.stdout[:300]}")
     return not ok
 

@@ -399,6 +399,18 @@ def test_doctor_names_a_workspace_not_yet_chained(db, operator):
     assert "not yet chained: " in line["detail"] and "apply `agent-identity schema`" in line["fix"]
 
 
+def test_doctor_says_when_a_trigger_of_the_chain_is_off(db, operator):
+    db.execute("ALTER TABLE agent_audit_event DISABLE TRIGGER agent_audit_event_append_only")
+    try:
+        doctor = operator.cli("doctor", "--json", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+    finally:
+        db.execute("ALTER TABLE agent_audit_event ENABLE TRIGGER agent_audit_event_append_only")
+    assert doctor.code == 6
+    [line] = [c for c in doctor.json["checks"] if c["name"] == "triggers"]
+    assert (line["ok"], line["detail"]) == (False, "agent_audit_event_append_only does not fire here")
+    assert "agent-identity schema" in line["fix"]
+
+
 # --- the spec, checked by an implementation written from it alone ------------------
 
 

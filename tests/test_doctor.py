@@ -19,7 +19,7 @@ def test_a_healthy_database(cli, operator):
                  env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
     assert result.code == 0, result.stdout
     assert checks(result) == {"connection": True, "session limits": True, "Kan tables": True,
-                              "agent tables": True, "token hashes": True, "audit chains": True,
+                              "agent tables": True, "token hashes": True, "triggers": True, "audit chains": True,
                               "row level security": True, "actor": True}
     human = cli("doctor", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
     assert human.stdout.splitlines()[3] == "✓ agent tables: 3 present, in schema public, every column as expected"
