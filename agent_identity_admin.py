@@ -587,7 +587,6 @@ def hash_token(token: str) -> str:
 CHAIN_ENCODING = "agent-identity audit v1"
 CHAIN_START = "0" * 64  # the previous hash of a workspace's first event
 HEAD_RE = re.compile(r"(?P<sequence>[1-9][0-9]{0,18}):(?P<hash>[0-9a-f]{64})")
-CHAIN_BREAKS = ("changed", "gap", "inserted", "reordered", "unchained", "head_mismatch")
 
 
 class Head(collections.namedtuple("Head", "sequence hash")):
@@ -1005,19 +1004,22 @@ CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_link(e {schema}.agent_audi
 RETURNS {schema}.agent_audit_event
 LANGUAGE plpgsql AS $$
 DECLARE
-    head record;
+    head_time timestamp;
 BEGIN
-    SELECT * INTO head FROM {schema}.agent_audit_chain_head(e."workspaceId");
-    e."workspacePublicId" := (SELECT w."publicId" FROM {schema}.workspace w WHERE w."id" = e."workspaceId");
-    e."identityPublicId" := (SELECT i."publicId" FROM {schema}.agent_identity i WHERE i."id" = e."agentIdentityId");
-    e."identitySlug" := (SELECT i.slug FROM {schema}.agent_identity i WHERE i."id" = e."agentIdentityId");
-    e."tokenPublicId" := (SELECT t."publicId" FROM {schema}.agent_token t WHERE t."id" = e."agentTokenId");
+    -- One query (one plan per session): the head, and the names of what the event is about.
+    SELECT coalesce(head."sequence", 0) + 1, coalesce(head."hash", repeat('0', 64)), head."createdAt",
+           w."publicId", i."publicId", i.slug, t."publicId"
+    INTO e."sequence", e."previousHash", head_time,
+         e."workspacePublicId", e."identityPublicId", e."identitySlug", e."tokenPublicId"
+    FROM (SELECT) AS one
+    LEFT JOIN {schema}.agent_audit_chain_head(e."workspaceId") AS head ON true
+    LEFT JOIN {schema}.workspace w ON w."id" = e."workspaceId"
+    LEFT JOIN {schema}.agent_identity i ON i."id" = e."agentIdentityId"
+    LEFT JOIN {schema}.agent_token t ON t."id" = e."agentTokenId";
     e."actorUserUuid" := e."actorUserId";
     IF monotonic THEN
-        e."createdAt" := GREATEST(e."createdAt", head."createdAt");
+        e."createdAt" := GREATEST(e."createdAt", head_time);
     END IF;
-    e."sequence" := coalesce(head."sequence", 0) + 1;
-    e."previousHash" := coalesce(head."hash", repeat('0', 64));
     e."hash" := {schema}.agent_audit_event_hash(e);
     RETURN e;
 END $$;
