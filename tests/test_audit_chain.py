@@ -310,6 +310,24 @@ def test_sixteen_concurrent_changes_in_one_workspace_all_land_in_one_chain(db, c
     assert (run.code, report["events"]) == (0, before + 16)
 
 
+def test_creates_in_two_workspaces_at_once_make_two_intact_chains(db, kan, cli, cli_dsn):
+    operators = []
+    for _ in range(2):
+        workspace, admin = kan.managed_workspace()
+        operators.append(support.Operator(cli, workspace, admin["email"]))
+    processes = [support.start_cli(["create", "--workspace-public-id", operator.workspace["publicId"], "--slug",
+                                    f"twin-{number}", "--display-name", "T", "--token-name", "t", "--scopes",
+                                    "boards:read", "--confirm", "--json"], cli_dsn,
+                                   {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+                 for number in range(8) for operator in operators]
+    codes = [process.wait(timeout=120) for process in processes]
+    assert codes == [0] * 16, [process.stderr.read() for process in processes]
+    for operator in operators:
+        assert [e["sequence"] for e in chain(db, operator.workspace)] == list(range(1, 9))
+        run, report = verified(operator)
+        assert (run.code, report["intact"], report["events"]) == (0, True, 8)
+
+
 def test_a_held_chain_makes_its_workspace_wait_and_no_other(db, database, kan, cli_dsn, operator):
     other_workspace, other_admin = kan.managed_workspace()
     other = support.Operator(operator.cli, other_workspace, other_admin["email"])

@@ -68,6 +68,12 @@ def lifecycle(dsn: str, workspace: dict, email: str) -> list[tuple]:
         steps.append(summary(f"{command} dry run", run(command, *w, "--slug", "pooled", "--dry-run")))
         steps.append(summary(command, run(command, *w, "--slug", "pooled", "--confirm")))
         steps.append(summary(f"verify after {command}", run("verify", input=second)))
+    audited = run("audit", *w)
+    steps.append(summary("audit", audited) + (len(audited.json["events"]),))
+    chain = run("audit", "verify", *w)
+    steps.append(summary("audit verify", chain) + (chain.json["intact"], chain.json["workspaces"][0]["events"]))
+    streamed = support.run_cli(["audit", *w, "--jsonl", "--all", "--limit", "2"], dsn, env)
+    steps.append(("audit --jsonl --all", streamed.code, len(streamed.stdout.splitlines())))
     steps.append(summary("create again", run(*create, "--confirm")))
     steps.append(summary("inspect missing", run("inspect", *w, "--slug", "absent")))
     return steps
@@ -86,7 +92,8 @@ def test_the_whole_lifecycle_gives_what_it_gives_direct(pooled, cli_dsn, db, kan
     direct = lifecycle(cli_dsn, direct_workspace, direct_email)
     through = lifecycle(pooled, pooled_workspace, pooled_email)
     assert through == direct
-    assert [code for _, code, *_ in direct] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 7, 5, 3]
+    assert [code for _, code, *_ in direct] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 7, 0, 0, 0, 5, 3]
+    assert ("audit verify", 0, True, None, None, None, None, True, 5) in through
     assert audit_trail(db, pooled_workspace) == audit_trail(db, direct_workspace)
     assert len(audit_trail(db, pooled_workspace)) == 5
 
