@@ -954,9 +954,12 @@ ALTER TABLE {schema}.agent_audit_event
     ADD COLUMN IF NOT EXISTS "actorUserUuid" uuid,
     ADD COLUMN IF NOT EXISTS "previousHash" varchar(64),
     ADD COLUMN IF NOT EXISTS "hash" varchar(64);
--- The chain's order, and its head (the highest sequence) by index at any size.
+-- The chain's order, and its head (the highest sequence) by index at any size; and
+-- the events not (yet) in it, which the chain's index leaves out.
 CREATE UNIQUE INDEX IF NOT EXISTS "agent_audit_event_workspace_sequence_idx"
-    ON {schema}.agent_audit_event ("workspaceId", "sequence");
+    ON {schema}.agent_audit_event ("workspaceId", "sequence") WHERE "sequence" IS NOT NULL;
+CREATE INDEX IF NOT EXISTS "agent_audit_event_unchained_idx"
+    ON {schema}.agent_audit_event ("workspaceId", "id") WHERE "sequence" IS NULL;
 
 -- One field of the encoding: its length in UTF-8 bytes, ':', its text, ','; NULL is '-,'.
 CREATE OR REPLACE FUNCTION {schema}.agent_audit_field(value text) RETURNS text
@@ -997,29 +1000,22 @@ LANGUAGE sql STABLE AS $$
     LIMIT 1
 $$;
 
--- An event made the next link of its workspace's chain: the names of what it is
--- about, its sequence number and hashes. A new event (monotonic) is also never
--- earlier than the one before it, so times never run backwards along a chain.
-CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_link(e {schema}.agent_audit_event, monotonic boolean)
+-- An event made the link after (after_sequence, after_hash) of its workspace's chain:
+-- the names of what it is about, its sequence number and its hashes.
+CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_link(
+    e {schema}.agent_audit_event, after_sequence bigint, after_hash varchar)
 RETURNS {schema}.agent_audit_event
 LANGUAGE plpgsql AS $$
-DECLARE
-    head_time timestamp;
 BEGIN
-    -- One query (one plan per session): the head, and the names of what the event is about.
-    SELECT coalesce(head."sequence", 0) + 1, coalesce(head."hash", repeat('0', 64)), head."createdAt",
-           w."publicId", i."publicId", i.slug, t."publicId"
-    INTO e."sequence", e."previousHash", head_time,
-         e."workspacePublicId", e."identityPublicId", e."identitySlug", e."tokenPublicId"
+    SELECT w."publicId", i."publicId", i.slug, t."publicId"
+    INTO e."workspacePublicId", e."identityPublicId", e."identitySlug", e."tokenPublicId"
     FROM (SELECT) AS one
-    LEFT JOIN {schema}.agent_audit_chain_head(e."workspaceId") AS head ON true
     LEFT JOIN {schema}.workspace w ON w."id" = e."workspaceId"
     LEFT JOIN {schema}.agent_identity i ON i."id" = e."agentIdentityId"
     LEFT JOIN {schema}.agent_token t ON t."id" = e."agentTokenId";
     e."actorUserUuid" := e."actorUserId";
-    IF monotonic THEN
-        e."createdAt" := GREATEST(e."createdAt", head_time);
-    END IF;
+    e."sequence" := after_sequence + 1;
+    e."previousHash" := after_hash;
     e."hash" := {schema}.agent_audit_event_hash(e);
     RETURN e;
 END $$;
@@ -1031,18 +1027,35 @@ END $$;
 -- bypassed the trigger below leaves one.
 DO $$
 DECLARE
+    unchained bigint[];
     event {schema}.agent_audit_event;
+    chaining bigint;  -- the workspace whose chain is being built
+    after_sequence bigint;
+    after_hash varchar;
 BEGIN
     IF EXISTS (SELECT 1 FROM {schema}.agent_audit_event WHERE "sequence" IS NULL) THEN
         LOCK TABLE {schema}.agent_audit_event IN SHARE ROW EXCLUSIVE MODE;  -- no writer meanwhile
+        -- Decided once, before any event is linked (a test per event would read the
+        -- links written so far, again and again).
+        unchained := ARRAY(
+            SELECT DISTINCT u."workspaceId" FROM {schema}.agent_audit_event u
+            WHERE u."sequence" IS NULL
+              AND NOT EXISTS (SELECT 1 FROM {schema}.agent_audit_event c
+                              WHERE c."workspaceId" = u."workspaceId" AND c."sequence" IS NOT NULL));
         FOR event IN
             SELECT e.* FROM {schema}.agent_audit_event e
-            WHERE e."sequence" IS NULL
-              AND NOT EXISTS (SELECT 1 FROM {schema}.agent_audit_event c
-                              WHERE c."workspaceId" = e."workspaceId" AND c."sequence" IS NOT NULL)
+            WHERE e."sequence" IS NULL AND e."workspaceId" = ANY(unchained)
             ORDER BY e."workspaceId", e."createdAt", e."id"
         LOOP
-            event := {schema}.agent_audit_event_link(event, false);
+            -- A workspace's chain starts at its first event; then each links to the one before.
+            IF chaining IS NULL OR event."workspaceId" <> chaining THEN
+                chaining := event."workspaceId";
+                after_sequence := 0;
+                after_hash := repeat('0', 64);
+            END IF;
+            event := {schema}.agent_audit_event_link(event, after_sequence, after_hash);
+            after_sequence := event."sequence";
+            after_hash := event."hash";
             UPDATE {schema}.agent_audit_event
             SET "sequence" = event."sequence", "workspacePublicId" = event."workspacePublicId",
                 "identityPublicId" = event."identityPublicId", "identitySlug" = event."identitySlug",
@@ -1055,12 +1068,18 @@ END $$;
 
 CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_chain() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    head record;
 BEGIN
     -- This workspace's writers take turns from here to the end of the transaction;
     -- the next reads this event as its head (each query here sees what committed
     -- before it ran).
     PERFORM pg_advisory_xact_lock(hashtext('agent_audit_event chain'), (NEW."workspaceId" % 2147483647)::integer);
-    RETURN {schema}.agent_audit_event_link(NEW, true);
+    SELECT * INTO head FROM {schema}.agent_audit_chain_head(NEW."workspaceId");
+    -- Never earlier than the event before it (a transaction that began first but wrote
+    -- second): times never run backwards along a chain.
+    NEW."createdAt" := GREATEST(NEW."createdAt", head."createdAt");
+    RETURN {schema}.agent_audit_event_link(NEW, coalesce(head."sequence", 0), coalesce(head."hash", repeat('0', 64)));
 END $$;
 CREATE OR REPLACE TRIGGER agent_audit_event_chain
     BEFORE INSERT ON {schema}.agent_audit_event
@@ -1758,27 +1777,39 @@ WHERE EXISTS (SELECT 1 FROM agent_audit_event e WHERE e."workspaceId" = w."id")
 ORDER BY w.slug, w."publicId"
 """
 
-# A workspace's events in chain order, the unchained last, with the values the
-# chain's encoding covers (the metadata as the jsonb's text): what check_chain reads.
-CHAIN_EVENTS_SQL = """
-SELECT "publicId", "sequence", "workspacePublicId", action, "identityPublicId", "identitySlug",
-       "tokenPublicId", "actorUserUuid", "actorEmail", reason, metadata::text AS metadata, "createdAt",
-       "previousHash", "hash"
+# A workspace's events in chain order, with the values the chain's encoding
+# covers (the metadata as the jsonb's text): what check_chain reads; then the
+# first of its events that has no place in the chain, if one has none.
+CHAIN_COLUMNS = """
+    "publicId", "sequence", "workspacePublicId", action, "identityPublicId", "identitySlug",
+    "tokenPublicId", "actorUserUuid", "actorEmail", reason, metadata::text AS metadata, "createdAt",
+    "previousHash", "hash"
+"""
+CHAIN_EVENTS_SQL = "SELECT" + CHAIN_COLUMNS + """
 FROM agent_audit_event
-WHERE "workspaceId" = %(workspace_id)s
-ORDER BY "sequence" NULLS LAST, "id"
+WHERE "workspaceId" = %(workspace_id)s AND "sequence" IS NOT NULL
+ORDER BY "sequence"
+"""
+UNCHAINED_SQL = "SELECT" + CHAIN_COLUMNS + """
+FROM agent_audit_event
+WHERE "workspaceId" = %(workspace_id)s AND "sequence" IS NULL
+ORDER BY "id"
+LIMIT 1
 """
 CHAIN_FETCH_ROWS = 10_000  # rows per fetch: memory stays flat however long the chain
 
 
 def chain_events(conn, workspace_id: int):
-    """A workspace's events in chain order, fetched a batch at a time from a server-side cursor."""
+    """A workspace's events in chain order, fetched a batch at a time from a server-side
+    cursor; then its first unchained event, if any."""
     from psycopg.rows import dict_row
 
+    params = {"workspace_id": workspace_id}
     with conn.cursor(name="agent_audit_chain", row_factory=dict_row) as cursor:
         cursor.itersize = CHAIN_FETCH_ROWS
-        cursor.execute(CHAIN_EVENTS_SQL, {"workspace_id": workspace_id})
+        cursor.execute(CHAIN_EVENTS_SQL, params)
         yield from cursor
+    yield from conn.cursor(row_factory=dict_row).execute(UNCHAINED_SQL, params)
 
 
 # --workspace W: the workspace whose public id or slug W is; a public id wins.

@@ -374,6 +374,21 @@ ORDER BY g DESC  -- oldest first, as they would have been written: each the next
 """, "ANALYZE"]
 
 
+# What `schema` adds for the audit chain, removed: a database as version 0.2.0 left it
+# (tests/test_audit_chain.py and bench --scale upgrade such a database in place).
+WITHOUT_CHAIN_SQL = """
+DROP TRIGGER agent_audit_event_chain ON agent_audit_event;
+DROP TRIGGER agent_audit_event_append_only ON agent_audit_event;
+DROP TRIGGER agent_audit_event_no_truncate ON agent_audit_event;
+DROP FUNCTION agent_audit_event_chain(), agent_audit_event_append_only(), agent_audit_event_no_truncate(),
+              agent_audit_event_link(agent_audit_event, bigint, varchar), agent_audit_event_hash(agent_audit_event),
+              agent_audit_chain_head(bigint), agent_audit_field(text);
+ALTER TABLE agent_audit_event DROP COLUMN "sequence", DROP COLUMN "workspacePublicId",
+    DROP COLUMN "identityPublicId", DROP COLUMN "identitySlug", DROP COLUMN "tokenPublicId",
+    DROP COLUMN "actorUserUuid", DROP COLUMN "previousHash", DROP COLUMN "hash";
+"""
+
+
 def seed_scale(conn: psycopg.Connection, workspace_id: int, *, identities: int, tokens: int, events: int) -> None:
     params = {"workspace_id": workspace_id, "hash": tool.hash_token("seed"),
               "identities": identities, "tokens": tokens, "events": events}

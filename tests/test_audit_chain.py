@@ -351,24 +351,11 @@ def test_a_held_chain_makes_its_workspace_wait_and_no_other(db, database, kan, c
 # --- upgrade in place ----------------------------------------------------------------
 
 
-CHAIN_OBJECTS = """
-DROP TRIGGER agent_audit_event_chain ON agent_audit_event;
-DROP TRIGGER agent_audit_event_append_only ON agent_audit_event;
-DROP TRIGGER agent_audit_event_no_truncate ON agent_audit_event;
-DROP FUNCTION agent_audit_event_chain(), agent_audit_event_append_only(), agent_audit_event_no_truncate(),
-              agent_audit_event_link(agent_audit_event, boolean), agent_audit_event_hash(agent_audit_event),
-              agent_audit_chain_head(bigint), agent_audit_field(text);
-ALTER TABLE agent_audit_event DROP COLUMN "sequence", DROP COLUMN "workspacePublicId",
-    DROP COLUMN "identityPublicId", DROP COLUMN "identitySlug", DROP COLUMN "tokenPublicId",
-    DROP COLUMN "actorUserUuid", DROP COLUMN "previousHash", DROP COLUMN "hash";
-"""
-
-
 def test_applying_schema_chains_the_events_written_before_it_once(server_dsn):
     dsn = support.create_database(server_dsn)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(CHAIN_OBJECTS)  # the database as version 0.2.0 of the tool left it
+            conn.execute(support.WITHOUT_CHAIN_SQL)  # the database as version 0.2.0 of the tool left it
             kan = support.Kan(conn)
             operators = []
             for _ in range(2):
