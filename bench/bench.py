@@ -302,9 +302,6 @@ def verify_chain(bench: Bench, events: int) -> int:
     return not ok
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def upgrade(bench: Bench, dsn: str, events: int) -> int:
     """The upgrade to the chain: schema applied, in one transaction, to a database whose
@@ -324,3 +321,6 @@ def upgrade(bench: Bench, dsn: str, events: int) -> int:
           f"applied again: {times[1]:.2f} s; then audit verify: {'intact' if ok else 'FAILED ' + done.stdout[:200]}")
     return not ok
 
+
+if __name__ == "__main__":
+    sys.exit(main())
