@@ -3729,13 +3729,13 @@ example:
   agent-identity help rotate""",
     "audit": """\
 examples:
-  agent-identity audit --workspace acme-eng --since 24h      # who did what today
+  agent-identity audit --workspace acme-eng --since 24h   # the last 24 hours
   agent-identity audit --workspace acme-eng --action access.denied --since 7d
-  agent-identity audit --token Tk12Tk34Tk56                   # a token's whole story
+  agent-identity audit --token Tk12Tk34Tk56   # a token's whole story
   agent-identity audit --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --since 2026-11-01 --until 2026-12-01 --json
   agent-identity audit --workspace acme-eng --jsonl --all > acme-eng-audit.jsonl
-  agent-identity audit verify                  # every chain you manage, exit 10 at a break
+  agent-identity audit verify           # every chain you manage; 10 at a break
   agent-identity audit head --workspace acme-eng --json >> pinned-heads.jsonl
   agent-identity audit verify --workspace acme-eng --expect-head 42:<the hash>
 Times are UTC; --since and --until take a duration back from now or an ISO time.""",
@@ -3745,7 +3745,7 @@ examples:
   agent-identity workspaces --json""",
     "expiring": """\
 examples:
-  agent-identity expiring                      # every workspace you manage, 7 days
+  agent-identity expiring              # every workspace you manage, 7 days
   agent-identity expiring --workspace acme-eng --within 30d --json
 Exit 9 when any token expires within the window (for a cron job), 0 when none.""",
     "completion": """\
@@ -3890,8 +3890,8 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
                      help="start after this identity: the nextCursor of the previous page")
     sub.add_argument("--wide", action="store_true", help="print the table whole, however wide the terminal")
 
-    sub = command("audit", "show a workspace's audit events, newest first: who did what, when; "
-                           "verify its hash chain", slug=False, by_token=True)
+    sub = command("audit", "show a workspace's audit events, newest first; verify its hash chain",
+                  slug=False, by_token=True)
     sub.add_argument("mode", nargs="?", choices=("verify", "head"), metavar="verify|head",
                      help="verify: recompute every audit chain (the workspace's, or every one you manage) and "
                           f"exit {EXIT_CHAIN_BROKEN} at a break; head: print each chain's head, SEQUENCE:HASH, "

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import agent_identity_admin as tool
 from tests import support
 from tests.support import run_cli
 
@@ -366,8 +367,7 @@ def test_json_help_and_version_are_one_object(args, command):
     assert body["text"].startswith("agent-identity 0." if command == "version" else "usage: agent-identity")
 
 
-@pytest.mark.parametrize("topic", [None, "help", "schema", "create", "rotate", "pause", "resume", "revoke",
-                                   "inspect", "list", "doctor", "verify"])
+@pytest.mark.parametrize("topic", [None, *tool.EXAMPLES])  # every command
 def test_help_fits_80_columns(topic):
     """What `help` and every `COMMAND --help` print, on an 80-column terminal or a pipe."""
     for env in ({**ACTOR, "COLUMNS": "80"}, ACTOR):
