@@ -140,6 +140,28 @@ def test_kans_cascades_still_work_and_leave_the_chain_intact(db, operator, histo
     assert chain(db, operator.workspace) == []
 
 
+def test_a_deleted_kan_user_leaves_the_chain_intact(db, kan, cli, operator):
+    """Kan deleting a user sets actorUserId to NULL in every event they wrote (a cascade
+    the append-only trigger lets through); the chain keeps their id in actorUserUuid."""
+    helper = kan.user()
+    # A member whose membership someone else created, so that Kan lets the user go.
+    db.execute("""INSERT INTO workspace_members ("publicId", email, "userId", "workspaceId", "createdBy", role, status)
+                  VALUES (%s, %s, %s, %s, (SELECT id FROM "user" WHERE email = %s), 'admin', 'active')""",
+               (tool.new_public_id(), helper["email"], helper["id"], operator.workspace["id"], operator.email))
+    helped = cli("create", "--workspace-public-id", operator.workspace["publicId"], "--slug", "helped",
+                 "--display-name", "H", "--token-name", "t", "--scopes", "boards:read", "--confirm",
+                 env={"AGENT_IDENTITY_ADMIN_EMAIL": helper["email"]})
+    assert helped.code == 0, helped.stderr
+    db.execute('DELETE FROM workspace_members WHERE "userId" = %s', (helper["id"],))
+    db.execute('DELETE FROM "user" WHERE id = %s', (helper["id"],))
+    [event] = db.execute("""SELECT "actorUserId", "actorUserUuid", "actorEmail" FROM agent_audit_event
+                            WHERE "workspaceId" = %s AND "identitySlug" = 'helped'""",
+                         (operator.workspace["id"],)).fetchall()
+    assert event == (None, helper["id"], helper["email"])
+    run, report = verified(operator)
+    assert (run.code, report["intact"]) == (0, True)
+
+
 # --- audit verify catches what a superuser does with the triggers off --------------
 
 
