@@ -2582,6 +2582,16 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
     return {"ok": True, "command": "inspect", "now": iso(now), "identity": view, "warnings": warnings}
 
 
+def keyset_page(detail: dict, key: str, limit: int, missing_cursor: str) -> tuple[list[dict], str | None]:
+    """The rows of a page the database read one row past (list's, audit's), their times
+    parsed, and the --after of the next page (None on the last); exit 3 with
+    missing_cursor when the --after given names nothing."""
+    if not detail["cursorFound"]:
+        raise AdminError(EXIT_NOT_FOUND, missing_cursor)
+    rows = [json_times(row) for row in detail[key]]
+    return rows[:limit], rows[limit - 1]["publicId"] if len(rows) > limit else None
+
+
 def cmd_list(conn, args: argparse.Namespace) -> dict:
     """List a workspace's identities, newest first, a page at a time."""
     with transaction(conn, args.lock_timeout, read_only=True):
@@ -2589,11 +2599,8 @@ def cmd_list(conn, args: argparse.Namespace) -> dict:
             "status": args.status, "limit": args.limit + 1, "after": args.after, "within": EXPIRING_SOON,
         })
     page = access["detail"]
-    if not page["cursorFound"]:
-        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {args.after} in workspace {args.workspace_public_id}")
-    rows = [json_times(row) for row in page["identities"]]
-    more = len(rows) > args.limit
-    rows = rows[:args.limit]
+    rows, next_cursor = keyset_page(page, "identities", args.limit,
+                                    f"no agent identity {args.after} in workspace {args.workspace_public_id}")
     now = access["now"]
     identities = [
         dict(
@@ -2615,7 +2622,7 @@ def cmd_list(conn, args: argparse.Namespace) -> dict:
     ]
     return {
         "ok": True, "command": "list", "now": iso(now), "workspacePublicId": args.workspace_public_id,
-        "identities": identities, "nextCursor": rows[-1]["publicId"] if more else None, "warnings": warnings,
+        "identities": identities, "nextCursor": next_cursor, "warnings": warnings,
     }
 
 
@@ -2683,13 +2690,10 @@ def audit_page(conn, args: argparse.Namespace, after: str | None) -> dict:
     with transaction(conn, args.lock_timeout, read_only=True):
         access = check_identity(conn, named, detail=AUDIT_DETAIL, params=params)
     args.workspace_public_id = named.workspace_public_id
-    page = access["detail"]
-    if not page["cursorFound"]:
-        raise AdminError(EXIT_NOT_FOUND, f"no audit event {after} in workspace {args.workspace_public_id}")
-    events = [event_view(event, args.workspace_public_id) for event in map(json_times, page["events"])]
-    more = len(events) > args.limit
-    events = events[:args.limit]
-    return {"now": access["now"], "events": events, "nextCursor": events[-1]["publicId"] if more else None}
+    events, next_cursor = keyset_page(access["detail"], "events", args.limit,
+                                      f"no audit event {after} in workspace {args.workspace_public_id}")
+    return {"now": access["now"], "events": [event_view(event, args.workspace_public_id) for event in events],
+            "nextCursor": next_cursor}
 
 
 def later_pages(conn, args: argparse.Namespace, cursor: str | None):
