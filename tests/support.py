@@ -138,6 +138,17 @@ def run_cli(args: list[str], dsn: str | None, env: dict[str, str] | None = None,
     return Run(list(args), process.returncode, stdout, stderr)
 
 
+def node_env(database: str) -> dict[str, str]:
+    """The environment for server/'s Node tools: ours, connected to database through
+    libpq's PG* variables (which node-postgres reads) instead of a URL."""
+    params = psycopg.conninfo.conninfo_to_dict(database)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
+    env.update(PGHOST=params.get("host", "localhost"), PGPORT=str(params.get("port", 5432)),
+               PGUSER=params.get("user", "postgres"), PGDATABASE=params["dbname"],
+               PGPASSWORD=params.get("password", ""))
+    return env
+
+
 @contextlib.contextmanager
 def cli_role(database: str, *, least_privilege: bool):
     """The DSN the CLI runs with against database: the owner's, or with least_privilege

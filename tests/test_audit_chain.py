@@ -3,14 +3,12 @@ append-only for every role, and checked by `audit verify` — which catches what
 with the triggers disabled (a superuser) does to the rows."""
 
 import json
-import os
 import subprocess
 import time
 from datetime import datetime
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
 import agent_identity_admin as tool
 from tests import support
@@ -442,13 +440,8 @@ def test_doctor_says_when_a_trigger_of_the_chain_is_off(db, operator):
 
 
 def test_the_node_implementation_of_the_spec_agrees(db, operator, history, node_bin, database):
-    params = conninfo_to_dict(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
-    env.update(PGHOST=params.get("host", "localhost"), PGPORT=str(params.get("port", 5432)),
-               PGUSER=params.get("user", "postgres"), PGDATABASE=params["dbname"],
-               PGPASSWORD=params.get("password", ""))
     completed = subprocess.run([str(node_bin / "tsx"), str(support.SERVER / "verify-audit-chain.ts"),
-                                operator.workspace["publicId"]], env=env, capture_output=True, text=True,
+                                operator.workspace["publicId"]], env=support.node_env(database), capture_output=True, text=True,
                                timeout=120)
     assert completed.returncode == 0, completed.stderr
     *lines, summary = [json.loads(line) for line in completed.stdout.splitlines()]

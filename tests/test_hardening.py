@@ -15,7 +15,6 @@ import time
 
 import pytest
 
-import agent_identity_admin as tool
 from tests import support
 from tests.test_reliability import HeldLock, waiting_backend
 
@@ -196,7 +195,7 @@ def test_an_unknown_argument_with_escapes_is_shown_escaped(operator, argument):
 
 
 def test_a_token_file_path_with_escapes_is_shown_escaped(operator, tmp_path):
-    path = tmp_path / f"red\x1b[31m.token"
+    path = tmp_path / "red\x1b[31m.token"
     result = operator("create", "--slug", "escaped", "--display-name", "E", "--token-name", "t", "--scopes",
                       "boards:read", "--token-file", str(path), "--confirm", json=False)
     assert result.code == 0 and path.exists()

@@ -6,13 +6,9 @@ locked dependencies itself (npm ci), so the README's test command is enough.
 """
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-from psycopg.conninfo import conninfo_to_dict
 
 import agent_identity_admin as tool
 from tests import support
@@ -23,13 +19,8 @@ VERIFIER = SERVER / "verify-agent-token.ts"
 
 def node_verdicts(node_bin: Path, database: str, tokens: list[str]) -> list[dict]:
     """Run the TypeScript verifier over the tokens, connected through libpq's PG* variables."""
-    params = conninfo_to_dict(database)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
-    env.update(PGHOST=params.get("host", "localhost"), PGPORT=str(params.get("port", 5432)),
-               PGUSER=params.get("user", "postgres"), PGDATABASE=params["dbname"],
-               PGPASSWORD=params.get("password", ""))
     completed = subprocess.run([str(node_bin / "tsx"), str(VERIFIER)], input="\n".join(tokens) + "\n",
-                               env=env, capture_output=True, text=True, timeout=120)
+                               env=support.node_env(database), capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     return [json.loads(line) for line in completed.stdout.splitlines()]
 
