@@ -1,10 +1,16 @@
 /**
  * How the Kan server checks an agent token: the algorithm of docs/tokens.md.
  *
- * verifyAgentToken() is what a request handler calls with the bearer token.
- * Run as a script, it reads tokens from standard input, one per line, and
- * prints one JSON verdict per line (the tests compare these with
- * `agent-identity verify`):
+ * verifyAgentToken() is what a request handler calls with the bearer token;
+ * with { stamp: true } it also stamps a valid token's "lastUsedAt" (or call
+ * stampLastUsed() yourself once the request is accepted). Both go through the
+ * two functions `agent-identity schema` made for the server, by their
+ * schema-qualified names: the server needs no grant on any table, and no table
+ * a session plants (a temporary agent_token, handed on by a pooler) can answer
+ * in their place. The schema is AGENT_IDENTITY_DB_SCHEMA's (default public).
+ * Run as a script, it reads tokens from standard input, one per line, prints
+ * one JSON verdict per line (the tests compare these with
+ * `agent-identity verify`) and stamps the valid ones, as a server would:
  *
  *   DATABASE_URL=postgres://... npx tsx verify-agent-token.ts < token-file
  */
@@ -38,18 +44,21 @@ function base62(value: number, width: number): string {
   return digits.padStart(width, "0");
 }
 
-// Expiry is judged by the database's clock: the columns are UTC `timestamp`
+/** The schema that holds Kan's and the agent tables, quoted: a plain identifier only. */
+export function schemaIdentifier(name: string = process.env.AGENT_IDENTITY_DB_SCHEMA || "public"): string {
+  if (!/^(?!pg_)(?!information_schema$)[A-Za-z_][A-Za-z0-9_]{0,62}$/i.test(name)) {
+    throw new Error(`AGENT_IDENTITY_DB_SCHEMA: ${JSON.stringify(name.slice(0, 80))} is not a schema name`);
+  }
+  return `"${name.replaceAll('"', '""')}"`;
+}
+
+// One call, its name qualified and its argument's type named in full (a session's
+// temporary type named text comes before pg_catalog's), so that no look-alike on the
+// search_path (a temporary table, an overload, a type) is what answers.
+// Expiry is judged in SQL by the database's clock: the columns are UTC `timestamp`
 // without a zone, which node-postgres would read as local time.
-const LOOKUP = `
-  SELECT t."tokenHash", t.scopes,
-         t."revokedAt" IS NOT NULL AS revoked,
-         t."expiresAt" IS NOT NULL AND t."expiresAt" <= timezone('utc', now()) AS expired,
-         i."publicId" AS "identityPublicId", i.status, i."workspaceId",
-         w."deletedAt" IS NOT NULL AS "workspaceDeleted"
-  FROM agent_token t
-  JOIN agent_identity i ON i.id = t."agentIdentityId"
-  JOIN workspace w ON w.id = i."workspaceId"
-  WHERE t."publicId" = $1`;
+const lookup = (schema: string) => `SELECT * FROM ${schema}.agent_token_for_verification($1::pg_catalog.text)`;
+const stamp = (schema: string) => `SELECT ${schema}.agent_token_stamp($1::pg_catalog.text) AS stamped`;
 
 interface Row {
   tokenHash: string;
@@ -62,7 +71,18 @@ interface Row {
   workspaceDeleted: boolean;
 }
 
-export async function verifyAgentToken(db: pg.Pool | pg.Client, token: string): Promise<Verdict> {
+export interface VerifyOptions {
+  /** Stamp "lastUsedAt" of a token found valid (stampLastUsed). */
+  stamp?: boolean;
+  /** The schema's name, if not AGENT_IDENTITY_DB_SCHEMA's. */
+  schema?: string;
+}
+
+export async function verifyAgentToken(
+  db: pg.Pool | pg.Client,
+  token: string,
+  options: VerifyOptions = {},
+): Promise<Verdict> {
   // 1-2. Form and checksum: refuse look-alikes and typos with no database or argon2 work.
   const match = TOKEN.exec(token);
   if (!match) return { valid: false, reason: "malformed" };
@@ -70,7 +90,8 @@ export async function verifyAgentToken(db: pg.Pool | pg.Client, token: string): 
   if (base62(crc32(token.slice(0, -6)), 6) !== checksum) return { valid: false, reason: "bad_checksum" };
 
   // 3. One indexed lookup by the token's public id.
-  const { rows } = await db.query<Row>(LOOKUP, [publicId]);
+  const schema = schemaIdentifier(options.schema);
+  const { rows } = await db.query<Row>(lookup(schema), [publicId]);
   const row = rows[0];
   if (!row) return { valid: false, reason: "unknown_token" };
 
@@ -85,6 +106,7 @@ export async function verifyAgentToken(db: pg.Pool | pg.Client, token: string): 
   if (row.workspaceDeleted) return { valid: false, reason: "workspace_deleted" };
 
   // 8. The caller allows only what row.scopes grants (see allows()).
+  if (options.stamp) await stampLastUsed(db, publicId, options.schema);
   return {
     valid: true,
     tokenPublicId: publicId,
@@ -92,6 +114,12 @@ export async function verifyAgentToken(db: pg.Pool | pg.Client, token: string): 
     workspaceId: row.workspaceId,
     scopes: row.scopes,
   };
+}
+
+/** Stamp a token's "lastUsedAt" with the database's time; false if there is no such token. */
+export async function stampLastUsed(db: pg.Pool | pg.Client, tokenPublicId: string, schema?: string): Promise<boolean> {
+  const { rows } = await db.query<{ stamped: boolean | null }>(stamp(schemaIdentifier(schema)), [tokenPublicId]);
+  return rows[0]?.stamped === true;
 }
 
 export function allows(verdict: Verdict, scope: string): boolean {
@@ -105,7 +133,9 @@ async function main(): Promise<void> {
   await db.connect();
   try {
     for (const line of input.split("\n")) {
-      if (line.trim()) process.stdout.write(JSON.stringify(await verifyAgentToken(db, line.trim())) + "\n");
+      if (line.trim()) {
+        process.stdout.write(JSON.stringify(await verifyAgentToken(db, line.trim(), { stamp: true })) + "\n");
+      }
     }
   } finally {
     await db.end();

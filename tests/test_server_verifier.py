@@ -9,6 +9,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import psycopg
+import pytest
 
 import agent_identity_admin as tool
 from tests import support
@@ -25,14 +27,54 @@ def node_verdicts(node_bin: Path, database: str, tokens: list[str]) -> list[dict
     return [json.loads(line) for line in completed.stdout.splitlines()]
 
 
-def test_node_and_verify_agree_on_every_token(db, operator, node_bin, database):
+@pytest.fixture(scope="module")
+def own_database(server_dsn):
+    """A database of this module's own: a token is made to have expired here, behind the
+    audit chain's back, which would leave the shared database's chains out of step."""
+    dsn = support.create_database(server_dsn)
+    yield dsn
+    support.drop_database(server_dsn, dsn)
+
+
+@pytest.fixture
+def own_db(own_database):
+    with psycopg.connect(own_database, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def own_operator(own_db, own_database):
+    """The admin of a fresh workspace of own_database, running the CLI as the owner."""
+    workspace, admin = support.Kan(own_db).managed_workspace()
+
+    def cli(*args: str, env: dict[str, str] | None = None, dsn: str = own_database,
+            input: str | None = None) -> support.Run:
+        return support.run_cli(list(args), dsn, env, input=input)
+
+    return support.Operator(cli, workspace, admin["email"])
+
+
+def expire_behind_the_tools_back(conn: psycopg.Connection, token_public_id: str) -> None:
+    """Make a token have expired a minute ago, as if made two days ago with an expiry that
+    has since passed. The schema refuses an expiry at or before the token's making, and
+    any expiry changed without its audit event: this writes past the triggers, as a
+    superuser restoring data would (session_replication_role = replica)."""
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        moved = conn.execute("""UPDATE agent_token SET "createdAt" = timezone('utc', now()) - interval '2 days',
+                                       "expiresAt" = timezone('utc', now()) - interval '1 minute'
+                                WHERE "publicId" = %s""", (token_public_id,)).rowcount
+    assert moved == 1
+
+
+def test_node_and_verify_agree_on_every_token(own_db, own_operator, node_bin, own_database):
+    db, operator, database = own_db, own_operator, own_database
     tokens = {}
     first = operator.create("node-rotated").json["token"]["secret"]
     tokens["rotated out"] = first
     tokens["valid"] = operator("rotate", "--slug", "node-rotated", "--confirm").json["token"]["secret"]
     expired = operator.create("node-expired").json["token"]
-    db.execute("""UPDATE agent_token SET "expiresAt" = timezone('utc', now()) - interval '1 minute'
-                  WHERE "publicId" = %s""", (expired["publicId"],))
+    expire_behind_the_tools_back(db, expired["publicId"])
     tokens["expired"] = expired["secret"]
     tokens["paused"] = operator.create("node-paused").json["token"]["secret"]
     operator("pause", "--slug", "node-paused", "--confirm")
@@ -55,6 +97,7 @@ def test_node_and_verify_agree_on_every_token(db, operator, node_bin, database):
     assert cli_reasons == expected
     assert node_reasons == expected
     assert node["valid"]["scopes"] == ["boards:read", "cards:write"]
+    assert node["valid"]["workspaceId"] == str(operator.workspace["id"])
 
     db.execute('UPDATE workspace SET "deletedAt" = now() WHERE id = %s', (operator.workspace["id"],))
     try:
