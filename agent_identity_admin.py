@@ -139,24 +139,32 @@ ARGON2_PARALLELISM = 1
 # How a hash made with these parameters begins (the PHC string carries them).
 ARGON2_PHC_PREFIX = f"$argon2id$v=19$m={ARGON2_MEMORY_KIB},t={ARGON2_TIME_COST},p={ARGON2_PARALLELISM}$"
 
-# A PostgreSQL schema name as `schema --db-schema` takes it: a plain identifier.
-DB_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# A PostgreSQL schema name as --db-schema takes it: a plain identifier, and not one of
+# PostgreSQL's own (pg_catalog, pg_temp, pg_toast, information_schema).
+DB_SCHEMA_RE = re.compile(r"(?!pg_)(?!information_schema$)[A-Za-z_][A-Za-z0-9_]{0,62}", re.IGNORECASE)
 SLUG_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 PUBLIC_ID_RE = re.compile(r"[0-9A-Za-z]{%d}" % PUBLIC_ID_LENGTH)
 TOKEN_RE = re.compile(
     r"%s(?P<public_id>[0-9A-Za-z]{%d})_(?P<secret>[0-9A-Za-z]{%d,})(?P<checksum>[0-9A-Za-z]{%d})"
     % (TOKEN_PREFIX, PUBLIC_ID_LENGTH, SECRET_LENGTH, CHECKSUM_LENGTH)
 )
-# Anything that looks like one of our tokens, well formed or not: scrubbed
-# from every error message before it is printed.
-TOKEN_LIKE_RE = re.compile(TOKEN_PREFIX + r"[0-9A-Za-z_]*")
-# A token with any of its secret: refused in every value the tool would store
-# or echo. The prefix and public id alone (kan_agent_Ab12Cd34Ef56) name a
-# token without revealing it, and may be written anywhere.
-SECRET_BEARING_RE = re.compile(TOKEN_PREFIX + r"[0-9A-Za-z]{%d}_[0-9A-Za-z]" % PUBLIC_ID_LENGTH)
-# Bidirectional overrides can make an audit line read differently from what
-# it stores ("trojan source"); they have no place in names or reasons.
-BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Anything that looks like a token or a part of its secret, well formed or not: refused
+# in every value the tool would store or echo, and blanked from every message. In
+# order: our prefix and a public id with anything after it; a token without its prefix
+# (public id, _, the secret); a secret alone (a run as long as a secret and its
+# checksum). The prefix and public id alone (kan_agent_Ab12Cd34Ef56) name a token
+# without revealing it, and may be written anywhere, as may a name that only begins
+# like one (the role kan_agent_server); a long run is a secret only if it mixes capitals, small
+# letters and digits, as a random one almost surely does and hex or words do not.
+TOKEN_LIKE_RE = re.compile(r"%s[0-9A-Za-z]{%d}(?:_[0-9A-Za-z_]*|[0-9A-Za-z]+)|[0-9A-Za-z]{%d}_[0-9A-Za-z]{%d,}|"
+                           r"[0-9A-Za-z]{%d,}" % (TOKEN_PREFIX, PUBLIC_ID_LENGTH, PUBLIC_ID_LENGTH, SECRET_LENGTH,
+                                                  SECRET_LENGTH + CHECKSUM_LENGTH))
+# Characters that act on a terminal or read as something they are not: controls (Cc:
+# escape sequences, newlines, carriage returns), format characters (Cf: bidirectional
+# marks and overrides, zero-width spaces and joiners, tag characters), line and
+# paragraph separators (Zl, Zp), and unpaired surrogates (Cs: an undecodable byte).
+# Refused in every value the tool stores; shown as escapes in everything it prints.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 # --- Errors and exit codes --------------------------------------------------
 
@@ -236,23 +244,49 @@ def exit_code_of_interrupt(exc: KeyboardInterrupt) -> int:
     return exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
 
 
-@contextlib.contextmanager
-def signals_as_interrupts():
-    """While a command runs, SIGTERM and SIGHUP end it the way Ctrl-C does."""
-    import signal
+class Signals:
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP end a command alike: as Interrupted, a
+    KeyboardInterrupt raised where the program is (so psycopg cancels a running query,
+    and transactions roll back). While output that must stay whole is written (a line of
+    audit --jsonl), the first signal waits for the write to end; a second acts at once."""
 
-    def interrupt(signum, frame):
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.holding = False
+        self.pending: int | None = None
+
+    def interrupt(self, signum: int, frame) -> None:
+        if self.holding and self.pending is None:
+            self.pending = signum
+            return
         raise Interrupted(signum)
 
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            previous[signum] = signal.signal(signum, interrupt)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    @contextlib.contextmanager
+    def installed(self):
+        """While a command runs, these signals interrupt it."""
+        import signal
+
+        previous = {}
+        for name in self.NAMES:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                previous[getattr(signal, name)] = signal.signal(getattr(signal, name), self.interrupt)
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def whole(self):
+        """Output written here ends whole, whatever signal comes while it is written."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            raise Interrupted(self.pending)
 
 
 def forbid_core_dumps() -> None:
@@ -283,20 +317,36 @@ class AccessDenied(AdminError):
 
 
 def is_invisible(char: str) -> bool:
-    """A character that would act on a terminal or read as something else: a control
-    character, an unpaired surrogate (an undecodable byte), a bidirectional override."""
-    return unicodedata.category(char) in ("Cc", "Cs") or char in BIDI_CONTROLS
+    """A character of INVISIBLE_CATEGORIES."""
+    return unicodedata.category(char) in INVISIBLE_CATEGORIES
+
+
+def token_parts(text: str) -> list[tuple[int, int]]:
+    """Where text holds a token with any of its secret (TOKEN_LIKE_RE), as (start, end)
+    spans of text; invisible characters inside one do not hide it."""
+    kept = [index for index, char in enumerate(text) if not is_invisible(char)]
+    plain = "".join(text[index] for index in kept)
+    spans = []
+    for match in TOKEN_LIKE_RE.finditer(plain):
+        part = match[0]
+        if part.startswith(TOKEN_PREFIX) or "_" in part or all(
+                any(test(char) for char in part) for test in (str.isupper, str.islower, str.isdigit)):
+            spans.append((kept[match.start()], kept[match.end() - 1] + 1))
+    return spans
 
 
 def check_text(value: str, *, max_length: int, allow_empty: bool = False) -> str:
-    """Refuse text that is too long, empty, or holds control characters."""
+    """Refuse text that is too long, empty, holds a token's secret, or holds invisible
+    characters."""
     if not allow_empty and not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     if len(value) > max_length:
         raise argparse.ArgumentTypeError(f"is {len(value)} characters long; the limit is {max_length}")
-    for char in filter(is_invisible, value):
-        raise argparse.ArgumentTypeError(f"contains a control character (U+{ord(char):04X})")
-    if SECRET_BEARING_RE.search(value):
+    if not token_parts(value):
+        for char in filter(is_invisible, value):
+            kind = "a control" if unicodedata.category(char) == "Cc" else "an invisible"
+            raise argparse.ArgumentTypeError(f"contains {kind} character (U+{ord(char):04X})")
+    else:
         raise argparse.ArgumentTypeError(
             "contains a token with its secret, which would be stored and shown to every reader of the audit log; "
             "name a token by its public id instead"
@@ -328,7 +378,7 @@ def parse_token_id(value: str) -> str:
     bare = value.removeprefix(TOKEN_PREFIX)
     if PUBLIC_ID_RE.fullmatch(bare):
         return bare
-    if SECRET_BEARING_RE.match(value):
+    if token_parts(value):
         raise argparse.ArgumentTypeError(
             f"is a whole token, secret and all (it is now in shell history and the process list: rotate it); "
             f"give only its public id, {TOKEN_PREFIX}{value[len(TOKEN_PREFIX):][:12]}"
@@ -456,7 +506,11 @@ def parse_moment(value: str) -> Moment:
         raise argparse.ArgumentTypeError(f"{value[:40]!r} is neither a duration (24h, 7d) nor an ISO time "
                                          "(2026-11-28T09:00:00Z)")
     if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+        try:
+            moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+        except OverflowError:  # 9999-12-31T23:59:59-23:59 is past the last moment a date can name
+            raise argparse.ArgumentTypeError(f"{value[:40]!r} is out of range: give a time within the years 1 "
+                                             "to 9999 in UTC") from None
     return Moment(value, None, moment)
 
 
@@ -615,6 +669,12 @@ def chain_field(value: str | None) -> bytes:
     return b"%d:%s," % (len(data), data)
 
 
+def chain_time(moment: datetime) -> str:
+    """A time as the encoding writes it: YYYY-MM-DDTHH:MM:SS.ffffffZ, the year in four
+    digits (strftime would write year 999 as 999, where PostgreSQL writes 0999)."""
+    return moment.isoformat(timespec="microseconds") + "Z"
+
+
 def chain_hash(previous_hash: str, event: dict) -> str:
     """SHA-256, as hex, of the previous event's hash (32 bytes) followed by this event's encoding."""
     import hashlib
@@ -632,32 +692,38 @@ def chain_hash(previous_hash: str, event: dict) -> str:
         event["actorEmail"],
         event["reason"],
         event["metadata"],  # the jsonb's text, as PostgreSQL writes it
-        event["createdAt"].strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        chain_time(event["createdAt"]),
     )
     return hashlib.sha256(bytes.fromhex(previous_hash) + b"".join(map(chain_field, fields))).hexdigest()
 
 
+# Every way a chain can break, as audit verify names it (docs/schema.md).
+CHAIN_BREAKS = {
+    "gap": "a sequence number is missing (an event was deleted)",
+    "changed": "an event does not hash to its recorded hash, or (when the next event no longer links to it) was "
+               "rewritten with its hash recomputed",
+    "inserted": "an event sits between two that linked to each other, or two share a sequence",
+    "reordered": "events swapped places (their links or times say so)",
+    "unchained": "an event has no place in the chain (written past the trigger)",
+    "head_mismatch": "the event at a pinned sequence is not the pinned one, or the chain ends before it",
+    "mismatch": "the tables say otherwise than the chain's latest event about an identity or token",
+}
+
+
 def check_chain(events, expect: Head | None = None) -> dict:
     """Walk a workspace's events in sequence order (an iterable of rows, read as it goes)
-    and say whether they form an intact chain: how many were checked, the head, and the
-    first break, with its kind:
+    and report every break in it (CHAIN_BREAKS), in order: after each, the walk goes on
+    from the hashes the events record, so one break hides no later one. A pinned head
+    (expect) is checked on its own, whatever came before it. Returns how many chained
+    events were checked, the head (the last one's SEQUENCE:HASH), whether the chain is
+    intact, its first break and all of them."""
+    accepted, before_previous, expected = {CHAIN_START}, None, 1  # accepted: what the next may link to
+    previous, checked, head, pinned_seen, skip = None, 0, None, False, False
+    breaks: list[dict] = []
 
-    gap        a sequence number is missing (an event was deleted)
-    changed    an event does not hash to its recorded hash, or (when the next event no
-               longer links to it) was rewritten with its hash recomputed
-    inserted   an event sits between two that linked to each other
-    reordered  events swapped places (their links or times say so)
-    unchained  an event has no place in the chain (written past the trigger)
-    head_mismatch  with expect: the event at that sequence is not the pinned one, or the
-               chain ends before it (later events rewritten, or the end cut off)
-    """
-    previous_hash, before_previous, expected = CHAIN_START, None, 1
-    previous, checked, head = None, 0, None
-
-    def broken(kind: str, sequence: int | None, event: dict | None, message: str) -> dict:
-        return {"events": checked, "head": head, "intact": False,
-                "break": {"kind": kind, "sequence": sequence, "eventPublicId": event and event["publicId"],
-                          "message": message}}
+    def broken(kind: str, sequence: int | None, event: dict | None, message: str) -> None:
+        breaks.append({"kind": kind, "sequence": sequence, "eventPublicId": event and event["publicId"],
+                       "message": message})
 
     events = iter(events)
     event = next(events, None)
@@ -665,45 +731,140 @@ def check_chain(events, expect: Head | None = None) -> dict:
         following = next(events, None)
         sequence = event["sequence"]
         if sequence is None:
-            return broken("unchained", None, event, f"event {event['publicId']} has no place in the chain: it was "
-                                                    "written past the chain's trigger")
-        if sequence > expected:
-            missing = str(expected) if sequence == expected + 1 else f"{expected} to {sequence - 1}"
-            return broken("gap", expected, event, f"event {missing} is missing: the chain goes from "
-                                                  f"{expected - 1} to {sequence}")
-        if sequence < expected:
-            return broken("inserted", sequence, event, f"two events have sequence {sequence}")
-        if event["previousHash"] != previous_hash:
-            if event["previousHash"] == before_previous:
-                return broken("inserted", sequence - 1, previous,
-                              f"event {sequence - 1} was inserted: event {sequence} links to the event before it")
-            if following is not None and following["hash"] == event["previousHash"]:
-                return broken("reordered", sequence, event,
-                              f"events {sequence} and {sequence + 1} swapped places: {sequence} links to {sequence + 1}")
-            return broken("changed", sequence - 1, previous,
-                          f"event {sequence - 1} was changed and its hash recomputed: event {sequence} links to "
-                          "a hash it no longer has")
-        if chain_hash(previous_hash, event) != event["hash"]:
-            out_of_order = (previous is not None and event["createdAt"] < previous["createdAt"]) or \
-                (following is not None and following["sequence"] is not None
-                 and event["createdAt"] > following["createdAt"])
-            if out_of_order:
-                return broken("reordered", sequence, event,
-                              f"event {sequence} is out of order: its time does not fall between its neighbours'")
-            return broken("changed", sequence, event, f"event {sequence} was changed: it no longer hashes to "
-                                                      "its recorded hash")
-        if expect is not None and sequence == expect.sequence and event["hash"] != expect.hash:
-            return broken("head_mismatch", sequence, event,
-                          f"event {sequence} is not the one pinned ({expect}): the chain was rewritten from there "
-                          "or before")
-        before_previous, previous_hash, previous = previous_hash, event["hash"], event
-        checked, expected, head = checked + 1, expected + 1, str(Head(sequence, event["hash"]))
+            broken("unchained", None, event, f"event {event['publicId']} has no place in the chain: it was "
+                                             "written past the chain's trigger")
+        elif sequence < expected:
+            broken("inserted", sequence, event, f"two events have sequence {sequence}")
+        else:
+            # A reordered pair is named once, at its first event: its partner is not checked again.
+            partner, skip = skip, False
+            checked += 1
+            if sequence > expected:
+                missing = str(expected) if sequence == expected + 1 else f"{expected} to {sequence - 1}"
+                broken("gap", expected, event, f"event {missing} is missing: the chain goes from {expected - 1} "
+                                               f"to {sequence}")
+            elif not partner and event["previousHash"] not in accepted:
+                if event["previousHash"] == before_previous:
+                    broken("inserted", sequence - 1, previous,
+                           f"event {sequence - 1} was inserted: event {sequence} links to the event before it")
+                elif following is not None and following["hash"] == event["previousHash"]:
+                    broken("reordered", sequence, event, f"events {sequence} and {sequence + 1} swapped places: "
+                                                         f"{sequence} links to {sequence + 1}")
+                    skip = True
+                else:
+                    broken("changed", sequence - 1, previous, f"event {sequence - 1} was changed and its hash "
+                                                              f"recomputed: event {sequence} links to a hash it no "
+                                                              "longer has")
+            if not (partner or skip) and chain_hash(event["previousHash"], event) != event["hash"]:
+                out_of_order = (previous is not None and event["createdAt"] < previous["createdAt"]) or \
+                    (following is not None and following["sequence"] is not None
+                     and event["createdAt"] > following["createdAt"])
+                if out_of_order:
+                    broken("reordered", sequence, event,
+                           f"event {sequence} is out of order: its time does not fall between its neighbours'")
+                    skip = True
+                else:
+                    broken("changed", sequence, event, f"event {sequence} was changed: it no longer hashes to its "
+                                                       "recorded hash")
+            if expect is not None and sequence == expect.sequence:
+                pinned_seen = True
+                if event["hash"] != expect.hash:
+                    broken("head_mismatch", sequence, event,
+                           pinned_message(expect, f"event {sequence} is not the one pinned"))
+            # After a reordered pair, the next event may link to either of its two.
+            accepted = {event["hash"], previous["hash"]} if partner else {event["hash"]}
+            before_previous, previous = event["previousHash"], event
+            expected, head = sequence + 1, str(Head(sequence, event["hash"]))
         event = following
-    if expect is not None and expect.sequence >= expected:
-        return broken("head_mismatch", expect.sequence, None,
-                      f"the chain ends at {expected - 1}, before the pinned head {expect}: events were removed "
-                      "from its end")
-    return {"events": checked, "head": head, "intact": True, "break": None}
+    if expect is not None and not pinned_seen:
+        broken("head_mismatch", expect.sequence, None, pinned_message(
+            expect, f"the chain ends at {expected - 1}, before the pinned head" if expected <= expect.sequence
+            else f"event {expect.sequence} is missing"))
+    return {"events": checked, "head": head, "intact": not breaks, "break": breaks[0] if breaks else None,
+            "breaks": breaks}
+
+
+def pinned_message(expect: Head, what: str) -> str:
+    return (f"{what} ({expect}): the log was rewritten at or before event {expect.sequence}, or events were removed "
+            "from its end; no event up to it can be trusted unless an earlier export matches it")
+
+
+# What each action makes of an identity's status.
+STATUS_AFTER = {"identity.created": "active", "identity.paused": "paused", "identity.resumed": "active",
+                "identity.revoked": "revoked"}
+
+
+class ChainState:
+    """What a workspace's audit chain says of its identities and tokens, by the latest
+    event about each, gathered as the chain is walked (memory grows with identities and
+    tokens, never with events): each identity's status, and each token's issue, expiry
+    and revocation. compare() then holds the tables to it."""
+
+    def __init__(self):
+        self.identities: dict[str, tuple[str, dict]] = {}
+        self.tokens: dict[str, dict] = {}
+
+    def watch(self, events):
+        """The events, unchanged, each one noted as it goes by."""
+        for event in events:
+            if event["sequence"] is not None:
+                self.note(event)
+            yield event
+
+    def note(self, event: dict) -> None:
+        import json
+
+        action = event["action"]
+        said = {"sequence": event["sequence"], "eventPublicId": event["publicId"]}
+        if action in STATUS_AFTER and event["identityPublicId"]:
+            self.identities[event["identityPublicId"]] = (STATUS_AFTER[action], said)
+        if action not in ("identity.created", "identity.token_rotated", "identity.revoked", "identity.token_revoked"):
+            return
+        metadata = json.loads(event["metadata"])
+        if action in ("identity.created", "identity.token_rotated") and metadata.get("tokenPublicId"):
+            self.tokens[metadata["tokenPublicId"]] = {"issued": said, "expiresAt": metadata.get("expiresAt"),
+                                                      "revoked": None, "said": said}
+        for public_id in metadata.get("revokedTokenPublicIds") or ():
+            self.tokens.setdefault(public_id, {"issued": None, "expiresAt": None}).update(revoked=said, said=said)
+        for graced in metadata.get("gracedTokens") or ():
+            self.tokens.setdefault(graced["publicId"], {"issued": None, "revoked": None}).update(
+                expiresAt=graced["expiresAt"], said=said)
+
+    def compare(self, rows) -> list[dict]:
+        """Breaks of kind mismatch for each identity or token (rows: identity, status,
+        token, expiresAt, revokedAt; a row per token) the chain says otherwise of."""
+        found = []
+
+        def mismatch(said: dict | None, message: str) -> None:
+            found.append({"kind": "mismatch", "sequence": said and said["sequence"],
+                          "eventPublicId": said and said["eventPublicId"], "message": message})
+
+        seen = set()
+        for row in rows:
+            identity, token = row["identity"], row["token"]
+            if identity not in seen:
+                seen.add(identity)
+                status, said = self.identities.get(identity, (None, None))
+                if status is None:
+                    mismatch(None, f"agent identity {identity} has no event that created it")
+                elif status != row["status"]:
+                    mismatch(said, f"agent identity {identity} is {row['status']}, but event {said['sequence']} "
+                                   f"made it {status}")
+            if token is None:
+                continue
+            chain = self.tokens.get(token)
+            if chain is None or chain["issued"] is None:
+                mismatch(chain and chain["said"], f"token {token} has no event that issued it")
+                continue
+            if row["revokedAt"] is None and chain["revoked"]:
+                mismatch(chain["revoked"], f"token {token} is not revoked, but event "
+                                           f"{chain['revoked']['sequence']} revoked it")
+            elif row["revokedAt"] is not None and not chain["revoked"]:
+                mismatch(chain["said"], f"token {token} is revoked, but no event revoked it")
+            if iso(row["expiresAt"]) != chain["expiresAt"]:
+                mismatch(chain["said"], f"token {token} expires {iso(row['expiresAt']) or 'never'}, but event "
+                                        f"{chain['said']['sequence']} says {chain['expiresAt'] or 'never'}")
+        return found
 
 
 # --- Pure helpers: configuration and output values --------------------------
@@ -733,29 +894,37 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Remove a secret (the database password) from a message."""
-    return text.replace(secret, "***") if secret else text
+# Where a password sits in a connection string: password=... in a libpq conninfo, and
+# the password field of a URL (scheme://user:PASSWORD@host).
+PASSWORD_RE = re.compile(r"""(?P<key>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s]+)|(?P<user>://[^:/@\s]*:)[^@\s]*(?=@)""",
+                         re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """A message with every password of a connection string in it masked (only there:
+    a password is not a word to be blotted out wherever it happens to appear)."""
+    return PASSWORD_RE.sub(lambda match: (match["key"] or match["user"]) + "***", text)
 
 
 def scrub_tokens(message: str) -> str:
     """Blank out token-shaped text, and say why it matters. kan_agent_<12-character id>
     alone is how a token is named without its secret: left as it is."""
-    def blank(match: re.Match) -> str:
-        return match[0] if PUBLIC_ID_RE.fullmatch(match[0][len(TOKEN_PREFIX):]) else TOKEN_PREFIX + "***"
-
-    scrubbed = TOKEN_LIKE_RE.sub(blank, message)
-    if scrubbed == message:
+    spans = token_parts(message)
+    if not spans:
         return message
-    return scrubbed + " (a token on the command line lands in shell history and the process list: rotate it)"
+    for start, end in reversed(spans):
+        blanked = TOKEN_PREFIX + "***" if message[start:end].startswith(TOKEN_PREFIX) else "***"
+        message = message[:start] + blanked + message[end:]
+    return message + " (a token on the command line lands in shell history and the process list: rotate it)"
 
 
 def visible(text: str) -> str:
-    """Text safe to put on a terminal: control characters (escape sequences, OSC 8
-    links, carriage returns), bidirectional overrides and unpaired surrogates
-    (undecodable bytes) shown as escapes instead of acted on."""
+    """One line of text safe to put on a terminal: every invisible character (escape
+    sequences, OSC 8 links, newlines, carriage returns, bidirectional marks, zero-width
+    and tag characters, undecodable bytes) shown as an escape instead of acted on. A
+    value cannot start a line of its own: the output's lines are its own."""
     def escape(char: str) -> str:
-        if char == "\n" or not is_invisible(char):
+        if not is_invisible(char):
             return char
         if unicodedata.category(char) == "Cs":  # surrogateescape keeps byte 0xNN as U+DCNN
             return f"\\x{ord(char) - 0xDC00:02x}"
@@ -822,14 +991,19 @@ def from_iso(text: str) -> datetime:
 
 
 # --- Schema -----------------------------------------------------------------
+#
+# `agent-identity schema` prints this DDL; `doctor` holds a database to it. Tables and
+# indexes are plain SQL; every function and trigger is a record below, from which both
+# the DDL and doctor's expectations are made, so that what doctor checks is exactly what
+# schema creates. {schema} is the schema that holds Kan's tables, quoted.
 
-SCHEMA_SQL = """\
--- agent-identity schema {version}: the three tables the agent identity tool and
--- the Kan server share, in schema {schema}, beside Kan's own tables. Idempotent:
--- safe to run more than once. Apply as the owner of Kan's tables (the role Kan's
--- migrations run as; it adds an index to Kan's workspace_members):
---   agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 "$POSTGRES_URL"
+# Every function schema creates, and every statement the tool sends, resolves names in
+# this path: the catalog, then (for relations only) temporary tables. The tables, types
+# and functions of Kan and of this tool are always named with their schema, so nothing a
+# role creates elsewhere — a temporary table, a planted operator — can stand in for them.
+SAFE_SEARCH_PATH = "pg_catalog, pg_temp"
 
+SCHEMA_TABLES_SQL = """\
 DO $$ BEGIN
     CREATE TYPE {schema}.agent_identity_status AS ENUM ('active', 'paused', 'revoked');
 EXCEPTION WHEN duplicate_object THEN NULL;
@@ -894,7 +1068,6 @@ CREATE INDEX IF NOT EXISTS "agent_audit_event_identity_created_idx"
     ON {schema}.agent_audit_event ("agentIdentityId", "createdAt" DESC, "id" DESC);
 CREATE INDEX IF NOT EXISTS "agent_audit_event_workspace_created_idx"
     ON {schema}.agent_audit_event ("workspaceId", "createdAt" DESC, "id" DESC);
--- audit --token: a token's events, newest first.
 CREATE INDEX IF NOT EXISTS "agent_audit_event_token_created_idx"
     ON {schema}.agent_audit_event ("agentTokenId", "createdAt" DESC, "id" DESC);
 
@@ -904,47 +1077,9 @@ CREATE INDEX IF NOT EXISTS "agent_audit_event_token_created_idx"
 CREATE INDEX IF NOT EXISTS "agent_identity_workspace_members_user_idx"
     ON {schema}.workspace_members ("userId", "workspaceId");
 
--- What ends stays ended, for every role, the owner included: a revoked token is
--- never un-revoked and its expiry only moves earlier; a revoked identity stays
--- revoked. The tool never does otherwise; these make a role that may revoke
--- unable to undo it (docs/security.md).
-CREATE OR REPLACE FUNCTION {schema}.agent_token_only_ends() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF OLD."revokedAt" IS NOT NULL AND NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" THEN
-        RAISE EXCEPTION 'token % is revoked, and revocation is final', OLD."publicId"
-            USING ERRCODE = 'check_violation';
-    END IF;
-    IF OLD."expiresAt" IS NOT NULL AND (NEW."expiresAt" IS NULL OR NEW."expiresAt" > OLD."expiresAt") THEN
-        RAISE EXCEPTION 'token % may not live longer than it was issued to', OLD."publicId"
-            USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE OR REPLACE TRIGGER agent_token_only_ends
-    BEFORE UPDATE ON {schema}.agent_token
-    FOR EACH ROW EXECUTE FUNCTION {schema}.agent_token_only_ends();
-
-CREATE OR REPLACE FUNCTION {schema}.agent_identity_revocation_is_final() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF OLD.status = 'revoked' AND (NEW.status <> 'revoked' OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt") THEN
-        RAISE EXCEPTION 'agent identity % is revoked, and revocation is final', OLD."publicId"
-            USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE OR REPLACE TRIGGER agent_identity_revocation_is_final
-    BEFORE UPDATE ON {schema}.agent_identity
-    FOR EACH ROW EXECUTE FUNCTION {schema}.agent_identity_revocation_is_final();
-
--- The audit chain (docs/schema.md, "The audit chain"). Each event gets its
--- workspace's next sequence number, the hash of the event before it, and its own
--- hash: SHA-256 of that previous hash and an encoding of what the event means, by
--- values no cascade changes (the public ids and names of what it is about, kept in
--- columns of its own). A trigger writes them, in the statement and transaction that
--- write the event, whoever writes it; writers of one workspace take turns (a
--- transaction-level advisory lock keyed by the workspace), other workspaces never wait.
+-- The audit chain (docs/schema.md, "The audit chain"): each event's sequence number in
+-- its workspace, the hash of the event before it and its own, and stable copies of what
+-- it is about (the public ids and names a cascade cannot change).
 ALTER TABLE {schema}.agent_audit_event
     ADD COLUMN IF NOT EXISTS "sequence" bigint,
     ADD COLUMN IF NOT EXISTS "workspacePublicId" varchar(12),
@@ -960,71 +1095,39 @@ CREATE UNIQUE INDEX IF NOT EXISTS "agent_audit_event_workspace_sequence_idx"
     ON {schema}.agent_audit_event ("workspaceId", "sequence") WHERE "sequence" IS NOT NULL;
 CREATE INDEX IF NOT EXISTS "agent_audit_event_unchained_idx"
     ON {schema}.agent_audit_event ("workspaceId", "id") WHERE "sequence" IS NULL;
+-- An identity's or a token's events by the names the chain keeps, which a cascade
+-- cannot detach: inspect, audit --slug and audit --token read them so.
+CREATE INDEX IF NOT EXISTS "agent_audit_event_identity_public_idx"
+    ON {schema}.agent_audit_event ("identityPublicId", "createdAt" DESC, "id" DESC);
+CREATE INDEX IF NOT EXISTS "agent_audit_event_token_public_idx"
+    ON {schema}.agent_audit_event ("tokenPublicId", "createdAt" DESC, "id" DESC);
 
--- One field of the encoding: its length in UTF-8 bytes, ':', its text, ','; NULL is '-,'.
-CREATE OR REPLACE FUNCTION {schema}.agent_audit_field(value text) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN value IS NULL THEN '-,'
-                ELSE octet_length(convert_to(value, 'UTF8')) || ':' || value || ',' END
-$$;
+-- When each token was last used, as the Kan server stamps it (agent_token_stamp): in a
+-- row of its own, so that a stamp, even in a transaction the server keeps open, locks
+-- nothing the tool changes (it holds only a key share of the token's row, which a
+-- revocation does not wait for). agent_token."lastUsedAt" keeps what servers before
+-- version 0.4.0 wrote there.
+CREATE TABLE IF NOT EXISTS {schema}.agent_token_use (
+    "agentTokenId" bigint PRIMARY KEY REFERENCES {schema}.agent_token("id") ON DELETE CASCADE,
+    "lastUsedAt" timestamp NOT NULL
+);
 
--- An event's hash, as hex: SHA-256 of the previous hash's 32 bytes, then the encoding.
-CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_hash(e {schema}.agent_audit_event) RETURNS varchar
-LANGUAGE sql STABLE AS $$
-    SELECT encode(sha256(decode(e."previousHash", 'hex') || convert_to(
-        {schema}.agent_audit_field('agent-identity audit v1')
-        || {schema}.agent_audit_field(e."sequence"::text)
-        || {schema}.agent_audit_field(e."workspacePublicId")
-        || {schema}.agent_audit_field(e."publicId")
-        || {schema}.agent_audit_field(e.action)
-        || {schema}.agent_audit_field(e."identityPublicId")
-        || {schema}.agent_audit_field(e."identitySlug")
-        || {schema}.agent_audit_field(e."tokenPublicId")
-        || {schema}.agent_audit_field(e."actorUserUuid"::text)
-        || {schema}.agent_audit_field(e."actorEmail")
-        || {schema}.agent_audit_field(e.reason)
-        || {schema}.agent_audit_field(e.metadata::text)
-        || {schema}.agent_audit_field(to_char(e."createdAt", 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
-        'UTF8')), 'hex')
-$$;
+-- One row per workspace that has been changed: its row lock is the workspace's turn.
+-- Every change of the tool takes it first, and the chain's trigger with each event, so
+-- that a workspace's writers (and its audit chain) take turns; only the functions below,
+-- which run as the tables' owner, can lock it, so no other role can hold the tool up.
+CREATE TABLE IF NOT EXISTS {schema}.agent_workspace_lock (
+    "workspaceId" bigint PRIMARY KEY REFERENCES {schema}.workspace("id") ON DELETE CASCADE
+);
+"""
 
--- A workspace's chain head: its event with the highest sequence, through the unique
--- index (a SQL function PostgreSQL inlines, so its plan shows in the caller's).
-CREATE OR REPLACE FUNCTION {schema}.agent_audit_chain_head(workspace_id bigint)
-RETURNS TABLE ("sequence" bigint, "hash" varchar, "createdAt" timestamp)
-LANGUAGE sql STABLE AS $$
-    SELECT h."sequence", h."hash", h."createdAt"
-    FROM {schema}.agent_audit_event h
-    WHERE h."workspaceId" = workspace_id AND h."sequence" IS NOT NULL
-    ORDER BY h."sequence" DESC
-    LIMIT 1
-$$;
-
--- An event made the link after (after_sequence, after_hash) of its workspace's chain:
--- the names of what it is about, its sequence number and its hashes.
-CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_link(
-    e {schema}.agent_audit_event, after_sequence bigint, after_hash varchar)
-RETURNS {schema}.agent_audit_event
-LANGUAGE plpgsql AS $$
-BEGIN
-    SELECT w."publicId", i."publicId", i.slug, t."publicId"
-    INTO e."workspacePublicId", e."identityPublicId", e."identitySlug", e."tokenPublicId"
-    FROM (SELECT) AS one
-    LEFT JOIN {schema}.workspace w ON w."id" = e."workspaceId"
-    LEFT JOIN {schema}.agent_identity i ON i."id" = e."agentIdentityId"
-    LEFT JOIN {schema}.agent_token t ON t."id" = e."agentTokenId";
-    e."actorUserUuid" := e."actorUserId";
-    e."sequence" := after_sequence + 1;
-    e."previousHash" := after_hash;
-    e."hash" := {schema}.agent_audit_event_hash(e);
-    RETURN e;
-END $$;
-
--- Events written before the chain existed join it when schema is applied, in the
--- order they were written (time, then id), in each workspace whose chain has not
--- begun: an upgrade. Applying schema again finds none. An unchained event in a
--- chained workspace is left alone, for audit verify to report: only a writer that
--- bypassed the trigger below leaves one.
+BACKFILL_FUNCTIONS = ("agent_audit_field", "agent_audit_event_hash", "agent_audit_chain_head", "agent_audit_event_link")
+# Events written before the chain existed join it when schema is applied, in the
+# order they were written (time, then id), in each workspace whose chain has not
+# begun: an upgrade. Applying schema again finds none. An unchained event in a
+# chained workspace is left alone, for audit verify to report: only a writer that
+# bypassed the chain's trigger leaves one.
+SCHEMA_BACKFILL_SQL = """\
 DO $$
 DECLARE
     unchained bigint[];
@@ -1065,33 +1168,145 @@ BEGIN
         END LOOP;
     END IF;
 END $$;
+"""
 
-CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_chain() RETURNS trigger
-LANGUAGE plpgsql AS $$
+
+class SchemaFunction(collections.namedtuple(
+        "SchemaFunction", "name arguments signature returns language volatility definer private body")):
+    """A function schema creates. signature is its argument types (how GRANT and doctor
+    name it); definer runs it as its owner (the tables' owner), for a role that may not
+    read or lock what it touches; private takes EXECUTE from PUBLIC (the role SQL of
+    docs/security.md grants it to the roles that need it). Every one runs with
+    SAFE_SEARCH_PATH, except the few SQL functions PostgreSQL must inline (a SET clause
+    prevents inlining): those name every operator and function with its schema."""
+
+    __slots__ = ()
+
+    @property
+    def inlined(self) -> bool:
+        return self.language == "sql" and not self.definer and self.volatility != "VOLATILE"
+
+
+class SchemaTrigger(collections.namedtuple("SchemaTrigger", "name table timing events columns function deferred")):
+    """A trigger schema creates: FOR EACH ROW unless events is TRUNCATE; columns narrow
+    an UPDATE (UPDATE OF ...); deferred makes it a constraint trigger checked at commit."""
+
+    __slots__ = ()
+
+
+SCHEMA_FUNCTIONS = (
+    # One field of the chain's encoding: its length in UTF-8 bytes, ':', its text, ','; NULL is '-,'.
+    SchemaFunction("agent_audit_field", "value text", "text", "text", "sql", "IMMUTABLE", False, False, """
+    SELECT CASE WHEN value IS NULL THEN '-,'
+                ELSE pg_catalog.octet_length(pg_catalog.convert_to(value, 'UTF8'))::pg_catalog.text
+                     OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) value OPERATOR(pg_catalog.||) ',' END
+"""),
+    # An event's hash, as hex: SHA-256 of the previous hash's 32 bytes, then the encoding.
+    SchemaFunction("agent_audit_event_hash", "e {schema}.agent_audit_event", "{schema}.agent_audit_event",
+                   "character varying", "sql", "STABLE", False, False, """
+    SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.decode(e."previousHash", 'hex') OPERATOR(pg_catalog.||)
+        pg_catalog.convert_to(
+            {schema}.agent_audit_field('agent-identity audit v1'::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."sequence"::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."workspacePublicId"::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."publicId"::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e.action::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."identityPublicId"::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."identitySlug"::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."tokenPublicId"::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."actorUserUuid"::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."actorEmail"::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e.reason)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e.metadata::pg_catalog.text)
+            OPERATOR(pg_catalog.||) {schema}.agent_audit_field(
+                pg_catalog.to_char(e."createdAt", 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
+            'UTF8')), 'hex')::pg_catalog.varchar
+"""),
+    # A workspace's chain head: its event with the highest sequence, through the unique
+    # index (inlined, so its plan shows in the caller's).
+    SchemaFunction("agent_audit_chain_head", "workspace_id bigint", "bigint",
+                   'TABLE("sequence" bigint, hash character varying, "createdAt" timestamp without time zone)',
+                   "sql", "STABLE", False, False, """
+    SELECT h."sequence", h."hash", h."createdAt"
+    FROM {schema}.agent_audit_event h
+    WHERE h."workspaceId" OPERATOR(pg_catalog.=) workspace_id AND h."sequence" IS NOT NULL
+    ORDER BY h."sequence" DESC
+    LIMIT 1
+"""),
+    # An event made the link after (after_sequence, after_hash) of its workspace's chain:
+    # the names of what it is about, its sequence number and its hashes.
+    SchemaFunction("agent_audit_event_link",
+                   "e {schema}.agent_audit_event, after_sequence bigint, after_hash character varying",
+                   "{schema}.agent_audit_event, bigint, character varying", "{schema}.agent_audit_event",
+                   "plpgsql", "VOLATILE", False, False, """
+BEGIN
+    SELECT w."publicId", i."publicId", i.slug, t."publicId"
+    INTO e."workspacePublicId", e."identityPublicId", e."identitySlug", e."tokenPublicId"
+    FROM (SELECT) AS one
+    LEFT JOIN {schema}.workspace w ON w."id" = e."workspaceId"
+    LEFT JOIN {schema}.agent_identity i ON i."id" = e."agentIdentityId"
+    LEFT JOIN {schema}.agent_token t ON t."id" = e."agentTokenId";
+    e."actorUserUuid" := e."actorUserId";
+    e."sequence" := after_sequence + 1;
+    e."previousHash" := after_hash;
+    e."hash" := {schema}.agent_audit_event_hash(e);
+    RETURN e;
+END
+"""),
+    # A time the tool can stand behind: finite, and within the years 1 to 9999 (what
+    # every reader of these tables can hold: Python's datetime, JavaScript's Date).
+    SchemaFunction("agent_time_ok", "t timestamp without time zone", "timestamp without time zone", "boolean", "sql",
+                   "IMMUTABLE", False, False, """
+    SELECT t IS NULL OR t OPERATOR(pg_catalog.>=) '0001-01-01'::pg_catalog.timestamp
+                        AND t OPERATOR(pg_catalog.<) '10000-01-01'::pg_catalog.timestamp
+"""),
+    # Take the workspace's turn until the transaction ends (every change of the tool does,
+    # first), and say how far its chain had come once the turn was ours: a change that
+    # read the workspace before waiting compares it with what it read.
+    SchemaFunction("agent_lock_workspace", "workspace_id bigint", "bigint", "bigint", "plpgsql", "VOLATILE",
+                   True, True, """
+BEGIN
+    INSERT INTO {schema}.agent_workspace_lock ("workspaceId") VALUES (workspace_id) ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM {schema}.agent_workspace_lock l WHERE l."workspaceId" = workspace_id FOR UPDATE;
+    RETURN coalesce((SELECT h."sequence" FROM {schema}.agent_audit_chain_head(workspace_id) h), 0);
+END
+"""),
+    # Link each new event, in the statement that writes it, whoever writes it. The
+    # workspace's turn first, so each writer reads the head the one before it left; the
+    # time is the database's (never earlier than the head's, so times never run backwards
+    # along a chain). An event about an identity or token of another workspace is refused.
+    # One exception: the tables' owner restoring a backup (pg_restore --data-only with the
+    # triggers on) brings events already linked, and those that hash to what they say are
+    # kept as they are, so a restore gives back the same chain.
+    SchemaFunction("agent_audit_event_chain", "", "", "trigger", "plpgsql", "VOLATILE", True, False, """
 DECLARE
     head record;
 BEGIN
-    -- This workspace's writers take turns from here to the end of the transaction;
-    -- the next reads this event as its head (each query here sees what committed
-    -- before it ran).
-    PERFORM pg_advisory_xact_lock(hashtext('agent_audit_event chain'), (NEW."workspaceId" % 2147483647)::integer);
+    PERFORM {schema}.agent_lock_workspace(NEW."workspaceId");
+    IF NEW."sequence" IS NOT NULL AND NEW."previousHash" IS NOT NULL AND NEW."hash" IS NOT NULL
+       AND {schema}.agent_time_ok(NEW."createdAt")
+       AND pg_has_role(session_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE')
+       AND {schema}.agent_audit_event_hash(NEW) = NEW."hash" THEN
+        RETURN NEW;
+    END IF;
+    IF EXISTS (SELECT 1 FROM {schema}.agent_identity i
+               WHERE i."id" = NEW."agentIdentityId" AND i."workspaceId" <> NEW."workspaceId")
+       OR EXISTS (SELECT 1 FROM {schema}.agent_token t JOIN {schema}.agent_identity i ON i."id" = t."agentIdentityId"
+                  WHERE t."id" = NEW."agentTokenId" AND i."workspaceId" <> NEW."workspaceId") THEN
+        RAISE EXCEPTION 'audit event % is about an identity or token of another workspace', NEW."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
     SELECT * INTO head FROM {schema}.agent_audit_chain_head(NEW."workspaceId");
-    -- Never earlier than the event before it (a transaction that began first but wrote
-    -- second): times never run backwards along a chain.
-    NEW."createdAt" := GREATEST(NEW."createdAt", head."createdAt");
+    NEW."createdAt" := GREATEST(timezone('UTC', now()), head."createdAt");
     RETURN {schema}.agent_audit_event_link(NEW, coalesce(head."sequence", 0), coalesce(head."hash", repeat('0', 64)));
-END $$;
-CREATE OR REPLACE TRIGGER agent_audit_event_chain
-    BEFORE INSERT ON {schema}.agent_audit_event
-    FOR EACH ROW EXECUTE FUNCTION {schema}.agent_audit_event_chain();
-
--- Append-only, for every role, the owner included. What may still happen: Kan
--- hard-deleting a workspace deletes its events; a deleted identity, token or user
--- leaves NULL in the event's foreign key (the chain keeps their ids in columns of its
--- own); and the backfill above chains an event written before the chain, once. A
--- superuser can disable these triggers: audit verify is what catches that.
-CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_append_only() RETURNS trigger
-LANGUAGE plpgsql AS $$
+END
+"""),
+    # Append-only, for every role, the owner included. What may still happen: Kan
+    # hard-deleting a workspace deletes its events; a deleted identity, token or user
+    # leaves NULL in the event's foreign key (only once the row is gone: the chain keeps
+    # their ids in columns of its own); and the backfill chains an event written before
+    # the chain, once.
+    SchemaFunction("agent_audit_event_append_only", "", "", "trigger", "plpgsql", "VOLATILE", True, False, """
 DECLARE
     cascades text[] := ARRAY['agentIdentityId', 'agentTokenId', 'actorUserId'];
     chain text[] := ARRAY['sequence', 'workspacePublicId', 'identityPublicId', 'identitySlug', 'tokenPublicId',
@@ -1105,9 +1320,15 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     IF to_jsonb(NEW) - cascades = to_jsonb(OLD) - cascades
-       AND (NEW."agentIdentityId" IS NULL OR NEW."agentIdentityId" = OLD."agentIdentityId")
-       AND (NEW."agentTokenId" IS NULL OR NEW."agentTokenId" = OLD."agentTokenId")
-       AND (NEW."actorUserId" IS NULL OR NEW."actorUserId" = OLD."actorUserId") THEN
+       AND (NEW."agentIdentityId" IS NOT DISTINCT FROM OLD."agentIdentityId"
+            OR NEW."agentIdentityId" IS NULL
+               AND NOT EXISTS (SELECT 1 FROM {schema}.agent_identity i WHERE i."id" = OLD."agentIdentityId"))
+       AND (NEW."agentTokenId" IS NOT DISTINCT FROM OLD."agentTokenId"
+            OR NEW."agentTokenId" IS NULL
+               AND NOT EXISTS (SELECT 1 FROM {schema}.agent_token t WHERE t."id" = OLD."agentTokenId"))
+       AND (NEW."actorUserId" IS NOT DISTINCT FROM OLD."actorUserId"
+            OR NEW."actorUserId" IS NULL
+               AND NOT EXISTS (SELECT 1 FROM {schema}."user" u WHERE u."id" = OLD."actorUserId")) THEN
         RETURN NEW;
     END IF;
     IF OLD."sequence" IS NULL AND to_jsonb(NEW) - chain = to_jsonb(OLD) - chain THEN
@@ -1115,31 +1336,247 @@ BEGIN
     END IF;
     RAISE EXCEPTION 'agent_audit_event is append-only: audit event % may not be changed', OLD."publicId"
         USING ERRCODE = 'check_violation';
-END $$;
-CREATE OR REPLACE TRIGGER agent_audit_event_append_only
-    BEFORE UPDATE OR DELETE ON {schema}.agent_audit_event
-    FOR EACH ROW EXECUTE FUNCTION {schema}.agent_audit_event_append_only();
-
-CREATE OR REPLACE FUNCTION {schema}.agent_audit_event_no_truncate() RETURNS trigger
-LANGUAGE plpgsql AS $$
+END
+"""),
+    SchemaFunction("agent_audit_event_no_truncate", "", "", "trigger", "plpgsql", "VOLATILE", False, False, """
 BEGIN
     RAISE EXCEPTION 'agent_audit_event is append-only: it may not be truncated' USING ERRCODE = 'check_violation';
-END $$;
-CREATE OR REPLACE TRIGGER agent_audit_event_no_truncate
-    BEFORE TRUNCATE ON {schema}.agent_audit_event
-    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.agent_audit_event_no_truncate();
+END
+"""),
+    # What ends stays ended, for every role, the owner included: a revoked token is never
+    # un-revoked and its expiry only moves earlier; a revoked identity stays revoked.
+    SchemaFunction("agent_token_only_ends", "", "", "trigger", "plpgsql", "VOLATILE", False, False, """
+BEGIN
+    IF OLD."revokedAt" IS NOT NULL AND NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" THEN
+        RAISE EXCEPTION 'token % is revoked, and revocation is final', OLD."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF OLD."expiresAt" IS NOT NULL AND (NEW."expiresAt" IS NULL OR NEW."expiresAt" > OLD."expiresAt") THEN
+        RAISE EXCEPTION 'token % may not live longer than it was issued to', OLD."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+"""),
+    SchemaFunction("agent_identity_revocation_is_final", "", "", "trigger", "plpgsql", "VOLATILE", False, False, """
+BEGIN
+    IF OLD.status::text = 'revoked'
+       AND (NEW.status::text <> 'revoked' OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt") THEN
+        RAISE EXCEPTION 'agent identity % is revoked, and revocation is final', OLD."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+"""),
+    # Time is the database's: no time is infinite, and a token expires after it was made.
+    # Checked as a value is written (a row an earlier version let through stays readable
+    # and revocable; doctor names it).
+    SchemaFunction("agent_identity_times", "", "", "trigger", "plpgsql", "VOLATILE", False, False, """
+BEGIN
+    IF NEW."createdAt" IS DISTINCT FROM OLD."createdAt" AND NOT {schema}.agent_time_ok(NEW."createdAt")
+       OR NEW."updatedAt" IS DISTINCT FROM OLD."updatedAt" AND NOT {schema}.agent_time_ok(NEW."updatedAt")
+       OR NEW."pausedAt" IS DISTINCT FROM OLD."pausedAt" AND NOT {schema}.agent_time_ok(NEW."pausedAt")
+       OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" AND NOT {schema}.agent_time_ok(NEW."revokedAt") THEN
+        RAISE EXCEPTION 'agent identity %: its times must be finite, in the years 1 to 9999', NEW."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+"""),
+    SchemaFunction("agent_token_times", "", "", "trigger", "plpgsql", "VOLATILE", False, False, """
+BEGIN
+    IF NEW."lastUsedAt" IS DISTINCT FROM OLD."lastUsedAt" AND NOT {schema}.agent_time_ok(NEW."lastUsedAt")
+       OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" AND NOT {schema}.agent_time_ok(NEW."revokedAt")
+       OR (NEW."createdAt" IS DISTINCT FROM OLD."createdAt" OR NEW."expiresAt" IS DISTINCT FROM OLD."expiresAt")
+          AND (NOT {schema}.agent_time_ok(NEW."createdAt") OR NOT {schema}.agent_time_ok(NEW."expiresAt")
+               OR NEW."expiresAt" <= NEW."createdAt") THEN
+        RAISE EXCEPTION 'token %: its times must be finite, in the years 1 to 9999, and it must expire after it '
+                        'was made', NEW."publicId" USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+"""),
+    # No change without its event: at commit, every identity or token the transaction
+    # made, every identity's new status and every token's revocation or new expiry needs
+    # the audit event that records it, written by this same transaction. Kan's own
+    # changes (the server's lastUsedAt, its cascades) touch none of these columns.
+    SchemaFunction("agent_identity_audited", "", "", "trigger", "plpgsql", "VOLATILE", True, False, """
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.status IS NOT DISTINCT FROM OLD.status THEN
+        RETURN NULL;
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM {schema}.agent_audit_event e
+        WHERE e."agentIdentityId" = NEW."id" AND e.xmin = pg_current_xact_id()::xid
+          AND e.action = CASE WHEN TG_OP = 'INSERT' THEN 'identity.created'
+                              ELSE CASE NEW.status::text WHEN 'active' THEN 'identity.resumed'
+                                                         WHEN 'paused' THEN 'identity.paused'
+                                                         ELSE 'identity.revoked' END END) THEN
+        RAISE EXCEPTION 'agent identity % was % without its audit event', NEW."publicId",
+            CASE WHEN TG_OP = 'INSERT' THEN 'created' ELSE 'made ' || NEW.status::text END
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END
+"""),
+    SchemaFunction("agent_token_audited", "", "", "trigger", "plpgsql", "VOLATILE", True, False, """
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        IF NOT EXISTS (
+            SELECT 1 FROM {schema}.agent_audit_event e
+            WHERE e."agentTokenId" = NEW."id" AND e.xmin = pg_current_xact_id()::xid
+              AND e.action IN ('identity.created', 'identity.token_rotated')) THEN
+            RAISE EXCEPTION 'token % was issued without its audit event', NEW."publicId"
+                USING ERRCODE = 'check_violation';
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" AND NOT EXISTS (
+        SELECT 1 FROM {schema}.agent_audit_event e
+        WHERE e."agentIdentityId" = NEW."agentIdentityId" AND e.xmin = pg_current_xact_id()::xid
+          AND e.action IN ('identity.revoked', 'identity.token_revoked', 'identity.token_rotated')
+          AND e.metadata -> 'revokedTokenPublicIds' ? NEW."publicId") THEN
+        RAISE EXCEPTION 'token % was revoked without its audit event', NEW."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW."expiresAt" IS DISTINCT FROM OLD."expiresAt" AND NOT EXISTS (
+        SELECT 1 FROM {schema}.agent_audit_event e
+        WHERE e."agentIdentityId" = NEW."agentIdentityId" AND e.xmin = pg_current_xact_id()::xid
+          AND e.action = 'identity.token_rotated'
+          AND e.metadata -> 'gracedTokens' @> jsonb_build_array(jsonb_build_object('publicId', NEW."publicId"))) THEN
+        RAISE EXCEPTION 'token % had its expiry changed without its audit event', NEW."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END
+"""),
+    # The Kan server's two needs, and all it may do with these tables (docs/tokens.md):
+    # read what checking one token takes, and stamp that token's lastUsedAt.
+    SchemaFunction("agent_token_for_verification", "token_public_id text", "text",
+                   'TABLE("tokenHash" text, scopes text[], revoked boolean, expired boolean, '
+                   '"identityPublicId" character varying, status text, "workspaceId" bigint, '
+                   '"workspaceDeleted" boolean)',
+                   "sql", "STABLE", True, True, """
+    SELECT t."tokenHash", t.scopes, t."revokedAt" IS NOT NULL,
+           t."expiresAt" IS NOT NULL AND t."expiresAt" <= timezone('UTC', now()),
+           i."publicId", i.status::text, i."workspaceId", w."deletedAt" IS NOT NULL
+    FROM {schema}.agent_token t
+    JOIN {schema}.agent_identity i ON i."id" = t."agentIdentityId"
+    JOIN {schema}.workspace w ON w."id" = i."workspaceId"
+    WHERE t."publicId" = token_public_id
+"""),
+    # A stamp of a token a server just accepted: live, of an active identity, in a
+    # workspace not deleted (a revoked token cannot be made to look used).
+    SchemaFunction("agent_token_stamp", "token_public_id text", "text", "boolean", "sql", "VOLATILE", True, True, """
+    WITH stamped AS (
+        INSERT INTO {schema}.agent_token_use ("agentTokenId", "lastUsedAt")
+        SELECT t."id", timezone('UTC', now())
+        FROM {schema}.agent_token t
+        JOIN {schema}.agent_identity i ON i."id" = t."agentIdentityId"
+        JOIN {schema}.workspace w ON w."id" = i."workspaceId"
+        WHERE t."publicId" = token_public_id AND t."revokedAt" IS NULL
+          AND (t."expiresAt" IS NULL OR t."expiresAt" > timezone('UTC', now()))
+          AND i.status::text = 'active' AND w."deletedAt" IS NULL
+        ON CONFLICT ("agentTokenId") DO UPDATE
+            SET "lastUsedAt" = GREATEST({schema}.agent_token_use."lastUsedAt", EXCLUDED."lastUsedAt")
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT FROM stamped)
+"""),
+)
 
--- Like Kan's own tables: row level security on, no policies. The table owner
--- (the role migrations run as) is not subject to it.
+SCHEMA_TRIGGERS = (
+    SchemaTrigger("agent_token_only_ends", "agent_token", "BEFORE", "UPDATE", (), "agent_token_only_ends", False),
+    SchemaTrigger("agent_token_times", "agent_token", "BEFORE", "INSERT OR UPDATE", (), "agent_token_times", False),
+    SchemaTrigger("agent_token_audited_insert", "agent_token", "AFTER", "INSERT", (), "agent_token_audited", True),
+    SchemaTrigger("agent_token_audited_update", "agent_token", "AFTER", "UPDATE", ("expiresAt", "revokedAt"),
+                  "agent_token_audited", True),
+    SchemaTrigger("agent_identity_revocation_is_final", "agent_identity", "BEFORE", "UPDATE", (),
+                  "agent_identity_revocation_is_final", False),
+    SchemaTrigger("agent_identity_times", "agent_identity", "BEFORE", "INSERT OR UPDATE", (),
+                  "agent_identity_times", False),
+    SchemaTrigger("agent_identity_audited_insert", "agent_identity", "AFTER", "INSERT", (),
+                  "agent_identity_audited", True),
+    SchemaTrigger("agent_identity_audited_update", "agent_identity", "AFTER", "UPDATE", ("status",),
+                  "agent_identity_audited", True),
+    SchemaTrigger("agent_audit_event_chain", "agent_audit_event", "BEFORE", "INSERT", (),
+                  "agent_audit_event_chain", False),
+    SchemaTrigger("agent_audit_event_append_only", "agent_audit_event", "BEFORE", "UPDATE OR DELETE", (),
+                  "agent_audit_event_append_only", False),
+    SchemaTrigger("agent_audit_event_no_truncate", "agent_audit_event", "BEFORE", "TRUNCATE", (),
+                  "agent_audit_event_no_truncate", False),
+)
+# The tables whose triggers, rules and policies doctor holds to the records above; and
+# the one only the functions above read and write (no role of the tool's needs to).
+AGENT_TABLES = ("agent_identity", "agent_token", "agent_audit_event", "agent_token_use", "agent_workspace_lock")
+TURN_TABLES = ("agent_workspace_lock",)
+
+
+def function_sql(function: SchemaFunction) -> str:
+    """A function's CREATE OR REPLACE (and, when private, its REVOKE from PUBLIC)."""
+    options = [f"LANGUAGE {function.language} {function.volatility}"]
+    if function.definer:
+        options.append("SECURITY DEFINER")
+    if not function.inlined:
+        options.append(f"SET search_path = {SAFE_SEARCH_PATH}")
+    text = (f"CREATE OR REPLACE FUNCTION {{schema}}.{function.name}({function.arguments}) "
+            f"RETURNS {function.returns}\n{' '.join(options)} AS $${function.body}$$;\n")
+    if function.private:
+        text += f"REVOKE ALL ON FUNCTION {{schema}}.{function.name}({function.signature}) FROM PUBLIC;\n"
+    return text
+
+
+def trigger_sql(trigger: SchemaTrigger) -> str:
+    """A trigger's DDL, made again on each run (a constraint trigger cannot be replaced)."""
+    events = trigger.events + (" OF " + ", ".join(f'"{c}"' for c in trigger.columns) if trigger.columns else "")
+    level = "STATEMENT" if trigger.events == "TRUNCATE" else "ROW"
+    if trigger.deferred:
+        return (f"DROP TRIGGER IF EXISTS {trigger.name} ON {{schema}}.{trigger.table};\n"
+                f"CREATE CONSTRAINT TRIGGER {trigger.name}\n    {trigger.timing} {events} ON {{schema}}.{trigger.table}"
+                f"\n    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {{schema}}.{trigger.function}();\n")
+    return (f"CREATE OR REPLACE TRIGGER {trigger.name}\n    {trigger.timing} {events} ON {{schema}}.{trigger.table}\n"
+            f"    FOR EACH {level} EXECUTE FUNCTION {{schema}}.{trigger.function}();\n")
+
+
+SCHEMA_HEADER = """\
+-- agent-identity schema {version}: the tables, functions and triggers the agent
+-- identity tool and the Kan server share, in schema {schema}, beside Kan's own tables.
+-- One transaction, idempotent: safe to run more than once, and it cannot stop half-way.
+-- Apply as the owner of Kan's tables (the role Kan's migrations run as; it adds an
+-- index to Kan's workspace_members):
+--   agent-identity schema | psql -v ON_ERROR_STOP=1 "$POSTGRES_URL"
+
+BEGIN;
+SET LOCAL search_path = {safe_path};
+SET LOCAL client_min_messages = warning;
+
+"""
+
+SCHEMA_FOOTER = """
+-- Like Kan's own tables: row level security on, and no policies but those the role
+-- SQL of docs/security.md adds. The owner (the role migrations run as) is not subject
+-- to it, nor are the functions above that run as the owner.
 ALTER TABLE {schema}.agent_identity ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.agent_token ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.agent_audit_event ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.agent_token_use ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.agent_workspace_lock ENABLE ROW LEVEL SECURITY;
+
+COMMIT;
 """
 
 
 def schema_sql(db_schema: str = DB_SCHEMA_DEFAULT) -> str:
     """The DDL, every object qualified with the schema that holds Kan's tables."""
-    return SCHEMA_SQL.format(version=__version__, schema=quote_identifier(db_schema))
+    # The chain's helpers come before the backfill, which uses them; the other functions after it.
+    helpers = [f for f in SCHEMA_FUNCTIONS if f.name in BACKFILL_FUNCTIONS]
+    others = [f for f in SCHEMA_FUNCTIONS if f.name not in BACKFILL_FUNCTIONS]
+    text = "".join([
+        SCHEMA_HEADER, SCHEMA_TABLES_SQL, "\n",
+        *map(function_sql, helpers), "\n", SCHEMA_BACKFILL_SQL, "\n", *map(function_sql, others), "\n",
+        *map(trigger_sql, SCHEMA_TRIGGERS), SCHEMA_FOOTER,
+    ])
+    return text.format(version=__version__, schema=quote_identifier(db_schema), safe_path=SAFE_SEARCH_PATH)
 
 
 # The columns `schema` creates, which doctor checks a database against; and the
@@ -1169,6 +1606,8 @@ EXPECTED_COLUMNS = {
         "tokenPublicId": "character varying(12)", "actorUserUuid": "uuid",
         "previousHash": "character varying(64)", "hash": "character varying(64)",
     },
+    "agent_token_use": {"agentTokenId": "bigint", "lastUsedAt": "timestamp without time zone"},
+    "agent_workspace_lock": {"workspaceId": "bigint"},
 }
 KAN_TABLES = ("user", "workspace", "workspace_members", "workspace_roles",
               "workspace_role_permissions", "workspace_member_permissions")
@@ -1246,17 +1685,35 @@ def connect(url: str):
         raise AdminError(
             EXIT_USAGE, "the database URL is not valid (check --database-url, DATABASE_URL or POSTGRES_URL)"
         ) from None
-    password = params.get("password") or os.environ.get("PGPASSWORD")
     params["application_name"] = APPLICATION_NAME
     params.setdefault("connect_timeout", os.environ.get("PGCONNECT_TIMEOUT") or CONNECT_TIMEOUT_DEFAULT)
     try:
-        return psycopg.connect(**params, autocommit=True, prepare_threshold=None)
+        conn = psycopg.connect(**params, autocommit=True, prepare_threshold=None)
     except psycopg.Error as exc:
         detail = first_line(exc) or type(exc).__name__
         raise AdminError(
             EXIT_DATABASE,
-            redact(f"cannot connect to {describe_target(connection_target(params))}: {detail}", password),
+            redact(f"cannot connect to {describe_target(connection_target(params))}: {detail}"),
         ) from None
+    conn.adapters.register_loader("timestamp", far_times_loader())
+    return conn
+
+
+def far_times_loader():
+    """psycopg's timestamp loader, reading 'infinity' and '-infinity' (and years a datetime
+    cannot hold) as the far ends of datetime's range instead of failing: no version of
+    the tool writes one, but a hand may have, and the tool must still read the row."""
+    from psycopg import DataError
+    from psycopg.types.datetime import TimestampLoader
+
+    class FarTimesLoader(TimestampLoader):
+        def load(self, data):
+            try:
+                return super().load(data)
+            except DataError:
+                return datetime.min if bytes(data).startswith(b"-") or bytes(data).endswith(b"BC") else datetime.max
+
+    return FarTimesLoader
 
 
 def target_of(conn) -> dict:
@@ -1265,31 +1722,71 @@ def target_of(conn) -> dict:
     return {"host": info.host, "port": str(info.port), "database": info.dbname, "role": info.user}
 
 
-@contextlib.contextmanager
-def transaction(conn, lock_timeout: float, *, read_only: bool = False):
-    """One transaction under the tool's limits, whatever sits between the tool and the server.
+class Session(collections.namedtuple("Session", "schema path")):
+    """What a transaction learned as it began: the schema that holds Kan's tables (every
+    statement names its tables with it), and the search_path the session came with."""
 
-    BEGIN and a SET LOCAL of each limit travel as one message, so they cost
-    the one round trip a bare BEGIN costs. SET LOCAL lasts exactly as long as
-    the transaction: a transaction-mode pooler that hands the server
-    connection to another client afterwards hands it over clean, and every
-    statement of the transaction, its first one's parsing included, runs
-    under the limits. SET takes no query parameters: the values are the
-    tool's own numbers, quoted by psycopg.sql.Literal.
+    __slots__ = ()
+
+
+# Where Kan's tables are, found as Kan finds them — the first schema of the session's
+# search_path that holds a table named workspace, never a temporary one — and that path
+# as PostgreSQL resolves it (doctor's look-alike check). It runs before the search_path
+# is made safe, so it names every function, operator and type with its schema (even
+# text: a session's temporary type of that name would be found first).
+DISCOVER_SQL = """
+SELECT (SELECT n.nspname::pg_catalog.text
+        FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS p(name, position)
+        JOIN pg_catalog.pg_namespace n ON n.nspname OPERATOR(pg_catalog.=) p.name
+        WHERE n.oid OPERATOR(pg_catalog.<>) pg_catalog.pg_my_temp_schema()
+          AND EXISTS (SELECT FROM pg_catalog.pg_class c
+                      WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid
+                        AND c.relname OPERATOR(pg_catalog.=) 'workspace'
+                        AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[]))
+        ORDER BY p.position
+        LIMIT 1) AS schema,
+       pg_catalog.current_schemas(true)::pg_catalog.text[] AS path
+"""
+
+
+@contextlib.contextmanager
+def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: str | None = None,
+                require_schema: bool = True, commit: bool = True):
+    """One transaction under the tool's limits and a safe search_path, whatever sits between
+    the tool and the server; yields its Session.
+
+    BEGIN, the look for Kan's schema (unless --db-schema named it) and a SET LOCAL of
+    each limit travel as one message, so they cost the one round trip a bare BEGIN
+    costs. SET LOCAL lasts exactly as long as the transaction: a transaction-mode pooler
+    that hands the server connection to another client afterwards hands it over clean,
+    and every statement of the transaction, its first one's parsing included, runs under
+    the limits and resolves names in SAFE_SEARCH_PATH. SET takes no query parameters: the
+    values are the tool's own numbers, quoted by psycopg.sql.Literal.
     """
     import psycopg
     from psycopg import sql
 
     settings = [sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(value))
                 for name, value in session_limits(lock_timeout).items()]
-    conn.execute(sql.SQL("; ").join([sql.SQL("BEGIN READ ONLY" if read_only else "BEGIN"), *settings]))
+    begin = sql.SQL("BEGIN READ ONLY" if read_only else "BEGIN")
+    cursor = conn.execute(sql.SQL("; ").join([
+        begin, *settings, sql.SQL(DISCOVER_SQL), sql.SQL(f"SET LOCAL search_path = {SAFE_SEARCH_PATH}")]))
+    while cursor.description is None:  # past BEGIN and the limits, to what the look for Kan's schema found
+        cursor.nextset()
+    found, path = cursor.fetchone()
     try:
-        yield
+        if require_schema and not (schema or found):
+            raise AdminError(EXIT_DATABASE, f"{describe_target(target_of(conn))} does not look like a Kan database "
+                                            f"(no table workspace in its search_path, {', '.join(path)})")
+        yield Session(schema or found, path)
     except BaseException:
         if not conn.closed:
             with contextlib.suppress(psycopg.Error):
                 conn.execute("ROLLBACK")
         raise
+    if not commit:  # a dry run: whatever its checks took (a workspace's turn) goes back
+        conn.execute("ROLLBACK")
+        return
     try:
         conn.execute("COMMIT")
     except psycopg.OperationalError as exc:
@@ -1303,22 +1800,34 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False):
         ) from None
 
 
-def database_error(exc: Exception, lock_timeout: float, target: dict) -> AdminError:
-    """Translate a psycopg error met while running a command against target."""
+def compose(template: str, schema: str, **parts):
+    """A statement from its template: {s} is the schema that holds Kan's tables (quoted), and
+    each other {name} a part, itself a template (str) or already composed. The one way
+    the tool makes SQL; values always travel as parameters."""
+    from psycopg import sql
+
+    return sql.SQL(template).format(s=sql.Identifier(schema), **{
+        name: compose(part, schema) if isinstance(part, str) else part for name, part in parts.items()})
+
+
+def database_error(exc: Exception, lock_timeout: float, target: dict, holders: str = "") -> AdminError:
+    """Translate a psycopg error met while running a command against target; holders says
+    who held the lock a timed-out statement waited for."""
     from psycopg import errors
 
-    if isinstance(exc, errors.LockNotAvailable):
+    if isinstance(exc, (errors.LockNotAvailable, errors.DeadlockDetected)):
         return AdminError(
             EXIT_CONFLICT,
-            f"the identity is busy: another session is changing it (waited {lock_timeout:g} s for its lock); "
-            "nothing was written: try again, or wait longer with --lock-timeout",
+            f"the identity is busy: another session is changing it{holders} (waited {lock_timeout:g} s for its "
+            "lock); nothing was written: try again, or wait longer with --lock-timeout",
         )
     if isinstance(exc, errors.QueryCanceled):
         return AdminError(
             EXIT_DATABASE,
             f"the database did not answer within {statement_timeout_ms(lock_timeout) / 1000:g} s; nothing was written",
         )
-    if isinstance(exc, (errors.UndefinedTable, errors.UndefinedObject, errors.UndefinedColumn)):
+    if isinstance(exc, (errors.UndefinedTable, errors.UndefinedObject, errors.UndefinedColumn,
+                        errors.UndefinedFunction)):
         missing = exc.diag.message_primary or str(exc)
         if "agent_" in missing:
             return AdminError(
@@ -1328,6 +1837,12 @@ def database_error(exc: Exception, lock_timeout: float, target: dict) -> AdminEr
                 "`agent-identity schema` there as their owner",
             )
         return AdminError(EXIT_DATABASE, f"{describe_target(target)} does not look like a Kan database ({missing})")
+    if isinstance(exc, errors.InsufficientPrivilege):
+        return AdminError(
+            EXIT_DATABASE,
+            f"role {target['role']} may not do this in {describe_target(target)} "
+            f"({exc.diag.message_primary}): give it the grants of docs/security.md (run `agent-identity doctor`)",
+        )
     sqlstate = exc.sqlstate
     # No SQLSTATE: the client lost the server; 08: connection exceptions; 57P: the server shut down.
     if isinstance(exc, errors.OperationalError) and (sqlstate is None or sqlstate.startswith(("08", "57P"))):
@@ -1337,49 +1852,93 @@ def database_error(exc: Exception, lock_timeout: float, target: dict) -> AdminEr
     return AdminError(EXIT_INTERNAL, f"unexpected database error {sqlstate}: {exc.diag.message_primary}")
 
 
-# The check that precedes every workspace command, in one query: does the
-# workspace exist, is the actor a Kan user, an active member, and a manager by
-# Kan's rule (a member override decides; else the custom role's grant; else
-# the legacy role, of which only admin manages) on one of their active
-# memberships, with no override on any of them denying it. The identity is read, and
-# locked for a mutation, only when the actor passes.
-# Kan's rule, as CTEs that the access check (one workspace) and the commands
-# across workspaces (workspaces, expiring) share: the actor; their active
-# memberships ({scope} narrows them to one workspace); the workspaces where an
-# override denies the permission on any of them, which wins over every other
-# membership (as an explicit Deny wins in AWS IAM); and the workspaces they manage.
+# Who holds what a timed-out statement waited for: the transaction that locked the row
+# PostgreSQL names (its xmax), or else every other session holding a lock on the agent
+# tables that makes a writer wait (a row lock's table lock, or stronger).
+ROW_LOCKER_SQL = """
+SELECT t.xmax::text FROM {s}.{table} t WHERE t.ctid = %(ctid)s::tid
+"""
+LOCK_HOLDERS_SQL = """
+SELECT DISTINCT a.pid, a.usename::text AS role, a.application_name
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.pid <> pg_backend_pid()
+  AND CASE WHEN %(xid)s::text IS NOT NULL
+           THEN l.locktype = 'transactionid' AND l.transactionid::text = %(xid)s::text
+           ELSE l.locktype = 'relation' AND l.mode NOT IN ('AccessShareLock', 'ShareUpdateExclusiveLock')
+                AND l.relation IN (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                                   WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s)) END
+ORDER BY a.pid
+LIMIT 3
+"""
+LOCKED_TUPLE_RE = re.compile(r'tuple \((?P<ctid>[0-9]+,[0-9]+)\) in relation "(?P<table>agent_identity|agent_token)"')
+
+
+def lock_holders(conn, exc: Exception, schema: str | None) -> str:
+    """", held by pid 4242 (role kan_agent_server, application \"psql\")" after a lock
+    timeout, or "" when nothing can be said: the transaction holding the row PostgreSQL
+    names, else the sessions holding locks on the agent tables that make a writer wait.
+    Runs after the rollback, in a short transaction of its own."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    if conn.closed:
+        return ""
+    found = LOCKED_TUPLE_RE.search(getattr(exc.diag, "context", None) or "")
+    try:
+        with transaction(conn, LOCK_TIMEOUT_MIN * 100, read_only=True, schema=schema) as session:
+            schema = session.schema
+            xid = found and conn.execute(compose(ROW_LOCKER_SQL, schema, table=psycopg.sql.Identifier(found["table"])),
+                                         {"ctid": f"({found['ctid']})"}).fetchone()
+            params = {"schema": schema, "tables": list(AGENT_TABLES), "xid": xid[0] if xid and xid[0] != "0" else None}
+            holders = conn.cursor(row_factory=dict_row).execute(LOCK_HOLDERS_SQL, params).fetchall()
+            if not holders and params["xid"]:
+                holders = conn.cursor(row_factory=dict_row).execute(LOCK_HOLDERS_SQL, dict(params, xid=None)).fetchall()
+    except (psycopg.Error, AdminError):
+        return ""
+    said = [f"pid {h['pid']} (role {h['role'] or '?'}, application {quote(h['application_name'] or '')})"
+            for h in holders]
+    return f", held by {' or '.join(said)}" if said else ""
+
+
+# Kan's rule for workspace:manage, as CTEs that the access check (one workspace) and
+# the commands across workspaces (workspaces, expiring, audit head and verify) share:
+# the actor; their active memberships ({scope} narrows them to one workspace); the
+# workspaces where an override denies the permission on any of them, which wins over
+# every other membership (as an explicit Deny wins in AWS IAM); and the workspaces they
+# manage.
 MANAGER_CTES = """
 actor AS (
     SELECT "id", email
-    FROM "user"
+    FROM {s}."user"
     WHERE lower(email) = lower(%(email)s)
     ORDER BY email = %(email)s DESC
     LIMIT 1
 ),
 membership AS (
-    SELECT m."id", m."roleId", m.role, m."workspaceId"
-    FROM workspace_members m
+    SELECT m."id", m."roleId", m.role::text AS role, m."workspaceId"
+    FROM {s}.workspace_members m
     JOIN actor ON m."userId" = actor."id"
-    WHERE m.status = 'active' AND m."deletedAt" IS NULL {scope}
+    WHERE m.status::text = 'active' AND m."deletedAt" IS NULL {scope}
 ),
 denied AS (
     SELECT membership."workspaceId"
     FROM membership
-    JOIN workspace_member_permissions override
+    JOIN {s}.workspace_member_permissions override
         ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
     WHERE NOT override.granted
 ),
 manager AS (
     SELECT DISTINCT membership."workspaceId"
     FROM membership
-    LEFT JOIN workspace_member_permissions override
+    LEFT JOIN {s}.workspace_member_permissions override
         ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
     WHERE membership."workspaceId" NOT IN (SELECT "workspaceId" FROM denied) AND CASE
         WHEN override."workspaceMemberId" IS NOT NULL THEN override.granted
         WHEN membership."roleId" IS NOT NULL THEN EXISTS (
             SELECT 1
-            FROM workspace_roles r
-            JOIN workspace_role_permissions grant_ ON grant_."workspaceRoleId" = r."id"
+            FROM {s}.workspace_roles r
+            JOIN {s}.workspace_role_permissions grant_ ON grant_."workspaceRoleId" = r."id"
             WHERE r."id" = membership."roleId"
               AND r."workspaceId" = membership."workspaceId"
               AND grant_.permission = %(permission)s
@@ -1387,17 +1946,27 @@ manager AS (
         ELSE membership.role = 'admin'
     END
 )"""
+EVERY_WORKSPACE = ""
+ONE_WORKSPACE = 'AND m."workspaceId" = (SELECT "id" FROM ws)'
 
+# The check that precedes every workspace command, in one query: does the
+# workspace exist, is the actor a Kan user, an active member, and a manager by
+# Kan's rule on one of their active memberships. A change takes the workspace's
+# turn ({turn}) before anything else is locked — so a change of one identity
+# and one of them all can never wait on each other in a circle — and learns how far
+# the workspace's chain had come once the turn was its own (head_after_lock), to
+# compare with what this statement's snapshot saw (head_seen). The identity is read,
+# and locked for a mutation, only when the actor passes.
 ACCESS_SQL = """
 WITH ws AS (
-    SELECT "id", "publicId", "deletedAt" IS NOT NULL AS deleted
-    FROM workspace
+    SELECT "id", "publicId", "deletedAt" IS NOT NULL AS deleted, {turn}
+    FROM {s}.workspace
     WHERE {workspace}
-),""" + MANAGER_CTES.replace("{scope}", 'AND m."workspaceId" = (SELECT "id" FROM ws)') + """,
+),""" + MANAGER_CTES.replace("{scope}", ONE_WORKSPACE) + """,
 target AS (
     SELECT i."id", i."publicId", i.slug, i."displayName", i.status::text AS status,
            i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt", i.xmin::text AS version
-    FROM agent_identity i
+    FROM {s}.agent_identity i
     WHERE i."workspaceId" = (SELECT "id" FROM ws WHERE NOT deleted)
       AND {identity}
       AND EXISTS (SELECT 1 FROM manager)
@@ -1407,6 +1976,8 @@ SELECT timezone('utc', now()) AS now,
        ws."id" AS workspace_id,
        ws."publicId" AS workspace_public_id,
        ws.deleted AS workspace_deleted,
+       ws.head_after_lock,
+       ws.head_seen,
        actor."id" AS actor_id,
        actor.email AS actor_email,
        EXISTS (SELECT 1 FROM membership) AS is_member,
@@ -1414,12 +1985,41 @@ SELECT timezone('utc', now()) AS now,
        to_jsonb(target) AS identity,
        {tokens} AS tokens,
        CASE WHEN EXISTS (SELECT 1 FROM manager) THEN {detail} END AS detail,
-       (SELECT i.xmin::text FROM agent_identity i WHERE i."id" = target."id") AS seen_version
+       (SELECT i.xmin::text FROM {s}.agent_identity i WHERE i."id" = target."id") AS seen_version
 FROM (SELECT) AS one
 LEFT JOIN ws ON true
 LEFT JOIN actor ON true
 LEFT JOIN target ON true
 """
+TAKE_TURN = """{s}.agent_lock_workspace("id") AS head_after_lock,
+           coalesce((SELECT h."sequence" FROM {s}.agent_audit_chain_head("id") AS h), 0) AS head_seen"""
+NO_TURN = "NULL::bigint AS head_after_lock, NULL::bigint AS head_seen"
+
+# --workspace W: the workspace whose public id or slug W is; a public id wins.
+WORKSPACE_BY_ID = '"publicId" = %(workspace)s'
+WORKSPACE_BY_NAME = """"id" = (
+        SELECT w."id" FROM {s}.workspace w
+        WHERE w."publicId" = %(workspace)s OR w.slug = %(workspace)s
+        ORDER BY w."publicId" = %(workspace)s DESC
+        LIMIT 1
+    )"""
+# The workspace of a token, for verify without --workspace-public-id and --token alone.
+TOKEN_WORKSPACE = """"id" = (
+        SELECT i."workspaceId"
+        FROM {s}.agent_token t
+        JOIN {s}.agent_identity i ON i."id" = t."agentIdentityId"
+        WHERE t."publicId" = %(token_public_id)s
+    )"""
+IDENTITY_BY_SLUG = "i.slug = %(slug)s"
+# The identity that holds a token (inspect --token, revoke --token without --slug).
+IDENTITY_BY_TOKEN = """i."id" = (SELECT t."agentIdentityId" FROM {s}.agent_token t
+              WHERE t."publicId" = %(token_public_id)s)"""
+
+# A live token: not revoked, and not expired by the database's clock.
+LIVE = """({t}."revokedAt" IS NULL AND ({t}."expiresAt" IS NULL OR {t}."expiresAt" > timezone('utc', now())))"""
+# When token t was last used: the server's latest stamp, or what a server before 0.4.0 wrote.
+LAST_USED = """greatest(t."lastUsedAt", (SELECT u."lastUsedAt" FROM {s}.agent_token_use u
+                                           WHERE u."agentTokenId" = t."id")) AS "lastUsedAt" """
 
 # An identity's tokens, newest first, never their hashes, as one JSON array.
 # The access query reads them in the same statement as its lock (for the
@@ -1428,31 +2028,31 @@ LEFT JOIN target ON true
 TOKENS_SQL = """(
     SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY t."id" DESC), '[]'::jsonb)
     FROM (
-        SELECT t."id", t."publicId", t.name, t.scopes, t."createdAt", t."expiresAt", t."lastUsedAt",
+        SELECT t."id", t."publicId", t.name, t.scopes, t."createdAt", t."expiresAt", """ + LAST_USED + """,
                t."revokedAt", source."publicId" AS "rotatedFromPublicId",
                -- the lifetime it was issued with, as its issuing event recorded it
                (SELECT e.metadata->>'expiresIn'
-                FROM agent_audit_event e
-                WHERE e."agentIdentityId" = t."agentIdentityId" AND e."agentTokenId" = t."id"
+                FROM {s}.agent_audit_event e
+                WHERE e."tokenPublicId" = t."publicId"
                   AND e.action IN ('identity.created', 'identity.token_rotated')
-                ORDER BY e."id" LIMIT 1) AS "issuedFor"
-        FROM agent_token t
-        LEFT JOIN agent_token source ON source."id" = t."rotatedFromId"
+                ORDER BY e."createdAt", e."id" LIMIT 1) AS "issuedFor"
+        FROM {s}.agent_token t
+        LEFT JOIN {s}.agent_token source ON source."id" = t."rotatedFromId"
         WHERE t."agentIdentityId" = {identity}
     ) AS t
 )"""
 
 # What a read asks for beside the access check, in the same statement; each
 # is computed only for an actor who passes it (ACCESS_SQL's {detail}).
-# inspect: the identity's latest audit events, newest first.
+# inspect: the identity's latest audit events in its workspace, newest first, found by
+# the public id the chain keeps (a cascade cannot detach them).
 EVENTS_DETAIL = """(
     SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e."createdAt" DESC, e."id" DESC), '[]'::jsonb)
     FROM (
         SELECT e."id", e."publicId", e.action, e."actorEmail", e.reason, e.metadata, e."createdAt",
-               t."publicId" AS "tokenPublicId"
-        FROM agent_audit_event e
-        LEFT JOIN agent_token t ON t."id" = e."agentTokenId"
-        WHERE e."agentIdentityId" = (SELECT "id" FROM target)
+               e."tokenPublicId"
+        FROM {s}.agent_audit_event e
+        WHERE e."identityPublicId" = (SELECT "publicId" FROM target) AND e."workspaceId" = (SELECT "id" FROM ws)
         ORDER BY e."createdAt" DESC, e."id" DESC
         LIMIT %(events)s
     ) AS e
@@ -1468,9 +2068,9 @@ EXPIRING_TOKENS = """(
         SELECT t."id", t."publicId", t.name, t."expiresAt", i.slug, i."publicId" AS "identityPublicId",
                w."publicId" AS "workspacePublicId", w.slug AS "workspaceSlug"
         FROM manager
-        JOIN workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
-        JOIN agent_identity i ON i."workspaceId" = w."id" AND i.status <> 'revoked'
-        JOIN agent_token t ON t."agentIdentityId" = i."id"
+        JOIN {s}.workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+        JOIN {s}.agent_identity i ON i."workspaceId" = w."id" AND i.status::text <> 'revoked'
+        JOIN {s}.agent_token t ON t."agentIdentityId" = i."id"
         WHERE t."revokedAt" IS NULL
           AND t."expiresAt" > timezone('utc', now())
           AND t."expiresAt" <= timezone('utc', now()) + %(within)s
@@ -1482,64 +2082,65 @@ EXPIRING_TOKENS = """(
 LIST_DETAIL = """(
     WITH after AS (
         SELECT "createdAt", "id"
-        FROM agent_identity
+        FROM {s}.agent_identity
         WHERE "workspaceId" = (SELECT "id" FROM ws) AND "publicId" = %(after)s
     ),
     page AS (
         SELECT i."id", i."publicId", i.slug, i."displayName", i.status::text AS status,
                i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt",
                tokens."liveTokens", tokens."nextExpiresAt", tokens."lastUsedAt"
-        FROM agent_identity i
+        FROM {s}.agent_identity i
         CROSS JOIN LATERAL (
             SELECT count(*) FILTER (WHERE t.live) AS "liveTokens",
                    min(t."expiresAt") FILTER (WHERE t.live) AS "nextExpiresAt",
                    max(t."lastUsedAt") AS "lastUsedAt"
             FROM (
-                SELECT "expiresAt", "lastUsedAt",
-                       "revokedAt" IS NULL AND ("expiresAt" IS NULL OR "expiresAt" > timezone('utc', now())) AS live
-                FROM agent_token
-                WHERE "agentIdentityId" = i."id"
+                SELECT t."expiresAt", """ + LAST_USED + """, """ + LIVE.replace("{t}", "t") + """ AS live
+                FROM {s}.agent_token t
+                WHERE t."agentIdentityId" = i."id"
             ) AS t
         ) AS tokens
         WHERE i."workspaceId" = (SELECT "id" FROM ws)
-          AND (%(status)s::agent_identity_status IS NULL OR i.status = %(status)s::agent_identity_status)
+          AND (%(status)s::text IS NULL OR i.status::text = %(status)s::text)
           AND (%(after)s::text IS NULL
                OR (i."createdAt", i."id") < ((SELECT "createdAt" FROM after), (SELECT "id" FROM after)))
         ORDER BY i."createdAt" DESC, i."id" DESC
         LIMIT %(limit)s
     )
     SELECT jsonb_build_object(
-        'expiring', {expiring},
+        'expiring', """ + EXPIRING_TOKENS + """,
         'cursorFound', %(after)s::text IS NULL OR EXISTS (SELECT 1 FROM after),
         'identities', coalesce((SELECT jsonb_agg(to_jsonb(page) ORDER BY page."createdAt" DESC, page."id" DESC)
                                 FROM page), '[]'::jsonb))
-)""".replace("{expiring}", EXPIRING_TOKENS)
+)"""
 
 # Every mutation is one statement. Its own CTEs end in `identity_after` (the
 # identity row as the change leaves it) and `subject` (the identity and token
-# the event is about); AUDIT_INSERT then writes the audit event and returns
-# the identity, so the change and its audit row cannot part.
+# the event is about); AUDIT_INSERT then writes the audit event, and the statement
+# returns the identity with the number of events written, which write() holds to the
+# one it meant: the change and its audit row cannot part, and a trigger or rule that
+# drops the event cannot pass unseen.
+AUDIT_COLUMNS = """("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action,
+     "actorUserId", "actorEmail", reason, metadata)"""
 AUDIT_INSERT = """,
 audit AS (
-    INSERT INTO agent_audit_event
-        ("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action,
-         "actorUserId", "actorEmail", reason, metadata)
+    INSERT INTO {s}.agent_audit_event """ + AUDIT_COLUMNS + """
     SELECT %(audit_public_id)s, %(workspace_id)s, subject.identity_id, subject.token_id, %(action)s,
            %(actor_id)s, %(actor_email)s, %(reason)s, %(metadata)s
     FROM subject
     RETURNING "id"
 )
-SELECT to_jsonb(identity_after) FROM identity_after, audit
+SELECT (SELECT to_jsonb(identity_after) FROM identity_after), (SELECT count(*) FROM audit)
 """
 
 CREATE_SQL = """
 WITH identity_after AS (
-    INSERT INTO agent_identity ("publicId", "workspaceId", slug, "displayName", status, "createdBy")
+    INSERT INTO {s}.agent_identity ("publicId", "workspaceId", slug, "displayName", status, "createdBy")
     VALUES (%(identity_public_id)s, %(workspace_id)s, %(slug)s, %(display_name)s, 'active', %(actor_id)s)
     RETURNING *
 ),
 new_token AS (
-    INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt", "createdBy")
+    INSERT INTO {s}.agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt", "createdBy")
     SELECT %(token_public_id)s, identity_after."id", %(token_name)s, %(token_hash)s, %(scopes)s,
            %(expires_at)s, %(actor_id)s
     FROM identity_after
@@ -1552,7 +2153,7 @@ subject AS (
 # rotate and both kinds of revoke retire the tokens they read under the identity lock.
 RETIRE_TOKENS = """
 WITH retired AS (
-    UPDATE agent_token
+    UPDATE {s}.agent_token
     SET "revokedAt" = timezone('utc', now()), "revokedBy" = %(actor_id)s
     WHERE "id" = ANY(%(revoke_token_ids)s) AND "agentIdentityId" = ANY(%(identity_ids)s) AND "revokedAt" IS NULL
 )"""
@@ -1560,7 +2161,7 @@ WITH retired AS (
 # A change to an identity's tokens stamps the identity's updatedAt.
 TOUCH_IDENTITY = """,
 identity_after AS (
-    UPDATE agent_identity SET "updatedAt" = timezone('utc', now()) WHERE "id" = %(identity_id)s
+    UPDATE {s}.agent_identity SET "updatedAt" = timezone('utc', now()) WHERE "id" = %(identity_id)s
     RETURNING *
 )"""
 
@@ -1568,12 +2169,12 @@ identity_after AS (
 # of revoking them (LEAST ignores a NULL "expiresAt").
 ROTATE_SQL = RETIRE_TOKENS + TOUCH_IDENTITY + """,
 graced AS (
-    UPDATE agent_token
+    UPDATE {s}.agent_token
     SET "expiresAt" = LEAST("expiresAt", %(grace_until)s)
     WHERE "id" = ANY(%(grace_token_ids)s) AND "agentIdentityId" = %(identity_id)s AND "revokedAt" IS NULL
 ),
 new_token AS (
-    INSERT INTO agent_token
+    INSERT INTO {s}.agent_token
         ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt", "createdBy", "rotatedFromId")
     VALUES (%(token_public_id)s, %(identity_id)s, %(token_name)s, %(token_hash)s, %(scopes)s,
             %(expires_at)s, %(actor_id)s, %(rotated_from_id)s)
@@ -1585,14 +2186,14 @@ subject AS (
 
 # An identity's move to %(status)s, with the times that go with it.
 SET_STATUS = """
-    UPDATE agent_identity
-    SET status = %(status)s::agent_identity_status,
+    UPDATE {s}.agent_identity
+    SET status = %(status)s::text::{s}.agent_identity_status,
         "updatedAt" = timezone('utc', now()),
-        "pausedAt" = CASE %(status)s::agent_identity_status
+        "pausedAt" = CASE %(status)s::text
             WHEN 'paused' THEN timezone('utc', now())
             WHEN 'active' THEN NULL
             ELSE "pausedAt" END,
-        "revokedAt" = CASE %(status)s::agent_identity_status
+        "revokedAt" = CASE %(status)s::text
             WHEN 'revoked' THEN timezone('utc', now())
             ELSE "revokedAt" END"""
 
@@ -1606,24 +2207,27 @@ subject AS (
 )""" + AUDIT_INSERT
 
 
-# pause, resume and revoke --all: every identity of the workspace the move
-# applies to, in id order, locked (so two bulk runs take their locks in the
-# same order and cannot deadlock), with its tokens not yet revoked.
-BULK_DETAIL = """(
+# pause, resume and revoke --all: every identity of the workspace the move applies to,
+# in id order, locked, with its tokens not yet revoked. The access query reads them in
+# the snapshot it began with; if the workspace's chain moved on while it waited for the
+# workspace's turn (a create, a rotation), they are read again (BULK_TARGETS_SQL), so
+# that what committed before the turn was taken is included.
+BULK_TARGETS = """(
     SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x."id"), '[]'::jsonb)
     FROM (
         SELECT i."id", i."publicId", i.slug, i.status::text AS status,
                (SELECT coalesce(jsonb_agg(jsonb_build_object('id', t."id", 'publicId', t."publicId")
                                           ORDER BY t."id"), '[]'::jsonb)
-                FROM agent_token t
+                FROM {s}.agent_token t
                 WHERE t."agentIdentityId" = i."id" AND t."revokedAt" IS NULL) AS tokens
-        FROM agent_identity i
-        WHERE i."workspaceId" = (SELECT "id" FROM ws WHERE NOT deleted)
+        FROM {s}.agent_identity i
+        WHERE i."workspaceId" = {workspace_id}
           AND i.status::text = ANY(%(from_statuses)s)
         ORDER BY i."id"
         FOR UPDATE OF i
     ) AS x
 )"""
+BULK_TARGETS_SQL = "SELECT " + BULK_TARGETS
 
 # ... then the move of them all, their tokens retired (revoke), and one audit
 # event each, in one statement.
@@ -1633,9 +2237,8 @@ moved AS (""" + SET_STATUS + """
     RETURNING "id"
 ),
 audit AS (
-    INSERT INTO agent_audit_event
-        ("publicId", "workspaceId", "agentIdentityId", action, "actorUserId", "actorEmail", reason, metadata)
-    SELECT e."publicId", %(workspace_id)s, e."identityId", %(action)s, %(actor_id)s, %(actor_email)s,
+    INSERT INTO {s}.agent_audit_event """ + AUDIT_COLUMNS + """
+    SELECT e."publicId", %(workspace_id)s, e."identityId", NULL, %(action)s, %(actor_id)s, %(actor_email)s,
            %(reason)s, e.metadata
     FROM jsonb_to_recordset(%(events)s) AS e("publicId" text, "identityId" bigint, metadata jsonb)
     RETURNING "id"
@@ -1646,14 +2249,13 @@ SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM audit)
 # A refused attempt, recorded in a transaction of its own after the
 # command's has rolled back: what was tried, by whom, and which condition failed.
 ACCESS_DENIED_SQL = """
-INSERT INTO agent_audit_event
-    ("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action,
-     "actorUserId", "actorEmail", reason, metadata)
+INSERT INTO {s}.agent_audit_event """ + AUDIT_COLUMNS + """
 SELECT %(audit_public_id)s, %(workspace_id)s,
-       (SELECT i."id" FROM agent_identity i WHERE i."workspaceId" = %(workspace_id)s AND i.slug = %(slug)s),
-       (SELECT t."id" FROM agent_token t JOIN agent_identity i ON i."id" = t."agentIdentityId"
+       (SELECT i."id" FROM {s}.agent_identity i WHERE i."workspaceId" = %(workspace_id)s AND i.slug = %(slug)s),
+       (SELECT t."id" FROM {s}.agent_token t JOIN {s}.agent_identity i ON i."id" = t."agentIdentityId"
         WHERE i."workspaceId" = %(workspace_id)s AND t."publicId" = %(token_public_id)s),
        'access.denied', %(actor_id)s, %(actor_email)s, %(reason)s, %(metadata)s
+RETURNING "id"
 """
 
 REVOKE_TOKEN_SQL = RETIRE_TOKENS + TOUCH_IDENTITY + """,
@@ -1661,39 +2263,32 @@ subject AS (
     SELECT %(identity_id)s::bigint AS identity_id, %(token_id)s::bigint AS token_id
 )""" + AUDIT_INSERT
 
-EXPIRING_SQL = "WITH" + MANAGER_CTES.replace("{scope}", "") + "\nSELECT " + EXPIRING_TOKENS
+EXPIRING_SQL = "WITH" + MANAGER_CTES.replace("{scope}", EVERY_WORKSPACE) + "\nSELECT " + EXPIRING_TOKENS + \
+    ", timezone('utc', now())"
 
 # The workspaces the actor may manage, by the access check's own rule, with
 # what each holds.
-WORKSPACES_SQL = "WITH" + MANAGER_CTES.replace("{scope}", "") + """
+WORKSPACES_SQL = "WITH" + MANAGER_CTES.replace("{scope}", EVERY_WORKSPACE) + """
 SELECT w."publicId", w.slug, w.name,
        identities.active, identities.paused, identities.revoked,
        tokens.live AS "liveTokens", tokens.next AS "nextExpiresAt"
 FROM manager
-JOIN workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+JOIN {s}.workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
 CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE i.status = 'active') AS active,
-           count(*) FILTER (WHERE i.status = 'paused') AS paused,
-           count(*) FILTER (WHERE i.status = 'revoked') AS revoked
-    FROM agent_identity i
+    SELECT count(*) FILTER (WHERE i.status::text = 'active') AS active,
+           count(*) FILTER (WHERE i.status::text = 'paused') AS paused,
+           count(*) FILTER (WHERE i.status::text = 'revoked') AS revoked
+    FROM {s}.agent_identity i
     WHERE i."workspaceId" = w."id"
 ) AS identities
 CROSS JOIN LATERAL (
     SELECT count(*) AS live, min(t."expiresAt") AS next
-    FROM agent_identity i
-    JOIN agent_token t ON t."agentIdentityId" = i."id"
-    WHERE i."workspaceId" = w."id" AND i.status <> 'revoked' AND t."revokedAt" IS NULL
-      AND (t."expiresAt" IS NULL OR t."expiresAt" > timezone('utc', now()))
+    FROM {s}.agent_identity i
+    JOIN {s}.agent_token t ON t."agentIdentityId" = i."id"
+    WHERE i."workspaceId" = w."id" AND i.status::text <> 'revoked' AND """ + LIVE.replace("{t}", "t") + """
 ) AS tokens
 ORDER BY w.slug, w."publicId"
 """
-
-
-def managed_names(conn, email: str) -> list[str]:
-    """The slugs and public ids of the workspaces the actor may manage (for "did you mean")."""
-    rows = conn.execute(WORKSPACES_SQL, {"email": email, "permission": MANAGE_PERMISSION}).fetchall()
-    return [name for row in rows for name in row[:2] if name]
-
 
 # verify: the token, with its identity, in the workspace the check found
 # (ACCESS_SQL's ws is the token's own workspace unless --workspace-public-id
@@ -1704,8 +2299,10 @@ VERIFY_DETAIL = """(
         SELECT t."publicId", t."tokenHash", t.scopes, t."expiresAt", t."revokedAt",
                t."expiresAt" IS NOT NULL AND t."expiresAt" <= timezone('utc', now()) AS expired,
                to_jsonb(i) AS identity
-        FROM agent_token t
-        JOIN agent_identity i ON i."id" = t."agentIdentityId"
+        FROM {s}.agent_token t
+        JOIN (SELECT "id", "publicId", slug, "displayName", status::text AS status, "createdAt", "updatedAt",
+                     "pausedAt", "revokedAt", "workspaceId"
+              FROM {s}.agent_identity) AS i ON i."id" = t."agentIdentityId"
         WHERE t."publicId" = %(token_public_id)s AND i."workspaceId" = (SELECT "id" FROM ws)
     ) AS v
 )"""
@@ -1715,27 +2312,24 @@ VERIFY_DETAIL = """(
 # and filters given. The columns are UTC timestamps; the window's bounds are
 # computed from the transaction's clock in UTC, whatever the server's TimeZone.
 # Each filter is either absent (NULL: the planner drops it) or narrows the scan;
-# --slug and --token read their own indexes.
+# --slug and --token read their own indexes, by the public ids the chain keeps.
 AUDIT_DETAIL = """(
     WITH after AS (
         SELECT "createdAt", "id"
-        FROM agent_audit_event
+        FROM {s}.agent_audit_event
         WHERE "workspaceId" = (SELECT "id" FROM ws) AND "publicId" = %(after)s
     ),
     page AS (
         SELECT e."id", e."publicId", e."createdAt", e.action, e."actorEmail", e.reason, e.metadata,
-               i."publicId" AS "identityPublicId", i.slug, t."publicId" AS "tokenPublicId", e."sequence", e."hash"
-        FROM agent_audit_event e
-        LEFT JOIN agent_identity i ON i."id" = e."agentIdentityId"
-        LEFT JOIN agent_token t ON t."id" = e."agentTokenId"
+               e."identityPublicId", e."identitySlug" AS slug, e."tokenPublicId", e."sequence", e."hash"
+        FROM {s}.agent_audit_event e
         WHERE e."workspaceId" = (SELECT "id" FROM ws)
           AND e."createdAt" >= coalesce(%(since_at)s::timestamp,
                                         timezone('utc', now()) - %(since_ago)s::interval, '-infinity')
           AND e."createdAt" < coalesce(%(until_at)s::timestamp,
                                        timezone('utc', now()) - %(until_ago)s::interval, 'infinity')
-          AND (%(slug)s::text IS NULL OR e."agentIdentityId" = (SELECT "id" FROM target))
-          AND (%(token_filter)s::text IS NULL OR e."agentTokenId" = (
-                SELECT t."id" FROM agent_token t WHERE t."publicId" = %(token_filter)s))
+          AND (%(slug)s::text IS NULL OR e."identityPublicId" = (SELECT "publicId" FROM target))
+          AND (%(token_filter)s::text IS NULL OR e."tokenPublicId" = %(token_filter)s::text)
           AND (%(actor)s::text IS NULL OR lower(e."actorEmail") = lower(%(actor)s))
           AND (%(actions)s::text[] IS NULL OR e.action = ANY(%(actions)s))
           AND (%(after)s::text IS NULL
@@ -1754,26 +2348,30 @@ AUDIT_DETAIL = """(
 CHAIN_HEAD = """(
     SELECT jsonb_build_object(
         'sequence', head."sequence", 'hash', head."hash", 'createdAt', head."createdAt",
-        'unchained', (SELECT count(*) FROM agent_audit_event u
+        'unchained', (SELECT count(*) FROM {s}.agent_audit_event u
                       WHERE u."workspaceId" = {workspace} AND u."sequence" IS NULL))
     FROM (SELECT) AS one
-    LEFT JOIN LATERAL agent_audit_chain_head({workspace}) AS head ON true
+    LEFT JOIN LATERAL {s}.agent_audit_chain_head({workspace}) AS head ON true
 )"""
 
 # audit head and audit verify without a workspace: every workspace the actor
 # manages, with its chain's head.
-MANAGED_HEADS_SQL = "WITH" + MANAGER_CTES.replace("{scope}", "") + """
+MANAGED_HEADS_SQL = "WITH" + MANAGER_CTES.replace("{scope}", EVERY_WORKSPACE) + """
 SELECT w."id", w."publicId", w.slug, """ + CHAIN_HEAD.replace("{workspace}", 'w."id"') + """ AS head
 FROM manager
-JOIN workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+JOIN {s}.workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
 ORDER BY w.slug, w."publicId"
 """
+# audit head and audit verify of one workspace: its slug and head, beside the access check.
+ONE_HEAD_DETAIL = """jsonb_build_object('slug', (SELECT w.slug FROM {s}.workspace w WHERE w."id" = ws."id"),
+                                  'head', """ + CHAIN_HEAD.replace("{workspace}", 'ws."id"') + ")"
 
-# doctor: every workspace that has audit events, whoever manages it.
+# doctor: every workspace that has audit events or identities, whoever manages it.
 AUDITED_WORKSPACES_SQL = """
 SELECT w."id", w."publicId", w.slug
-FROM workspace w
-WHERE EXISTS (SELECT 1 FROM agent_audit_event e WHERE e."workspaceId" = w."id")
+FROM {s}.workspace w
+WHERE EXISTS (SELECT 1 FROM {s}.agent_audit_event e WHERE e."workspaceId" = w."id")
+   OR EXISTS (SELECT 1 FROM {s}.agent_identity i WHERE i."workspaceId" = w."id")
 ORDER BY w.slug, w."publicId"
 """
 
@@ -1786,12 +2384,12 @@ CHAIN_COLUMNS = """
     "previousHash", "hash"
 """
 CHAIN_EVENTS_SQL = "SELECT" + CHAIN_COLUMNS + """
-FROM agent_audit_event
+FROM {s}.agent_audit_event
 WHERE "workspaceId" = %(workspace_id)s AND "sequence" IS NOT NULL
 ORDER BY "sequence"
 """
 UNCHAINED_SQL = "SELECT" + CHAIN_COLUMNS + """
-FROM agent_audit_event
+FROM {s}.agent_audit_event
 WHERE "workspaceId" = %(workspace_id)s AND "sequence" IS NULL
 ORDER BY "id"
 LIMIT 1
@@ -1799,7 +2397,7 @@ LIMIT 1
 CHAIN_FETCH_ROWS = 10_000  # rows per fetch: memory stays flat however long the chain
 
 
-def chain_events(conn, workspace_id: int):
+def chain_events(conn, schema: str, workspace_id: int):
     """A workspace's events in chain order, fetched a batch at a time from a server-side
     cursor; then its first unchained event, if any."""
     from psycopg.rows import dict_row
@@ -1807,107 +2405,133 @@ def chain_events(conn, workspace_id: int):
     params = {"workspace_id": workspace_id}
     with conn.cursor(name="agent_audit_chain", row_factory=dict_row) as cursor:
         cursor.itersize = CHAIN_FETCH_ROWS
-        cursor.execute(CHAIN_EVENTS_SQL, params)
+        cursor.execute(compose(CHAIN_EVENTS_SQL, schema), params)
         yield from cursor
-    yield from conn.cursor(row_factory=dict_row).execute(UNCHAINED_SQL, params)
+    yield from conn.cursor(row_factory=dict_row).execute(compose(UNCHAINED_SQL, schema), params)
 
 
-# --workspace W: the workspace whose public id or slug W is; a public id wins.
-WORKSPACE_REF = """("publicId" = %(workspace)s OR slug = %(workspace)s)
-    ORDER BY "publicId" = %(workspace)s DESC
-    LIMIT 1"""
-
-# The identity that holds a token (inspect --token, revoke --token without --slug).
-TOKEN_IDENTITY = """i."id" = (SELECT t."agentIdentityId" FROM agent_token t WHERE t."publicId" = %(token_public_id)s)"""
-
-# The workspace of a token, for verify without --workspace-public-id.
-TOKEN_WORKSPACE = """"id" = (
-        SELECT i."workspaceId"
-        FROM agent_token t
-        JOIN agent_identity i ON i."id" = t."agentIdentityId"
-        WHERE t."publicId" = %(token_public_id)s
-    )"""
+# A workspace's identities and their tokens as the tables hold them, a row per token
+# (or per identity without one): what the chain's account of them is held to.
+STATE_ROWS_SQL = """
+SELECT i."publicId" AS identity, i.status::text AS status, t."publicId" AS token, t."expiresAt", t."revokedAt"
+FROM {s}.agent_identity i
+LEFT JOIN {s}.agent_token t ON t."agentIdentityId" = i."id"
+WHERE i."workspaceId" = %(workspace_id)s
+ORDER BY i."id", t."id"
+"""
 
 
-def check_access(
-    conn,
-    workspace: str | None,
-    email: str,
-    *,
-    slug: str | None = None,
-    lock: bool = False,
-    tokens: bool = False,
-    detail: str | None = None,
-    params: dict | None = None,
-    must_exist: bool = True,
-    allow_deleted: bool = False,
-    by_slug: bool = False,
-    by_token: bool = False,
-) -> dict:
-    """Run the workspace and actor check; return the workspace, actor, identity and now
-    (with tokens, the identity's tokens; with detail, that SQL's JSON, for a read).
-
-    workspace None means the workspace of the token params["token_public_id"]
-    names (verify); with by_slug, workspace is a public id or a slug (a public
-    id wins if both match). With by_token, the identity is the one holding the
-    token params["token_public_id"] names, not the one slug names. Raises exit
-    3 for a missing (or, unless allow_deleted, deleted) workspace, exit 4 for an
-    actor who may not manage it, and exit 3
-    for a slug that names no identity (unless must_exist is false, as for
-    create). With lock, the identity row stays locked until the transaction
-    ends. `now` is the transaction's clock, which every later statement of it
-    shares.
-    """
-    from psycopg import sql
+def verify_workspace(conn, schema: str, workspace_id: int, expect: Head | None = None) -> dict:
+    """check_chain of a workspace's events, and then its tables held to what the chain
+    says of them (breaks of kind mismatch): one streamed pass over each."""
     from psycopg.rows import dict_row
 
-    query = sql.SQL(ACCESS_SQL).format(
-        workspace=sql.SQL(TOKEN_WORKSPACE if workspace is None else WORKSPACE_REF if by_slug
-                          else '"publicId" = %(workspace)s'),
-        identity=sql.SQL(TOKEN_IDENTITY if by_token else "i.slug = %(slug)s"),
-        lock=sql.SQL("FOR UPDATE" if lock else ""),
-        tokens=sql.SQL(TOKENS_SQL).format(identity=sql.SQL('target."id"')) if tokens else sql.SQL("NULL::jsonb"),
-        detail=sql.SQL(detail or "NULL::jsonb"),
+    state = ChainState()
+    with contextlib.closing(chain_events(conn, schema, workspace_id)) as events:
+        report = check_chain(state.watch(events), expect)
+    if report["events"] or not report["breaks"]:  # a chain not yet begun has nothing to say of the tables
+        with conn.cursor(name="agent_state", row_factory=dict_row) as cursor:
+            cursor.itersize = CHAIN_FETCH_ROWS
+            cursor.execute(compose(STATE_ROWS_SQL, schema), {"workspace_id": workspace_id})
+            report["breaks"] += state.compare(cursor)
+    report.update(intact=not report["breaks"], **{"break": report["breaks"][0] if report["breaks"] else None})
+    return report
+
+
+def managed_names(conn, schema: str, email: str) -> list[str]:
+    """The slugs and public ids of the workspaces the actor may manage (for "did you mean")."""
+    rows = conn.execute(compose(WORKSPACES_SQL, schema), {"email": email, "permission": MANAGE_PERMISSION}).fetchall()
+    return [name for row in rows for name in row[:2] if name]
+
+
+class Ref(collections.namedtuple("Ref", "workspace by_name slug token")):
+    """What a command names: a workspace — by its public id, by its slug or public id
+    (by_name, --workspace), or None for the workspace of the token it names — and in it,
+    perhaps, an identity: by its slug, or, with no slug, as the holder of token."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "Ref":
+        """The Ref of a command's parsed arguments."""
+        by_name = getattr(args, "workspace", None)
+        return cls(by_name or getattr(args, "workspace_public_id", None), bool(by_name),
+                   getattr(args, "slug", None), getattr(args, "token", None))
+
+    @property
+    def by_token(self) -> bool:
+        return bool(self.token) and not self.slug
+
+    def named(self) -> str:
+        return quote(self.workspace) if self.by_name else self.workspace
+
+
+def check_access(conn, session: Session, ref: Ref, email: str, *, lock: bool = False, tokens: bool = False,
+                 detail: str | None = None, params: dict | None = None, must_exist: bool = True,
+                 allow_deleted: bool = False) -> dict:
+    """Run the workspace and actor check for what ref names; return the workspace, actor,
+    identity and now (with tokens, the identity's tokens; with detail, that SQL's JSON).
+
+    Raises exit 3 for a missing (or, unless allow_deleted, deleted) workspace, exit 4
+    for an actor who may not manage it, and exit 3 for a slug or token that names no
+    identity (unless must_exist is false, as for create). With lock (a change), the
+    workspace's turn is taken first and the identity row stays locked until the
+    transaction ends. `now` is the transaction's clock, which every later statement of
+    it shares.
+    """
+    from psycopg.rows import dict_row
+
+    query = compose(
+        ACCESS_SQL, session.schema,
+        workspace=TOKEN_WORKSPACE if ref.workspace is None else WORKSPACE_BY_NAME if ref.by_name else WORKSPACE_BY_ID,
+        identity=IDENTITY_BY_TOKEN if ref.by_token else IDENTITY_BY_SLUG,
+        lock="FOR UPDATE" if lock else "",
+        turn=TAKE_TURN if lock else NO_TURN,
+        tokens=compose(TOKENS_SQL, session.schema, identity='target."id"') if tokens else "NULL::jsonb",
+        detail=detail or "NULL::jsonb",
     )
-    params = {**(params or {}), "workspace": workspace, "email": email, "permission": MANAGE_PERMISSION,
-              "slug": slug}
+    params = {**(params or {}), "workspace": ref.workspace, "email": email, "permission": MANAGE_PERMISSION,
+              "slug": ref.slug, "token_public_id": (params or {}).get("token_public_id", ref.token)}
     row = conn.cursor(row_factory=dict_row).execute(query, params).fetchone()
     if row["workspace_id"] is None:
-        hint = did_you_mean(workspace, managed_names(conn, email)) if by_slug else ""
-        raise AdminError(EXIT_NOT_FOUND, f"workspace {quote(workspace) if by_slug else workspace} not found"
-                         + hint + rls_hint(conn, "workspace"))
+        hint = did_you_mean(ref.workspace, managed_names(conn, session.schema, email)) if ref.by_name else ""
+        raise AdminError(EXIT_NOT_FOUND, f"workspace {ref.named()} not found" + hint
+                         + rls_hint(conn, session, "workspace"))
     workspace = row["workspace_public_id"]
     if row["workspace_deleted"] and not allow_deleted:
         raise AdminError(EXIT_NOT_FOUND, f"workspace {workspace} has been deleted")
     denied = {"workspace_id": row["workspace_id"], "actor_id": row["actor_id"]}
     if row["actor_id"] is None:
-        raise AccessDenied(f"no Kan user has the email {quote(email)}" + rls_hint(conn, "user"),
+        raise AccessDenied(f"no Kan user has the email {quote(email)}" + rls_hint(conn, session, "user"),
                            condition="not_a_kan_user", **denied)
     if not row["is_member"]:
         raise AccessDenied(f"{quote(row['actor_email'])} is not an active member of workspace {workspace}"
-                           + rls_hint(conn, "workspace_members"), condition="not_an_active_member", **denied)
+                           + rls_hint(conn, session, "workspace_members"), condition="not_an_active_member",
+                           **denied)
     if not row["is_manager"]:
-        raise AccessDenied(f"{quote(row['actor_email'])} lacks the {MANAGE_PERMISSION} permission in workspace {workspace}",
-                           condition="lacks_workspace_manage", **denied)
+        raise AccessDenied(f"{quote(row['actor_email'])} lacks the {MANAGE_PERMISSION} permission in workspace "
+                           f"{workspace}", condition="lacks_workspace_manage", **denied)
     identity = row["identity"] and json_times(row["identity"])
-    if by_token and identity is None:
-        raise AdminError(EXIT_NOT_FOUND, f"no token {params['token_public_id']} in workspace {workspace}")
-    if slug is not None and identity is None and must_exist:
-        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {slug} in workspace {workspace}")
+    if ref.by_token and identity is None:
+        raise AdminError(EXIT_NOT_FOUND, f"no token {ref.token} in workspace {workspace}")
+    if ref.slug is not None and identity is None and must_exist:
+        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {ref.slug} in workspace {workspace}")
     token_list = row["tokens"]
     if tokens and identity is not None and identity["version"] != row["seen_version"]:
         # We waited for the lock while another session changed the identity (every
         # change to its tokens touches it too): read them again, in a snapshot
         # taken after the lock.
-        token_list = conn.execute(
-            sql.SQL("SELECT {tokens}").format(tokens=sql.SQL(TOKENS_SQL).format(identity=sql.Placeholder("id"))),
-            {"id": identity["id"]},
-        ).fetchone()[0]
+        token_list = conn.execute(compose("SELECT {tokens}", session.schema,
+                                          tokens=compose(TOKENS_SQL, session.schema, identity="%(id)s")),
+                                  {"id": identity["id"]}).fetchone()[0]
     return {
         "now": row["now"],
         "workspace_id": row["workspace_id"],
         "workspace_public_id": workspace,
         "workspace_deleted": row["workspace_deleted"],
+        # Whether another session wrote in the workspace between this statement's snapshot
+        # and the workspace's turn becoming ours (a change only).
+        "stale": lock and row["head_after_lock"] != row["head_seen"],
         "actor_id": row["actor_id"],
         "actor_email": row["actor_email"],
         "identity": identity,
@@ -1916,11 +2540,12 @@ def check_access(
     }
 
 
-def rls_hint(conn, table: str) -> str:
+def rls_hint(conn, session: Session, table: str) -> str:
     """A hint for a "not found" that row level security may have caused, or ''."""
     from psycopg.rows import dict_row
 
-    row = conn.cursor(row_factory=dict_row).execute(READABLE_SQL, {"tables": [table]}).fetchone()
+    row = conn.cursor(row_factory=dict_row).execute(READABLE_SQL,
+                                                    {"tables": [table], "schema": session.schema}).fetchone()
     if row is None or row["past_rls"]:
         return ""
     return f" (row level security may hide rows of {table} from role {row['role']}: run agent-identity doctor)"
@@ -1929,52 +2554,63 @@ def rls_hint(conn, table: str) -> str:
 JSON_TIMES = ("createdAt", "updatedAt", "pausedAt", "revokedAt", "expiresAt", "lastUsedAt", "nextExpiresAt")
 
 
+def from_database_time(text: str | None) -> datetime | None:
+    """A timestamp as PostgreSQL's JSON writes it; 'infinity', '-infinity' and years a
+    datetime cannot hold (which no version of the tool writes, but a hand may have) as
+    the far ends of datetime's range."""
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return datetime.min if text.startswith("-") or text.endswith("BC") else datetime.max
+
+
 def json_times(record: dict) -> dict:
     """A row the database sent as JSON (to_jsonb), its timestamps made datetimes again."""
-    return {**record, **{key: record[key] and datetime.fromisoformat(record[key])
-                         for key in JSON_TIMES if key in record}}
+    return {**record, **{key: from_database_time(record[key]) for key in JSON_TIMES if key in record}}
 
 
-def check_identity(conn, args: argparse.Namespace, **options) -> dict:
-    """check_access for the workspace (--workspace-public-id, or --workspace by slug or
-    public id) and the identity (--slug, or the holder of --token) a command was given.
+def access_of(conn, session: Session, args: argparse.Namespace, ref: Ref | None = None, **options) -> dict:
+    """check_access for what a command's arguments name, as its actor.
 
-    Afterwards args.workspace_public_id is the workspace's public id and args.slug the
-    identity's slug, whichever way they were named. A token looked up with no workspace
-    named is answered the same whether it does not exist or lies in a workspace the
-    actor may not manage (exit 3, "no token … in a workspace you manage"); the second is
-    audited there as access.denied.
+    A token looked up with no workspace named is answered the same whether it does not
+    exist or lies in a workspace the actor may not manage (exit 3, "no token … in a
+    workspace you manage"); the second is audited there as access.denied.
     """
-    by_token = bool(getattr(args, "token", None)) and not getattr(args, "slug", None)
-    params = dict(options.pop("params", None) or {})
-    if by_token:
-        params["token_public_id"] = args.token
+    ref = ref or Ref.of(args)
     try:
-        access = check_access(conn, args.workspace_public_id, args.actor_email, slug=getattr(args, "slug", None),
-                              by_slug=args.workspace_by_slug, by_token=by_token, params=params, **options)
+        return check_access(conn, session, ref, args.actor_email, **options)
     except AdminError as refused:
-        if not by_token or args.workspace_public_id or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
+        if not ref.by_token or ref.workspace or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
             raise
-        unknown = f"no token {args.token} in a workspace you manage"
+        unknown = f"no token {ref.token} in a workspace you manage"
         if isinstance(refused, AccessDenied):
-            refused.exit_code, refused.message, refused.token_public_id = EXIT_NOT_FOUND, unknown, args.token
+            refused.exit_code, refused.message, refused.token_public_id = EXIT_NOT_FOUND, unknown, ref.token
             raise  # run() records the probe, then says what an unknown token gets
         raise AdminError(EXIT_NOT_FOUND, unknown) from None
-    args.workspace_public_id = access["workspace_public_id"]
-    if access["identity"] is not None:
-        args.slug = access["identity"]["slug"]
-    return access
 
 
-def write(conn, statement: str, params: dict) -> dict:
+def dropped_events(meant: int, written: int) -> AdminError:
+    """A statement wrote fewer audit events than it meant: a trigger or rule on the audit
+    table dropped them. Nothing is committed."""
+    return AdminError(EXIT_DATABASE, f"the audit log took {written} of the {meant} events written to it: a trigger or "
+                                     "rule on agent_audit_event drops rows, and nothing was committed; run "
+                                     "`agent-identity doctor`")
+
+
+def write(conn, session: Session, statement: str, params: dict) -> dict:
     """Run one mutation statement; return the identity row as it leaves it."""
     from psycopg.types.json import Jsonb
 
     params = dict(params, metadata=Jsonb(params["metadata"]))
-    return json_times(conn.execute(statement, params).fetchone()[0])
+    identity, events = conn.execute(compose(statement, session.schema), params).fetchone()
+    if events != 1:
+        raise dropped_events(1, events)
+    return json_times(identity)
 
 
-def record_denial(conn, args: argparse.Namespace, denied: AccessDenied) -> None:
+def record_denial(conn, args: argparse.Namespace, denied: AccessDenied, schema: str | None) -> None:
     """Write the access.denied event of a refused command, in its own transaction."""
     import psycopg
     from psycopg.types.json import Jsonb
@@ -1998,10 +2634,14 @@ def record_denial(conn, args: argparse.Namespace, denied: AccessDenied) -> None:
         }),
     }
     try:
-        with transaction(conn, args.lock_timeout):
-            conn.execute(ACCESS_DENIED_SQL, params)
+        with transaction(conn, args.lock_timeout, schema=schema) as session:
+            written = conn.execute(compose(ACCESS_DENIED_SQL, session.schema), params).rowcount
+            if written != 1:
+                raise dropped_events(1, written)
     except psycopg.Error as exc:
         denied.message += f" (this refusal could not be audited: {exc.diag.message_primary or type(exc).__name__})"
+    except AdminError as lost:
+        raise AdminError(EXIT_DATABASE, f"{denied.message}; and {lost.message}") from None
 
 
 def audit_params(args: argparse.Namespace, access: dict, action: str, metadata: dict) -> dict:
@@ -2100,7 +2740,7 @@ def cmd_help(args: argparse.Namespace) -> dict:
 
 def cmd_schema(args: argparse.Namespace) -> dict:
     """Print the DDL of the agent tables."""
-    return {"ok": True, "command": "schema", "sql": schema_sql(args.db_schema)}
+    return {"ok": True, "command": "schema", "sql": schema_sql(pinned_schema(args) or DB_SCHEMA_DEFAULT)}
 
 
 def completion_spec(parser) -> dict[str, dict[str, tuple[str, ...] | None]]:
@@ -2290,12 +2930,25 @@ def token_result(issued: IssuedToken | None, name: str, scopes: list[str], expir
     return token
 
 
-def slug_taken(args: argparse.Namespace) -> AdminError:
+def slug_taken(slug: str, workspace_public_id: str) -> AdminError:
     return AdminError(
         EXIT_CONFLICT,
-        f"the slug {args.slug} is taken in workspace {args.workspace_public_id} "
+        f"the slug {slug} is taken in workspace {workspace_public_id} "
         "(slugs are never reused, revoked identities included)",
     )
+
+
+def pinned_schema(args: argparse.Namespace) -> str | None:
+    """The schema of Kan's tables when the operator named it (--db-schema, else
+    AGENT_IDENTITY_DB_SCHEMA); None: found through the search_path, as Kan finds it."""
+    return getattr(args, "db_schema", None) or os.environ.get("AGENT_IDENTITY_DB_SCHEMA") or None
+
+
+def begin(conn, args: argparse.Namespace, *, read_only: bool = False):
+    """A transaction of the tool for this command: its lock timeout, its schema; a dry run
+    rolls back."""
+    return transaction(conn, args.lock_timeout, read_only=read_only, schema=pinned_schema(args),
+                       commit=not getattr(args, "dry_run", False))
 
 
 def cmd_create(conn, args: argparse.Namespace) -> dict:
@@ -2311,10 +2964,10 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
     }
     with token_file(args.token_file, args.dry_run) as fd:
         try:
-            with transaction(conn, args.lock_timeout):
-                access = check_identity(conn, args, must_exist=False)
+            with begin(conn, args) as session:
+                access = access_of(conn, session, args, lock=True, must_exist=False)
                 if access["identity"] is not None:
-                    raise slug_taken(args)
+                    raise slug_taken(args.slug, access["workspace_public_id"])
                 expires = expires_at(args.expires_in, access["now"])
                 audit = audit_params(args, access, "identity.created", {
                     "previousStatus": None,
@@ -2328,7 +2981,7 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
                     "expiresAt": iso(expires),
                 })
                 if issued:
-                    identity = write(conn, CREATE_SQL, {
+                    identity = write(conn, session, CREATE_SQL, {
                         **audit,
                         "identity_public_id": identity["publicId"],
                         "slug": args.slug,
@@ -2342,13 +2995,13 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
         except errors.UniqueViolation as exc:
             # Another run took the slug between our check and our insert.
             if exc.diag.constraint_name == "agent_identity_workspace_slug_unique":
-                raise slug_taken(args) from None
+                raise slug_taken(args.slug, access["workspace_public_id"]) from None
             raise
         write_token_file(fd, issued, args)
     return mutation_result(
         args,
         True,
-        identity=identity_view(identity, args.workspace_public_id),
+        identity=identity_view(identity, access["workspace_public_id"]),
         token=token_result(issued, args.token_name, args.scopes, expires, args.token_file,
                            expiresIn=args.expires_in.text),
         auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
@@ -2359,15 +3012,16 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
     """Issue a new token with the same scopes; revoke the live ones, or let them run out the grace."""
     issued = None if args.dry_run else issue_token()
     with token_file(args.token_file, args.dry_run) as fd:
-        with transaction(conn, args.lock_timeout):
-            access = check_identity(conn, args, lock=True, tokens=True)
+        with begin(conn, args) as session:
+            access = access_of(conn, session, args, lock=True, tokens=True)
             identity, now, tokens = access["identity"], access["now"], access["tokens"]
+            slug = identity["slug"]
             if identity["status"] == "revoked":
                 raise AdminError(
-                    EXIT_CONFLICT, f"agent identity {args.slug} is revoked; a revoked identity gets no tokens"
+                    EXIT_CONFLICT, f"agent identity {slug} is revoked; a revoked identity gets no tokens"
                 )
             if not tokens:
-                raise AdminError(EXIT_CONFLICT, f"agent identity {args.slug} has no token to rotate")
+                raise AdminError(EXIT_CONFLICT, f"agent identity {slug} has no token to rotate")
             # The token the new one follows: the newest live one, else the newest.
             source = next((t for t in tokens if is_live(t, now)), tokens[0])
             token_name = args.token_name or source["name"]
@@ -2403,7 +3057,7 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
                 "gracedTokens": [{"publicId": t["publicId"], "expiresAt": iso(until)} for t, until in graced],
             })
             if issued:
-                identity = write(conn, ROTATE_SQL, {
+                identity = write(conn, session, ROTATE_SQL, {
                     **audit,
                     "identity_id": identity["id"],
                     "identity_ids": [identity["id"]],
@@ -2422,7 +3076,7 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
     return mutation_result(
         args,
         True,
-        identity=identity_view(identity, args.workspace_public_id),
+        identity=identity_view(identity, access["workspace_public_id"]),
         token=token_result(issued, token_name, scopes, expires, args.token_file,
                            rotatedFromPublicId=source["publicId"], expiresIn=lifetime.text,
                            lifetimeKept=args.expires_in is None, previousScopes=previous_scopes),
@@ -2439,16 +3093,17 @@ def cmd_revoke(conn, args: argparse.Namespace) -> dict:
 
 def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
     """Revoke one token of an identity, leaving the identity and its other tokens alone."""
-    with transaction(conn, args.lock_timeout):
-        access = check_identity(conn, args, lock=True, tokens=True)
+    with begin(conn, args) as session:
+        access = access_of(conn, session, args, lock=True, tokens=True)
         identity = access["identity"]
+        slug, workspace = identity["slug"], access["workspace_public_id"]
         token = next((t for t in access["tokens"] if t["publicId"] == args.token), None)
         if token is None:
-            raise AdminError(EXIT_NOT_FOUND, f"agent identity {args.slug} has no token {args.token}")
+            raise AdminError(EXIT_NOT_FOUND, f"agent identity {slug} has no token {args.token}")
         if token["revokedAt"] is not None:
             return mutation_result(
-                args, False, identity=identity_view(identity, args.workspace_public_id),
-                message=f"token {args.token} of agent identity {args.slug} is already revoked; nothing to change",
+                args, False, identity=identity_view(identity, workspace),
+                message=f"token {args.token} of agent identity {slug} is already revoked; nothing to change",
             )
         audit = audit_params(args, access, "identity.token_revoked", {
             "previousStatus": identity["status"],
@@ -2456,14 +3111,14 @@ def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
             "revokedTokenPublicIds": [token["publicId"]],
         })
         if not args.dry_run:
-            identity = write(conn, REVOKE_TOKEN_SQL, {
+            identity = write(conn, session, REVOKE_TOKEN_SQL, {
                 **audit, "identity_id": identity["id"], "identity_ids": [identity["id"]], "token_id": token["id"],
                 "revoke_token_ids": [token["id"]],
             })
     return mutation_result(
         args,
         True,
-        identity=identity_view(identity, args.workspace_public_id),
+        identity=identity_view(identity, workspace),
         revokedTokenPublicIds=[token["publicId"]],
         auditEvent={"action": audit["action"], "metadata": audit["metadata"]},
     )
@@ -2475,14 +3130,19 @@ def cmd_set_status_all(conn, args: argparse.Namespace) -> dict:
     from psycopg.types.json import Jsonb
 
     new_status, allowed_from, action = TRANSITIONS[args.command]
-    with transaction(conn, args.lock_timeout):
-        access = check_identity(conn, args, detail=BULK_DETAIL, params={"from_statuses": list(allowed_from)})
-        targets = access["detail"]
+    params = {"from_statuses": list(allowed_from)}
+    with begin(conn, args) as session:
+        access = access_of(conn, session, args, lock=True, params=params, detail=compose(
+            BULK_TARGETS, session.schema, workspace_id='(SELECT "id" FROM ws WHERE NOT deleted)'))
+        targets, workspace = access["detail"], access["workspace_public_id"]
+        if access["stale"]:
+            # The workspace changed while we waited for its turn: read what it holds now.
+            targets = conn.execute(compose(BULK_TARGETS_SQL, session.schema, workspace_id="%(workspace_id)s"),
+                                   dict(params, workspace_id=access["workspace_id"])).fetchone()[0]
         if not targets:
             return mutation_result(args, False, identities=[], message=(
-                f"no agent identity in workspace {args.workspace_public_id} is "
-                f"{' or '.join(allowed_from)}; nothing to change"))
-        batch = {"batchId": new_public_id(), "batchCount": len(targets)}
+                f"no agent identity in workspace {workspace} is {' or '.join(allowed_from)}; nothing to change"))
+        batch = {"batchId": None if args.dry_run else new_public_id(), "batchCount": len(targets)}
         events = [{
             "publicId": new_public_id(),
             "identityId": target["id"],
@@ -2493,15 +3153,17 @@ def cmd_set_status_all(conn, args: argparse.Namespace) -> dict:
             },
         } for target in targets]
         if not args.dry_run:
-            conn.execute(BULK_SQL, {
+            moved, written = conn.execute(compose(BULK_SQL, session.schema), {
                 "identity_ids": [t["id"] for t in targets], "status": new_status,
                 "revoke_token_ids": [token["id"] for t in targets for token in t["tokens"]]
                 if new_status == "revoked" else [],
                 "actor_id": access["actor_id"], "actor_email": access["actor_email"], "reason": args.reason,
                 "workspace_id": access["workspace_id"], "action": action, "events": Jsonb(events),
-            })
+            }).fetchone()
+            if written != len(events):
+                raise dropped_events(len(events), written)
     return mutation_result(
-        args, True, workspacePublicId=args.workspace_public_id, batchId=batch["batchId"],
+        args, True, workspacePublicId=workspace, batchId=batch["batchId"],
         identities=[{"publicId": t["publicId"], "slug": t["slug"], "previousStatus": t["status"],
                      "status": new_status} for t in targets],
         revokedTokenPublicIds=[token for event in events for token in event["metadata"]["revokedTokenPublicIds"]],
@@ -2514,19 +3176,19 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
     if args.all:
         return cmd_set_status_all(conn, args)
     new_status, allowed_from, action = TRANSITIONS[args.command]
-    with transaction(conn, args.lock_timeout):
-        access = check_identity(conn, args, lock=True, tokens=new_status == "revoked")
+    with begin(conn, args) as session:
+        access = access_of(conn, session, args, lock=True, tokens=new_status == "revoked")
         identity = access["identity"]
-        previous = identity["status"]
+        slug, workspace, previous = identity["slug"], access["workspace_public_id"], identity["status"]
         if previous == new_status:
             return mutation_result(
-                args, False, identity=identity_view(identity, args.workspace_public_id),
-                message=f"agent identity {args.slug} is already {new_status}; nothing to change",
+                args, False, identity=identity_view(identity, workspace),
+                message=f"agent identity {slug} is already {new_status}; nothing to change",
             )
         if previous not in allowed_from:
             raise AdminError(
                 EXIT_CONFLICT,
-                f"cannot {args.command} agent identity {args.slug}: it is {previous}"
+                f"cannot {args.command} agent identity {slug}: it is {previous}"
                 + (" and revocation is final" if previous == "revoked" else ""),
             )
         revoked_tokens = [t for t in access["tokens"] if t["revokedAt"] is None]
@@ -2539,7 +3201,7 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
         if args.dry_run:
             identity = dict(identity, status=new_status)  # its times come only with a real run
         else:
-            identity = write(conn, STATUS_SQL, {
+            identity = write(conn, session, STATUS_SQL, {
                 **audit,
                 "identity_id": identity["id"],
                 "identity_ids": [identity["id"]],
@@ -2549,7 +3211,7 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
     return mutation_result(
         args,
         True,
-        identity=identity_view(identity, args.workspace_public_id),
+        identity=identity_view(identity, workspace),
         previousStatus=previous,
         revokedTokenPublicIds=metadata["revokedTokenPublicIds"],
         auditEvent={"action": action, "metadata": audit["metadata"]},
@@ -2558,10 +3220,10 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
 
 def cmd_inspect(conn, args: argparse.Namespace) -> dict:
     """Show an identity, its tokens (never their hashes) and its latest events."""
-    with transaction(conn, args.lock_timeout, read_only=True):
-        access = check_identity(conn, args, tokens=True, detail=EVENTS_DETAIL, params={"events": args.events})
+    with begin(conn, args, read_only=True) as session:
+        access = access_of(conn, session, args, tokens=True, detail=EVENTS_DETAIL, params={"events": args.events})
     identity, now, tokens = access["identity"], access["now"], access["tokens"]
-    view = identity_view(identity, args.workspace_public_id)
+    view = identity_view(identity, access["workspace_public_id"])
     view["tokens"] = [token_view(t, now) for t in tokens]
     view["events"] = [
         {
@@ -2576,7 +3238,7 @@ def cmd_inspect(conn, args: argparse.Namespace) -> dict:
         for e in map(json_times, access["detail"])
     ]
     warnings = [
-        expiry_warning(t["publicId"], args.slug, t["expiresAt"], now)
+        expiry_warning(t["publicId"], identity["slug"], t["expiresAt"], now)
         for t in tokens if is_live(t, now) and expiring_soon(t["expiresAt"], now)
     ]
     return {"ok": True, "command": "inspect", "now": iso(now), "identity": view, "warnings": warnings}
@@ -2594,17 +3256,17 @@ def keyset_page(detail: dict, key: str, limit: int, missing_cursor: str) -> tupl
 
 def cmd_list(conn, args: argparse.Namespace) -> dict:
     """List a workspace's identities, newest first, a page at a time."""
-    with transaction(conn, args.lock_timeout, read_only=True):
-        access = check_identity(conn, args, detail=LIST_DETAIL, params={
+    with begin(conn, args, read_only=True) as session:
+        access = access_of(conn, session, args, detail=LIST_DETAIL, params={
             "status": args.status, "limit": args.limit + 1, "after": args.after, "within": EXPIRING_SOON,
         })
-    page = access["detail"]
+    page, workspace = access["detail"], access["workspace_public_id"]
     rows, next_cursor = keyset_page(page, "identities", args.limit,
-                                    f"no agent identity {args.after} in workspace {args.workspace_public_id}")
+                                    f"no agent identity {args.after} in workspace {workspace}")
     now = access["now"]
     identities = [
         dict(
-            identity_view(row, args.workspace_public_id),
+            identity_view(row, workspace),
             liveTokens=row["liveTokens"],
             nextExpiresAt=iso(row["nextExpiresAt"]),
             expiringSoon=expiring_soon(row["nextExpiresAt"], now),
@@ -2621,7 +3283,7 @@ def cmd_list(conn, args: argparse.Namespace) -> dict:
         for slug, expires in soonest.items()
     ]
     return {
-        "ok": True, "command": "list", "now": iso(now), "workspacePublicId": args.workspace_public_id,
+        "ok": True, "command": "list", "now": iso(now), "workspacePublicId": workspace,
         "identities": identities, "nextCursor": next_cursor, "warnings": warnings,
     }
 
@@ -2630,9 +3292,10 @@ def cmd_workspaces(conn, args: argparse.Namespace) -> dict:
     """The workspaces the actor may manage, by the access check's rule, with what each holds."""
     from psycopg.rows import dict_row
 
-    with transaction(conn, args.lock_timeout, read_only=True):
+    with begin(conn, args, read_only=True) as session:
         rows = conn.cursor(row_factory=dict_row).execute(
-            WORKSPACES_SQL, {"email": args.actor_email, "permission": MANAGE_PERMISSION}).fetchall()
+            compose(WORKSPACES_SQL, session.schema),
+            {"email": args.actor_email, "permission": MANAGE_PERMISSION}).fetchall()
     return {"ok": True, "command": "workspaces", "actorEmail": args.actor_email, "workspaces": [
         {"publicId": row["publicId"], "slug": row["slug"], "name": row["name"],
          "identities": {status: row[status] for status in STATUSES},
@@ -2644,12 +3307,12 @@ def cmd_workspaces(conn, args: argparse.Namespace) -> dict:
 def cmd_expiring(conn, args: argparse.Namespace) -> dict:
     """Live tokens expiring within --within, in every workspace the actor manages (or one)."""
     params = {"email": args.actor_email, "permission": MANAGE_PERMISSION, "within": args.within.delta}
-    with transaction(conn, args.lock_timeout, read_only=True):
-        if args.workspace_public_id:
-            access = check_identity(conn, args, detail=EXPIRING_TOKENS, params=params)
+    with begin(conn, args, read_only=True) as session:
+        if Ref.of(args).workspace:
+            access = access_of(conn, session, args, detail=EXPIRING_TOKENS, params=params)
             found, now = access["detail"], access["now"]
         else:
-            found, now = conn.execute(EXPIRING_SQL + ", timezone('utc', now())", params).fetchone()
+            found, now = conn.execute(compose(EXPIRING_SQL, session.schema), params).fetchone()
     tokens = [json_times(token) for token in found]
     return {"ok": True, "command": "expiring", "now": iso(now), "within": args.within.text, "tokens": [
         {"workspacePublicId": t["workspacePublicId"], "workspaceSlug": t["workspaceSlug"], "slug": t["slug"],
@@ -2677,26 +3340,24 @@ def event_view(event: dict, workspace_public_id: str) -> dict:
     }
 
 
-def audit_page(conn, args: argparse.Namespace, after: str | None) -> dict:
+def audit_page(conn, args: argparse.Namespace, after: str | None, limit: int) -> dict:
     """One page of audit's events, newest first, after the event named by after, in a
-    read-only transaction of its own: the access check and the page in one query."""
+    read-only transaction of its own: the access check and the page in one query. A
+    --token names the workspace when none is given, and stays a filter on that token."""
     moments = {f"{bound}_{part}": getattr(getattr(args, bound), part, None)
                for bound in ("since", "until") for part in ("ago", "at")}
-    params = dict(moments, after=after, limit=args.limit + 1, token_filter=args.token, actor=args.actor,
+    params = dict(moments, after=after, limit=limit + 1, token_filter=args.token, actor=args.actor,
                   actions=args.action)
-    # check_identity names the workspace, and the identity a --token belongs to, in what it
-    # is given: only the workspace carries over (a --token stays a filter on that token).
-    named = argparse.Namespace(**vars(args))
-    with transaction(conn, args.lock_timeout, read_only=True):
-        access = check_identity(conn, named, detail=AUDIT_DETAIL, params=params)
-    args.workspace_public_id = named.workspace_public_id
-    events, next_cursor = keyset_page(access["detail"], "events", args.limit,
-                                      f"no audit event {after} in workspace {args.workspace_public_id}")
-    return {"now": access["now"], "events": [event_view(event, args.workspace_public_id) for event in events],
-            "nextCursor": next_cursor}
+    with begin(conn, args, read_only=True) as session:
+        access = access_of(conn, session, args, detail=AUDIT_DETAIL, params=params)
+    workspace = access["workspace_public_id"]
+    events, next_cursor = keyset_page(access["detail"], "events", limit,
+                                      f"no audit event {after} in workspace {workspace}")
+    return {"now": access["now"], "workspacePublicId": workspace,
+            "events": [event_view(event, workspace) for event in events], "nextCursor": next_cursor}
 
 
-def later_pages(conn, args: argparse.Namespace, cursor: str | None):
+def later_pages(conn, args: argparse.Namespace, cursor: str | None, limit: int):
     """audit --all: the pages after the first, each in a transaction of its own (so a slow
     reader holds no snapshot, lock or idle transaction open), until the last; then it
     closes the connection, which it owns from the first page on."""
@@ -2704,11 +3365,11 @@ def later_pages(conn, args: argparse.Namespace, cursor: str | None):
 
     try:
         while cursor:
-            page = audit_page(conn, args, cursor)
+            page = audit_page(conn, args, cursor, limit)
             yield page["events"]
             cursor = page["nextCursor"]
     except AccessDenied as denied:  # the actor lost workspace:manage mid-way
-        record_denial(conn, args, denied)
+        record_denial(conn, args, denied, pinned_schema(args))
         raise
     except psycopg.Error as exc:
         raise database_error(exc, args.lock_timeout, target_of(conn)) from exc
@@ -2723,38 +3384,36 @@ def cmd_audit(conn, args: argparse.Namespace) -> dict:
         return cmd_audit_head(conn, args)
     if args.mode == "verify":
         return cmd_audit_verify(conn, args)
-    if args.limit is None:
-        args.limit = LIST_LIMIT_MAX if args.all else LIST_LIMIT_DEFAULT
-    page = audit_page(conn, args, args.after)
-    result = {"ok": True, "command": "audit", "now": iso(page["now"]), "workspacePublicId": args.workspace_public_id,
+    limit = args.limit or (LIST_LIMIT_MAX if args.all else LIST_LIMIT_DEFAULT)
+    page = audit_page(conn, args, args.after, limit)
+    result = {"ok": True, "command": "audit", "now": iso(page["now"]), "workspacePublicId": page["workspacePublicId"],
               "events": page["events"], "nextCursor": page["nextCursor"]}
     if args.all:
         result["nextCursor"] = None
         if page["nextCursor"]:
-            result["later"] = later_pages(conn, args, page["nextCursor"])  # run() leaves conn to it
+            result["later"] = later_pages(conn, args, page["nextCursor"], limit)  # run() leaves conn to it
     return result
 
 
-def chain_workspaces(conn, args: argparse.Namespace) -> list[dict]:
+def chain_workspaces(conn, session: Session, args: argparse.Namespace) -> list[dict]:
     """What audit head and audit verify look at: the workspace given (after the access
     check), or every one the actor manages; each with its public id, slug and chain head."""
     from psycopg.rows import dict_row
 
-    if args.workspace_public_id:
-        detail = ("""jsonb_build_object('slug', (SELECT w.slug FROM workspace w WHERE w."id" = ws."id"), 'head', """
-                  + CHAIN_HEAD.replace("{workspace}", 'ws."id"') + ")")
-        access = check_identity(conn, args, detail=detail)
+    if Ref.of(args).workspace:
+        access = access_of(conn, session, args, detail=ONE_HEAD_DETAIL)
         return [{"id": access["workspace_id"], "publicId": access["workspace_public_id"],
                  "slug": access["detail"]["slug"], "head": access["detail"]["head"]}]
     return conn.cursor(row_factory=dict_row).execute(
-        MANAGED_HEADS_SQL, {"email": args.actor_email, "permission": MANAGE_PERMISSION}).fetchall()
+        compose(MANAGED_HEADS_SQL, session.schema),
+        {"email": args.actor_email, "permission": MANAGE_PERMISSION}).fetchall()
 
 
 def cmd_audit_head(conn, args: argparse.Namespace) -> dict:
     """The head of each audit chain (SEQUENCE:HASH), to pin somewhere the database's
     writers cannot reach; audit verify --expect-head checks the chain still extends it."""
-    with transaction(conn, args.lock_timeout, read_only=True):
-        workspaces = chain_workspaces(conn, args)
+    with begin(conn, args, read_only=True) as session:
+        workspaces = chain_workspaces(conn, session, args)
     heads = []
     for workspace in workspaces:
         head = json_times(workspace["head"])
@@ -2771,10 +3430,9 @@ def cmd_audit_verify(conn, args: argparse.Namespace) -> dict:
     """Recompute every event's hash from the rows alone, in chain order, streamed, and say
     per workspace whether the chain is intact, its head, and the first break."""
     reports = []
-    with transaction(conn, args.lock_timeout, read_only=True):
-        for workspace in chain_workspaces(conn, args):
-            with contextlib.closing(chain_events(conn, workspace["id"])) as events:
-                report = check_chain(events, args.expect_head)
+    with begin(conn, args, read_only=True) as session:
+        for workspace in chain_workspaces(conn, session, args):
+            report = verify_workspace(conn, session.schema, workspace["id"], args.expect_head)
             reports.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], **report})
     return {"ok": True, "command": "audit verify", "intact": all(r["intact"] for r in reports),
             "expectHead": args.expect_head and str(args.expect_head), "workspaces": reports}
@@ -2827,19 +3485,20 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
     but the access.denied event of a refused actor."""
     from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
+    ref = Ref.of(args)
     try:
-        with transaction(conn, args.lock_timeout, read_only=True):
-            access = check_identity(conn, args, detail=VERIFY_DETAIL,
-                                    params={"token_public_id": args.token_public_id}, allow_deleted=True)
+        with begin(conn, args, read_only=True) as session:
+            access = access_of(conn, session, args, ref, detail=VERIFY_DETAIL,
+                               params={"token_public_id": args.token_public_id}, allow_deleted=True)
     except AdminError as refused:
-        if args.workspace_public_id or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
+        if ref.workspace or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
             raise  # the operator named the workspace: say what is wrong with it
         if isinstance(refused, AccessDenied):
             # A token of a workspace the actor may not manage gets the answer an unknown
             # id gets, so verify tells nobody whether a token exists; the audit event
             # in the token's workspace records the probe.
             refused.token_public_id = args.token_public_id
-            record_denial(conn, args, refused)
+            record_denial(conn, args, refused, pinned_schema(args))
         return verify_result("unknown_token")
     row = access["detail"]
     if row is None:
@@ -2863,20 +3522,65 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
     return verify_result(reason, row)
 
 
-# Kan's tables and the agent tables as every query finds them: through the
-# search_path, as Kan's own unqualified queries do; with their schema and columns.
+# doctor's questions of the catalog. Each takes the schema that holds Kan's tables as a
+# parameter and names the catalog's own objects, under the safe search_path.
+
+# The columns of Kan's tables and of the agent tables, in that schema.
 DOCTOR_COLUMNS_SQL = """
-SELECT t.name AS table, n.nspname AS schema, a.attname AS column, format_type(a.atttypid, a.atttypmod) AS type
-FROM unnest(%(tables)s::text[]) AS t(name)
-JOIN pg_class c ON c."oid" = to_regclass(quote_ident(t.name))
-JOIN pg_namespace n ON n."oid" = c.relnamespace
-JOIN pg_attribute a ON a.attrelid = c."oid" AND a.attnum > 0 AND NOT a.attisdropped
+SELECT c.relname::text AS table, a.attname::text AS column,
+       CASE WHEN t.typtype = 'e' THEN t.typname::text ELSE format_type(a.atttypid, a.atttypmod) END AS type
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_type t ON t.oid = a.atttypid
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p')
 """
 
-# Whether this role reads a table's rows (found through the search_path): the
-# SELECT privilege, and past row level security (owner, superuser, BYPASSRLS,
-# or a policy that admits it). doctor asks it of every table; a command asks it
-# of a table whose row it needed and did not find (rls_hint).
+# Where else on the session's search_path tables of these names are (the agent tables
+# of an old `schema`, applied beside the wrong schema), first found first.
+ELSEWHERE_SQL = """
+SELECT c.relname::text AS table, n.nspname::text AS schema
+FROM unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position)
+JOIN pg_namespace n ON n.nspname = p.name
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p')
+WHERE n.nspname <> %(schema)s
+ORDER BY p.position
+"""
+
+# Relations named like Kan's or the agent tables that an unqualified name (Kan's own
+# queries) would find before the real ones: any temporary one, in any session (a
+# pooler hands a session's temporary tables to the next client), and any in a schema
+# the search_path puts before the tables' own.
+LOOKALIKES_SQL = """
+SELECT c.relname::text AS table, n.nspname::text AS schema, c.relpersistence = 't' AS temporary
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position) ON p.name = n.nspname
+WHERE c.relname = ANY(%(tables)s) AND n.nspname <> %(schema)s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND (c.relpersistence = 't'
+       OR p.position < (SELECT q.position FROM unnest(%(path)s::text[]) WITH ORDINALITY AS q(name, position)
+                        WHERE q.name = %(schema)s))
+ORDER BY 1, 2
+"""
+
+# What would let a role plant one: this role's right to create temporary tables, and
+# the schemas up to the tables' own in which PUBLIC may create.
+CREATE_RIGHTS_SQL = """
+SELECT has_database_privilege(current_database(), 'TEMPORARY') AS temporary, current_database() AS database,
+       ARRAY(SELECT n.nspname::text
+             FROM pg_namespace n
+             LEFT JOIN unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position) ON p.name = n.nspname
+             WHERE (n.nspname = %(schema)s
+                    OR p.position < (SELECT q.position FROM unnest(%(path)s::text[]) WITH ORDINALITY AS q(name, position)
+                                     WHERE q.name = %(schema)s))
+               AND EXISTS (SELECT FROM aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) AS a
+                           WHERE a.grantee = 0 AND a.privilege_type = 'CREATE')
+             ORDER BY p.position) AS public_create
+"""
+
+# Whether this role reads a table's rows: the SELECT privilege, and past row level
+# security (owner, superuser, BYPASSRLS, or a policy that admits it). doctor asks it of
+# every table; a command asks it of a table whose row it needed and did not find (rls_hint).
 READABLE_SQL = """
 SELECT t.name AS table, current_user AS role,
        has_any_column_privilege(c."oid", 'SELECT') AS can_select,
@@ -2888,17 +3592,33 @@ SELECT t.name AS table, current_user AS role,
                       AND (p.polroles = '{0}' OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS role
                                                           WHERE pg_has_role(role, 'MEMBER')))) AS past_rls
 FROM unnest(%(tables)s::text[]) AS t(name)
-JOIN pg_class c ON c."oid" = to_regclass(quote_ident(t.name))
+JOIN pg_namespace n ON n.nspname = %(schema)s
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.name
 JOIN pg_roles r ON r.rolname = current_user
+"""
+
+# What the tool writes, and whether this role may: insert into the agent tables, update
+# the columns that end things, and take a workspace's turn.
+WRITABLE_SQL = """
+SELECT ARRAY(SELECT what FROM (VALUES
+    ('INSERT on agent_identity', has_table_privilege(format('%%I.agent_identity', %(schema)s::text), 'INSERT')),
+    ('INSERT on agent_token', has_table_privilege(format('%%I.agent_token', %(schema)s::text), 'INSERT')),
+    ('INSERT on agent_audit_event', has_table_privilege(format('%%I.agent_audit_event', %(schema)s::text), 'INSERT')),
+    ('UPDATE of agent_identity.status',
+     has_column_privilege(format('%%I.agent_identity', %(schema)s::text), 'status', 'UPDATE')),
+    ('UPDATE of agent_token."revokedAt"',
+     has_column_privilege(format('%%I.agent_token', %(schema)s::text), 'revokedAt', 'UPDATE')),
+    ('EXECUTE on agent_lock_workspace(bigint)',
+     has_function_privilege(format('%%I.agent_lock_workspace(bigint)', %(schema)s::text), 'EXECUTE'))
+    ) AS wanted(what, granted) WHERE NOT granted)
 """
 
 # Live tokens whose hash was made with other argon2 parameters (an earlier
 # version's, 50-100 times slower to check): they verify, and rotating re-hashes.
 OLD_HASHES_SQL = """
 SELECT count(*)
-FROM agent_token
-WHERE "revokedAt" IS NULL AND ("expiresAt" IS NULL OR "expiresAt" > timezone('utc', now()))
-  AND left("tokenHash", length(%(prefix)s)) <> %(prefix)s
+FROM {s}.agent_token t
+WHERE """ + LIVE.replace("{t}", "t") + """ AND left(t."tokenHash", length(%(prefix)s)) <> %(prefix)s
 """
 
 # What the server says each of the tool's limits is, inside one of its transactions.
@@ -2906,49 +3626,295 @@ LIMITS_SQL = """
 SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)
 """
 
-# The triggers schema adds, and whether each fires in this session: disabled
-# ('D'), or enabled only for origin sessions ('O') while this role's sessions
-# run as replicas (session_replication_role), they do not.
-SCHEMA_TRIGGERS = {
-    "agent_token": ("agent_token_only_ends",),
-    "agent_identity": ("agent_identity_revocation_is_final",),
-    "agent_audit_event": ("agent_audit_event_chain", "agent_audit_event_append_only", "agent_audit_event_no_truncate"),
-}
+# The safeguards as they are: the functions named like schema's, the triggers, rules and
+# policies on the agent tables, and whether row level security is on for each.
+FUNCTIONS_SQL = """
+SELECT p.proname::text AS name, p.prosrc AS body, l.lanname::text AS language, p.provolatile::text AS volatility,
+       p.prosecdef AS definer, coalesce(p.proconfig, '{}') AS config,
+       EXISTS (SELECT FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
+               WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') AS public_execute
+FROM pg_proc p
+JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE n.nspname = %(schema)s AND p.proname = ANY(%(names)s)
+"""
 TRIGGERS_SQL = """
-SELECT wanted.name, t.tgenabled::text AS enabled, current_setting('session_replication_role') AS role_mode
-FROM unnest(%(tables)s::text[], %(names)s::text[]) AS wanted(tab, name)
-LEFT JOIN pg_trigger t ON t.tgrelid = to_regclass(quote_ident(wanted.tab)) AND t.tgname = wanted.name
+SELECT c.relname::text AS table, t.tgname::text AS name, t.tgenabled::text AS enabled, t.tgtype::int AS type,
+       fn.nspname::text AS function_schema, f.proname::text AS function, t.tgconstraint <> 0 AS deferrable,
+       t.tginitdeferred AS deferred, t.tgqual IS NOT NULL AS conditional, t.tgnargs AS arguments,
+       ARRAY(SELECT a.attname::text FROM unnest(t.tgattr::int2[]) AS k(number)
+             JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = k.number ORDER BY 1) AS columns,
+       current_setting('session_replication_role') AS replication_role
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_proc f ON f.oid = t.tgfoid
+JOIN pg_namespace fn ON fn.oid = f.pronamespace
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s) AND NOT t.tgisinternal
+"""
+RULES_SQL = """
+SELECT tablename::text AS table, rulename::text AS name FROM pg_rules
+WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
+"""
+POLICIES_SQL = """
+SELECT tablename::text AS table, policyname::text AS name, permissive, cmd, qual, with_check
+FROM pg_policies
+WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
+"""
+SECURED_SQL = """
+SELECT c.relname::text AS table, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s)
+"""
+# The policies docs/security.md's role SQL creates on the agent tables, by what they
+# admit (their role names are the deployment's own): (table, command, USING, WITH CHECK).
+EXPECTED_POLICIES = {
+    *((table, command, "true", None) for table in ("agent_identity", "agent_token", "agent_audit_event")
+      for command in ("SELECT",)),
+    *((table, "INSERT", None, "true") for table in ("agent_identity", "agent_token", "agent_audit_event")),
+    *((table, "UPDATE", "true", "true") for table in ("agent_identity", "agent_token")),
+    ("agent_token_use", "SELECT", "true", None),
+}
+
+# Times the tool cannot stand behind: infinite, or outside the years 1 to 9999 (which
+# no version of the tool writes, and the database now refuses), and a token that
+# expires before it was made.
+BAD_TIMES = [(table, column) for table, columns in (
+    ("agent_identity", ("createdAt", "updatedAt", "pausedAt", "revokedAt")),
+    ("agent_token", ("createdAt", "expiresAt", "lastUsedAt", "revokedAt")),
+    ("agent_audit_event", ("createdAt",)), ("agent_token_use", ("lastUsedAt",))) for column in columns]
+BAD_TIMES_SQL = " UNION ALL ".join(
+    f"""SELECT '{table}."{column}"' AS what, count(*) FROM {{s}}.{table} WHERE NOT {{s}}.agent_time_ok("{column}")"""
+    for table, column in BAD_TIMES) + """
+UNION ALL SELECT 'agent_token."expiresAt" before "createdAt"', count(*) FROM {s}.agent_token
+          WHERE "expiresAt" <= "createdAt"
 """
 
 
-def chain_health(conn) -> list[dict]:
-    """Every workspace's audit chain, whoever manages it, verified: intact, broken, or
-    not yet chained (events from before the chain, which applying schema chains)."""
+class Checks(list):
+    """doctor's checks as they are made: each a name, whether it passed, what was found,
+    and, for a failure or a warning (which passes), the fix."""
+
+    def add(self, name: str, ok: bool, detail: str, fix: str | None = None, *, warning: bool = False) -> bool:
+        # A detail may quote what the operator gave, like an error does: scrubbed the same way.
+        self.append({"name": name, "ok": ok, "warning": ok and warning, "detail": scrub_tokens(detail),
+                     "fix": fix if not ok or warning else None})
+        return ok
+
+
+def doctor_connection(conn, session: Session, checks: Checks, found: dict) -> None:
+    version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
+    checks.add("connection", True, f"PostgreSQL {version}, {describe_target(target_of(conn))}")
+
+
+def doctor_limits(conn, session: Session, checks: Checks, found: dict) -> None:
+    limits = session_limits(found["lock_timeout"])
+    shown = dict(conn.execute(LIMITS_SQL, {"names": list(limits)}).fetchall())
+    wrong = [f"{name} is {shown.get(name)}" for name, value in limits.items()
+             if shown.get(name) != value.removesuffix("ms")]
+    checks.add("session limits", not wrong,
+               "; ".join(wrong) if wrong else "lock, statement and idle timeouts and UTC hold in each transaction",
+               "something between the tool and the server drops SET LOCAL: connect to PostgreSQL directly")
+
+
+def doctor_kan_tables(conn, session: Session, checks: Checks, found: dict) -> None:
+    from psycopg.rows import dict_row
+
+    columns = found["columns"] = {}
+    if session.schema:
+        for row in conn.cursor(row_factory=dict_row).execute(DOCTOR_COLUMNS_SQL, {
+                "schema": session.schema, "tables": [*KAN_TABLES, *EXPECTED_COLUMNS]}):
+            columns.setdefault(row["table"], {})[row["column"]] = row["type"]
+    missing = [t for t in KAN_TABLES if t not in columns]
+    found["kan"] = checks.add(
+        "Kan tables", not missing,
+        f"missing: {', '.join(missing)} (looked in schema {session.schema or 'none'}; the search_path is "
+        f"{', '.join(session.path)})" if missing else f"{len(KAN_TABLES)} present, in schema {session.schema}",
+        "connect to Kan's database (is this the right one?), or give the role the search_path Kan uses "
+        "(ALTER ROLE ... SET search_path, or options=-c search_path=... in a direct URL), or --db-schema")
+
+
+def doctor_names(conn, session: Session, checks: Checks, found: dict) -> None:
+    """Nothing stands in for Kan's or the agent tables where an unqualified name (Kan's
+    own queries) would look first; and whether anything could be planted."""
+    from psycopg.rows import dict_row
+
+    params = {"schema": session.schema, "path": session.path, "tables": [*KAN_TABLES, *AGENT_TABLES]}
+    cursor = conn.cursor(row_factory=dict_row)
+    planted = [f"{'a temporary ' + row['table'] + ' (' + row['schema'] + ')' if row['temporary'] else row['schema'] + '.' + row['table']}"
+               for row in cursor.execute(LOOKALIKES_SQL, params)]
+    rights = cursor.execute(CREATE_RIGHTS_SQL, params).fetchone()
+    could = ([f"role {target_of(conn)['role']} may create temporary tables"] if rights["temporary"] else []) + \
+        [f"PUBLIC may create in schema {schema}" for schema in rights["public_create"]]
+    fixes = ([f"REVOKE TEMPORARY ON DATABASE {quote_identifier(rights['database'])} FROM PUBLIC (a pooled "
+              "connection keeps a session's temporary tables for its next client)"] if rights["temporary"] else []) + \
+        [f"REVOKE CREATE ON SCHEMA {quote_identifier(schema)} FROM PUBLIC" for schema in rights["public_create"]]
+    if planted:
+        checks.add("names", False, f"found ahead of schema {session.schema}'s own tables: {', '.join(planted)}; Kan's "
+                                   "unqualified queries would read those",
+                   "drop them, and find who made them (a temporary table lives as long as its session: end it, "
+                   "or DISCARD TEMP on a pooler's server connections); " + "; ".join(fixes or ["then run doctor again"]))
+    else:
+        checks.add("names", True, f"Kan's and the agent tables resolve to schema {session.schema}, nothing shadows "
+                                  "them" + (f"; but {' and '.join(could)}" if could else ""),
+                   "; ".join(fixes), warning=bool(could))
+
+
+def doctor_agent_tables(conn, session: Session, checks: Checks, found: dict) -> None:
+    from psycopg.rows import dict_row
+
+    columns, drift = found["columns"], []
+    for table, wanted in EXPECTED_COLUMNS.items():
+        if table not in columns:
+            drift.append(f"{table} is missing")
+            continue
+        for column, expected in wanted.items():
+            actual = columns[table].get(column)
+            if actual != expected:
+                drift.append(f'{table}."{column}" is {actual or "missing"}, expected {expected}')
+    elsewhere = {}
+    for row in conn.cursor(row_factory=dict_row).execute(ELSEWHERE_SQL, {
+            "schema": session.schema, "path": session.path, "tables": list(EXPECTED_COLUMNS)}):
+        elsewhere.setdefault(row["table"], row["schema"])
+    apart = [f"{table} is in schema {elsewhere[table]}" for table in sorted(elsewhere) if table not in columns]
+    if apart:
+        drift = [f"Kan's workspace is in schema {session.schema}, but " + ", ".join(apart)]
+    found["agent"] = checks.add(
+        "agent tables", not drift,
+        "; ".join(drift) if drift else f"{len(EXPECTED_COLUMNS)} present, in schema {session.schema}, every column "
+                                       "as expected",
+        f"apply `agent-identity schema --db-schema {session.schema or 'SCHEMA'}` as the owner of Kan's tables "
+        "(a migration if a column differs)")
+
+
+def doctor_token_hashes(conn, session: Session, checks: Checks, found: dict) -> None:
+    old = conn.execute(compose(OLD_HASHES_SQL, session.schema), {"prefix": ARGON2_PHC_PREFIX}).fetchone()[0]
+    checks.add("token hashes", True,
+               f"{old} live token{'' if old == 1 else 's'} still carr{'ies' if old == 1 else 'y'} older, slower "
+               "argon2 parameters: they verify; rotate them to re-hash (agent-identity rotate)"
+               if old else f"every live token is hashed with argon2id m={ARGON2_MEMORY_KIB} KiB, "
+                           f"t={ARGON2_TIME_COST}, p={ARGON2_PARALLELISM}")
+
+
+def trigger_type(trigger: SchemaTrigger) -> int:
+    """pg_trigger.tgtype of a trigger as schema makes it."""
+    bits = {"INSERT": 4, "DELETE": 8, "UPDATE": 16, "TRUNCATE": 32}
+    level = 0 if trigger.events == "TRUNCATE" else 1
+    return level | (2 if trigger.timing == "BEFORE" else 0) | sum(bits[e] for e in trigger.events.split(" OR "))
+
+
+def safeguard_faults(conn, schema: str) -> tuple[list[str], dict]:
+    """Each function, trigger, rule and policy of the agent tables that is not as schema
+    makes it (missing, disabled, different, extra), and what was counted."""
+    from psycopg.rows import dict_row
+
+    cursor = conn.cursor(row_factory=dict_row)
+    params = {"schema": schema, "tables": list(AGENT_TABLES), "names": [f.name for f in SCHEMA_FUNCTIONS]}
+    faults = []
+    functions: dict[str, list[dict]] = {}
+    for row in cursor.execute(FUNCTIONS_SQL, params):
+        functions.setdefault(row["name"], []).append(row)
+    for wanted in SCHEMA_FUNCTIONS:
+        rows = functions.get(wanted.name, [])
+        if not rows:
+            faults.append(f"function {wanted.name} is missing")
+            continue
+        if len(rows) > 1:
+            faults.append(f"function {wanted.name} has {len(rows) - 1} extra overload(s)")
+        row = rows[0]
+        expected = {
+            "body": wanted.body.format(schema=quote_identifier(schema)), "language": wanted.language,
+            "volatility": wanted.volatility[0].lower(), "definer": wanted.definer,
+            "config": [] if wanted.inlined else [f"search_path={SAFE_SEARCH_PATH}"], "public_execute": not wanted.private,
+        }
+        different = [key for key, value in expected.items() if row[key] != value]
+        if different:
+            faults.append(f"function {wanted.name} differs ({', '.join(different)})")
+    triggers = {(row["table"], row["name"]): row for row in cursor.execute(TRIGGERS_SQL, params)}
+    for wanted in SCHEMA_TRIGGERS:
+        row = triggers.pop((wanted.table, wanted.name), None)
+        if row is None:
+            faults.append(f"trigger {wanted.name} is missing")
+            continue
+        replica = row["replication_role"] == "replica"
+        if row["enabled"] == "D" or (row["enabled"] == "O" and replica) or (row["enabled"] == "R" and not replica):
+            faults.append(f"trigger {wanted.name} does not fire here"
+                          + (" (this role's session_replication_role is replica)" if replica else " (disabled)"))
+        expected = {"function_schema": schema, "function": wanted.function, "type": trigger_type(wanted),
+                    "deferrable": wanted.deferred, "deferred": wanted.deferred, "conditional": False,
+                    "arguments": 0, "columns": sorted(wanted.columns)}
+        different = [key for key, value in expected.items() if row[key] != value]
+        if different:
+            faults.append(f"trigger {wanted.name} differs ({', '.join(different)})")
+    faults += [f"trigger {name} on {table} is extra" for table, name in sorted(triggers)]
+    faults += [f"rule {row['name']} on {row['table']} is extra" for row in cursor.execute(RULES_SQL, params)]
+    policies = cursor.execute(POLICIES_SQL, params).fetchall()
+    faults += [f"policy {row['name']} on {row['table']} is extra" for row in policies
+               if row["permissive"] != "PERMISSIVE"
+               or (row["table"], row["cmd"], row["qual"], row["with_check"]) not in EXPECTED_POLICIES]
+    for row in cursor.execute(SECURED_SQL, params):
+        if not row["enabled"] or row["forced"]:
+            faults.append(f"row level security on {row['table']} is {'forced' if row['forced'] else 'off'}")
+    return faults, {"functions": len(SCHEMA_FUNCTIONS), "triggers": len(SCHEMA_TRIGGERS), "policies": len(policies)}
+
+
+def doctor_safeguards(conn, session: Session, checks: Checks, found: dict) -> None:
+    """The functions, triggers, rules and policies of the agent tables are exactly those
+    schema makes (and its role SQL's policies): the owner of the tables could switch or
+    rewrite one, and this is where that shows."""
+    faults, counted = safeguard_faults(conn, session.schema)
+    found["safeguards"] = checks.add(
+        "safeguards", not faults,
+        "; ".join(faults) if faults else
+        f"{counted['functions']} functions and {counted['triggers']} triggers as schema {__version__} makes them, "
+        f"{counted['policies']} policies as docs/security.md's, no rules: revocation is final, every change is "
+        "audited, the audit log is append-only and chained",
+        f"re-apply `agent-identity schema --db-schema {session.schema}` as the tables' owner (it makes every "
+        "function and trigger again), drop what it does not make (DROP TRIGGER/RULE/POLICY ...), ALTER ROLE ... "
+        "RESET session_replication_role; then find out who changed them: only the owner (or a superuser) can "
+        "(docs/security.md)")
+
+
+def doctor_times(conn, session: Session, checks: Checks, found: dict) -> None:
+    bad = [f"{count} {what}" for what, count in conn.execute(compose(BAD_TIMES_SQL, session.schema)) if count]
+    checks.add("times", not bad,
+               f"not a time the tool stands behind: {'; '.join(bad)}" if bad else
+               "every time is finite and within years 1 to 9999, and every token expires after it was made",
+               "written before the database refused them (schema 0.4.0): as the owner, UPDATE agent_token SET "
+               '"lastUsedAt" = NULL where it is one; revoke a token whose expiry is one (agent-identity revoke '
+               "--token ID); treat an event's as tampering (audit verify)")
+
+
+def chain_health(conn, session: Session) -> list[dict]:
+    """Every workspace's audit chain, whoever manages it, verified and held to its tables:
+    intact, broken, or not yet chained (events from before the chain, which applying
+    schema chains)."""
     from psycopg.rows import dict_row
 
     health = []
-    for workspace in conn.cursor(row_factory=dict_row).execute(AUDITED_WORKSPACES_SQL).fetchall():
-        with contextlib.closing(chain_events(conn, workspace["id"])) as events:
-            report = check_chain(events)
-        fault = report["break"]
-        state = ("intact" if report["intact"]
-                 else "not_chained" if fault["kind"] == "unchained" and not report["events"] else "broken")
+    for workspace in conn.cursor(row_factory=dict_row).execute(compose(AUDITED_WORKSPACES_SQL, session.schema)):
+        report = verify_workspace(conn, session.schema, workspace["id"])
+        waiting = not report["events"] and all(b["kind"] == "unchained" for b in report["breaks"])
+        state = "intact" if report["intact"] else "not_chained" if waiting else "broken"
         health.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], "state": state,
                        **report})
     return health
 
 
-def check_chains(chains: list[dict], check) -> None:
-    """doctor's line about the audit chains."""
+def doctor_chains(conn, session: Session, checks: Checks, found: dict) -> None:
+    chains = found["chains"]
+    chains.extend(chain_health(conn, session))
+
     def name(chain: dict) -> str:
         return f"{chain['slug'] or chain['workspacePublicId']} ({chain['workspacePublicId']})"
 
     intact = [c for c in chains if c["state"] == "intact"]
     broken = [c for c in chains if c["state"] == "broken"]
     waiting = [c for c in chains if c["state"] == "not_chained"]
-    said = [f"{len(intact)} of {len(chains)} workspaces intact ({sum(c['events'] for c in intact)} events)"]
-    said += [f"broken: {name(c)} at {c['break']['sequence'] or 'an unchained event'} ({c['break']['kind']})"
-             for c in broken]
+    said = [f"{len(intact)} of {len(chains)} workspaces intact and as their tables say "
+            f"({sum(c['events'] for c in intact)} events)"]
+    said += [f"broken: {name(c)} at {c['break']['sequence'] or 'an unchained event'} ({c['break']['kind']}"
+             + (f", and {len(c['breaks']) - 1} more" if len(c["breaks"]) > 1 else "") + ")" for c in broken]
     if waiting:
         said.append(f"not yet chained: {', '.join(map(name, waiting))}")
     fixes = []
@@ -2957,120 +3923,88 @@ def check_chains(chains: list[dict], check) -> None:
     if broken:
         fixes.append("run `agent-identity audit verify --workspace W` for each broken one and treat its log as "
                      "tampered with from that event on (docs/runbook.md)")
-    check("audit chains", not (broken or waiting), "; ".join(said), "; ".join(fixes))
+    checks.add("audit chains", not (broken or waiting), "; ".join(said), "; ".join(fixes))
+
+
+def doctor_access(conn, session: Session, checks: Checks, found: dict) -> None:
+    from psycopg.rows import dict_row
+
+    present = [t for t in (*KAN_TABLES, *EXPECTED_COLUMNS) if t in found["columns"] and t not in TURN_TABLES]
+    blind = [row["table"] for row in conn.cursor(row_factory=dict_row).execute(
+        READABLE_SQL, {"tables": present, "schema": session.schema}) if not (row["can_select"] and row["past_rls"])]
+    found["blind"] = blind
+    if present:
+        checks.add("row level security", not blind,
+                   f"this role cannot read rows of: {', '.join(blind)}" if blind
+                   else f"this role reads all {len(present)} tables",
+                   "connect as the tables' owner, or create the role of docs/security.md")
+    if found["agent"]:
+        [lacking] = conn.execute(WRITABLE_SQL, {"schema": session.schema}).fetchone()
+        checks.add("privileges", not lacking,
+                   f"this role lacks {', '.join(lacking)}" if lacking
+                   else "this role may write what the tool writes, and take a workspace's turn",
+                   "give it the grants of docs/security.md's role SQL (as the tables' owner)")
+
+
+def doctor_actor(conn, session: Session, checks: Checks, found: dict) -> None:
+    args = found["args"]
+    ref = Ref.of(args)
+    if not ref.workspace:
+        return
+    try:
+        email = actor_email(args)  # validated as every command validates it
+        if found["kan"] and not found["blind"]:
+            check_access(conn, session, ref, email)
+            checks.add("actor", True, f"{email} manages workspace {ref.workspace}")
+    except AdminError as exc:
+        checks.add("actor", False, exc.message,
+                   "give --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL" if exc.exit_code == EXIT_USAGE
+                   else "an admin of the workspace can grant workspace:manage in Kan")
+
+
+# doctor's checks in the order they run, each with what it needs to have passed first.
+DOCTOR_CHECKS = (
+    (doctor_connection, ()),
+    (doctor_limits, ()),
+    (doctor_kan_tables, ()),
+    (doctor_names, ("kan",)),
+    (doctor_agent_tables, ("kan",)),
+    (doctor_token_hashes, ("agent",)),
+    (doctor_safeguards, ("agent",)),
+    (doctor_times, ("agent", "safeguards")),
+    (doctor_chains, ("agent",)),
+    (doctor_access, ("kan",)),
+    (doctor_actor, ("kan",)),
+)
 
 
 def cmd_doctor(args: argparse.Namespace) -> dict:
     """Check what the tool needs, one line each, with how to fix what fails."""
-    checks: list[dict] = []
+    import psycopg
 
-    def check(name: str, ok: bool, detail: str, fix: str | None = None) -> bool:
-        # A detail may quote what the operator gave, like an error does: scrubbed the same way.
-        checks.append({"name": name, "ok": ok, "detail": scrub_tokens(detail), "fix": None if ok else fix})
-        return ok
-
-    chains: list[dict] = []
+    checks = Checks()
+    found = {"args": args, "lock_timeout": args.lock_timeout, "chains": [], "columns": {}, "kan": False,
+             "agent": False, "safeguards": False, "blind": []}
 
     def result() -> dict:
         return {"ok": True, "command": "doctor", "healthy": all(c["ok"] for c in checks), "checks": checks,
-                "chains": chains}
+                "chains": found["chains"]}
 
     try:
         conn = connect(database_url(args))
     except AdminError as exc:
-        check("connection", False, exc.message, "set --database-url, DATABASE_URL or POSTGRES_URL to the Kan database")
+        checks.add("connection", False, exc.message,
+                   "set --database-url, DATABASE_URL or POSTGRES_URL to the Kan database")
         return result()
-    import psycopg
-    from psycopg.rows import dict_row
-
     target = target_of(conn)
     try:
-        with conn, transaction(conn, args.lock_timeout, read_only=True):
-            version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
-            check("connection", True, f"PostgreSQL {version}, {describe_target(target)}")
-            limits = session_limits(args.lock_timeout)
-            shown = dict(conn.execute(LIMITS_SQL, {"names": list(limits)}).fetchall())
-            wrong = [f"{name} is {shown.get(name)}" for name, value in limits.items()
-                     if shown.get(name) != value.removesuffix("ms")]
-            check("session limits", not wrong,
-                  "; ".join(wrong) if wrong else "lock, statement and idle timeouts and UTC hold in each transaction",
-                  "something between the tool and the server drops SET LOCAL: connect to PostgreSQL directly")
-            cursor = conn.cursor(row_factory=dict_row)
-            tables = [*KAN_TABLES, *EXPECTED_COLUMNS]
-            found: dict[str, dict[str, str]] = {}
-            schemas: dict[str, str] = {}
-            for row in cursor.execute(DOCTOR_COLUMNS_SQL, {"tables": tables}):
-                found.setdefault(row["table"], {})[row["column"]] = row["type"]
-                schemas[row["table"]] = row["schema"]
-            missing = [t for t in KAN_TABLES if t not in found]
-            kan_schema = schemas.get("workspace")
-            kan_ok = check("Kan tables", not missing,
-                           f"missing: {', '.join(missing)} (looked through search_path "
-                           f"{conn.execute('SHOW search_path').fetchone()[0]})" if missing
-                           else f"{len(KAN_TABLES)} present, in schema {kan_schema}",
-                           "connect to Kan's database (is this the right one?), or give the role the search_path "
-                           "Kan uses (ALTER ROLE ... SET search_path, or options=-c search_path=... in a direct URL)")
-            drift = []
-            for table, columns in EXPECTED_COLUMNS.items():
-                if table not in found:
-                    drift.append(f"{table} is missing")
-                    continue
-                for column, expected in columns.items():
-                    actual = found[table].get(column)
-                    if actual != expected:
-                        drift.append(f'{table}."{column}" is {actual or "missing"}, expected {expected}')
-            apart = sorted({f"{t} is in schema {schemas[t]}" for t in EXPECTED_COLUMNS
-                            if t in schemas and kan_schema and schemas[t] != kan_schema})
-            if apart:
-                drift.append(f"Kan's workspace is in schema {kan_schema}, but " + ", ".join(apart))
-            agent_schema = schemas.get("agent_identity")
-            check("agent tables", not drift,
-                  "; ".join(drift) if drift else f"3 present, in schema {agent_schema}, every column as expected",
-                  f"apply `agent-identity schema --db-schema {kan_schema or 'SCHEMA'}` as the owner of Kan's tables "
-                  "(a migration if a column differs)")
-            if not drift:
-                old = conn.execute(OLD_HASHES_SQL, {"prefix": ARGON2_PHC_PREFIX}).fetchone()[0]
-                check("token hashes", True,
-                      f"{old} live token{'' if old == 1 else 's'} still carr{'ies' if old == 1 else 'y'} older, "
-                      "slower argon2 parameters: they verify; rotate them to re-hash (agent-identity rotate)"
-                      if old else f"every live token is hashed with argon2id m={ARGON2_MEMORY_KIB} KiB, "
-                                  f"t={ARGON2_TIME_COST}, p={ARGON2_PARALLELISM}")
-            if not drift:
-                pairs = [(table, name) for table, names in SCHEMA_TRIGGERS.items() for name in names]
-                rows = cursor.execute(TRIGGERS_SQL, {"tables": [t for t, _ in pairs],
-                                                     "names": [n for _, n in pairs]}).fetchall()
-                replica = bool(rows) and rows[0]["role_mode"] == "replica"
-                firing = {"A", "R"} if replica else {"A", "O"}
-                silent = [row["name"] + (" is missing" if row["enabled"] is None else " does not fire here")
-                          for row in rows if row["enabled"] not in firing]
-                check("triggers", not silent,
-                      "; ".join(silent) + (" (this role's session_replication_role is replica)" if replica else "")
-                      if silent else f"all {len(rows)} fire: revocation is final, the audit log is append-only "
-                                     "and chained",
-                      "apply `agent-identity schema` as the owner (it recreates them), or ALTER TABLE ... ENABLE "
-                      "TRIGGER ...; and ALTER ROLE ... RESET session_replication_role")
-                chains.extend(chain_health(conn))
-                check_chains(chains, check)
-            present = [t for t in tables if t in found]
-            blind = [row["table"] for row in cursor.execute(READABLE_SQL, {"tables": present})
-                     if not (row["can_select"] and row["past_rls"])]
-            if present:
-                check("row level security", not blind,
-                      f"this role cannot read rows of: {', '.join(blind)}" if blind
-                      else f"this role reads all {len(present)} tables",
-                      "connect as the tables' owner, or create the role of docs/security.md")
-            if args.workspace_public_id:
-                try:
-                    email = actor_email(args)  # validated as every command validates it
-                    if kan_ok and not blind:
-                        check_access(conn, args.workspace_public_id, email, by_slug=args.workspace_by_slug)
-                        check("actor", True, f"{email} manages workspace {args.workspace_public_id}")
-                except AdminError as exc:
-                    check("actor", False, exc.message,
-                          "give --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL" if exc.exit_code == EXIT_USAGE
-                          else "an admin of the workspace can grant workspace:manage in Kan")
+        with conn, transaction(conn, args.lock_timeout, read_only=True, schema=pinned_schema(args),
+                               require_schema=False) as session:
+            for check, needs in DOCTOR_CHECKS:
+                if all(found[need] for need in needs):
+                    check(conn, session, checks, found)
     except psycopg.Error as exc:
-        check("database", False, database_error(exc, args.lock_timeout, target).message, "see the message")
+        checks.add("database", False, database_error(exc, args.lock_timeout, target).message, "see the message")
     return result()
 
 
@@ -3095,10 +4029,7 @@ def run(args: argparse.Namespace) -> dict:
     """Check the arguments that argparse cannot, then run the command."""
     if args.command in OFFLINE_COMMANDS:
         return OFFLINE_COMMANDS[args.command](args)
-    # --workspace takes a slug or a public id; --workspace-public-id only a public id.
-    args.workspace_by_slug = bool(getattr(args, "workspace", None))
-    if args.workspace_by_slug:
-        args.workspace_public_id = args.workspace
+    named = Ref.of(args).workspace
     if args.command == "doctor":
         # Every failure is one of its checks, the connection's included.
         return cmd_doctor(args)
@@ -3114,7 +4045,7 @@ def run(args: argparse.Namespace) -> dict:
                                          f"(see `{PROG} {args.command} --help`)")
         if not getattr(args, "token", None):
             missing = [flag for flag, value in (
-                ("--workspace-public-id or --workspace", args.workspace_public_id),
+                ("--workspace-public-id or --workspace", named),
                 ("--slug", args.slug or getattr(args, "all", False))) if not value]
             if missing:
                 alternatives = " or --all" if hasattr(args, "all") else ""
@@ -3129,13 +4060,13 @@ def run(args: argparse.Namespace) -> dict:
         if listing:
             raise AdminError(EXIT_USAGE, f"audit {args.mode} looks at whole chains: {listing[0]} is for listing "
                                          f"events (see `{PROG} audit --help`)")
-        if args.expect_head and (args.mode != "verify" or not args.workspace_public_id):
+        if args.expect_head and (args.mode != "verify" or not named):
             raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify and one workspace "
                                          "(--workspace or --workspace-public-id)")
     elif args.command == "audit":
         if args.expect_head:
             raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify")
-        if not (args.workspace_public_id or args.token):
+        if not (named or args.token):
             raise AdminError(EXIT_USAGE, "the following arguments are required: --workspace-public-id or "
                                          f"--workspace (or --token) (see `{PROG} audit --help`)")
         if args.all and not args.jsonl:
@@ -3172,10 +4103,12 @@ def run(args: argparse.Namespace) -> dict:
         result = DATABASE_COMMANDS[args.command](conn, args)
     except AccessDenied as denied:
         if not args.dry_run:
-            record_denial(conn, args, denied)
+            record_denial(conn, args, denied, pinned_schema(args))
         raise
     except psycopg.Error as exc:
-        raise database_error(exc, args.lock_timeout, target) from exc
+        holders = lock_holders(conn, exc, pinned_schema(args)) if isinstance(exc, psycopg.errors.LockNotAvailable) \
+            else ""
+        raise database_error(exc, args.lock_timeout, target, holders) from exc
     finally:
         if "later" not in result:  # audit --all reads its later pages as it prints them, then closes
             conn.close()
@@ -3190,13 +4123,11 @@ def run(args: argparse.Namespace) -> dict:
 TABLE_CELL_MIN = 8  # a cut cell keeps at least this much, the … included
 
 
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """Columns aligned on the widest cell; empty cells show as '-'."""
+def format_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """Columns aligned on the widest cell; empty cells show as '-'; a line each."""
     cells = [headers] + [[cell if cell not in (None, "") else "-" for cell in row] for row in rows]
     widths = column_widths(cells)
-    return "\n".join(
-        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells
-    )
+    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
 
 
 def column_widths(cells: list[list]) -> list[int]:
@@ -3204,7 +4135,7 @@ def column_widths(cells: list[list]) -> list[int]:
 
 
 def fit_table(headers: list[str], rows, width: int | None, *, drop: tuple[str, ...] = (),
-              shrink: tuple[str, ...] = ()) -> str:
+              shrink: tuple[str, ...] = ()) -> list[str]:
     """A table no wider than width: its full rows if they fit; else with times in their
     short, relative form; else leaving out the columns in drop, least important first;
     else cutting the long cells of the columns in shrink with '…'. rows(short) gives the
@@ -3343,7 +4274,7 @@ def render_inspect(result: dict, width: int | None) -> list[str]:
     if width is not None:
         lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
     lines += ["", "tokens"]
-    lines.append(fit_table(
+    lines.extend(fit_table(
         ["PUBLIC ID", "NAME", "SCOPES", "LIVE", "CREATED", "EXPIRES", "LAST USED", "REVOKED", "ROTATED FROM"],
         lambda short: [
             [t["publicId"], t["name"], ",".join(t["scopes"]), "yes" if t["live"] else "no",
@@ -3355,7 +4286,7 @@ def render_inspect(result: dict, width: int | None) -> list[str]:
         width, drop=("ROTATED FROM", "CREATED", "REVOKED", "LAST USED"), shrink=("SCOPES", "NAME"),
     ))
     lines += ["", "events (newest first)"]
-    lines.append(fit_table(
+    lines.extend(fit_table(
         ["WHEN", "ACTION", "ACTOR", "TOKEN", "REASON"],
         lambda short: [[render_time(e["createdAt"], now, short), e["action"], e["actorEmail"], e["tokenPublicId"],
                         e["reason"]] for e in identity["events"]],
@@ -3368,7 +4299,7 @@ def render_list(result: dict, width: int | None) -> list[str]:
     if not result["identities"]:
         return [f"no agent identities in workspace {result['workspacePublicId']}"]
     now = from_iso(result["now"])
-    return [fit_table(
+    return fit_table(
         ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "NEXT EXPIRY", "LAST USED", "CREATED", "DISPLAY NAME"],
         lambda short: [
             [i["slug"], i["publicId"], i["status"], str(i["liveTokens"]),
@@ -3377,13 +4308,13 @@ def render_list(result: dict, width: int | None) -> list[str]:
             for i in result["identities"]
         ],
         width, drop=("CREATED", "LAST USED", "PUBLIC ID"), shrink=("DISPLAY NAME", "SLUG"),
-    )]
+    )
 
 
 def render_workspaces(result: dict, width: int | None) -> list[str]:
     if not result["workspaces"]:
         return [f"no workspace that {quote(result['actorEmail'])} may manage"]
-    return [fit_table(
+    return fit_table(
         ["PUBLIC ID", "SLUG", "ACTIVE", "PAUSED", "REVOKED", "LIVE TOKENS", "NEXT EXPIRY", "NAME"],
         lambda short: [
             [w["publicId"], w["slug"], str(w["identities"]["active"]), str(w["identities"]["paused"]),
@@ -3392,31 +4323,31 @@ def render_workspaces(result: dict, width: int | None) -> list[str]:
             for w in result["workspaces"]
         ],
         width, drop=("REVOKED", "PAUSED"), shrink=("NAME", "SLUG"),
-    )]
+    )
 
 
 def render_expiring(result: dict, width: int | None) -> list[str]:
     if not result["tokens"]:
         return [f"no live token expires within {result['within']}"]
     now = from_iso(result["now"])
-    return [fit_table(
+    return fit_table(
         ["EXPIRES", "WORKSPACE", "IDENTITY", "TOKEN", "NAME"],
         lambda short: [[render_time(t["expiresAt"], now, short), t["workspaceSlug"] or t["workspacePublicId"],
                         t["slug"], t["publicId"], t["name"]] for t in result["tokens"]],
         width, drop=(), shrink=("NAME", "IDENTITY", "WORKSPACE"),
-    )]
+    )
 
 
 def render_audit(result: dict, width: int | None) -> list[str]:
     if not result["events"]:
         return [f"no audit events in workspace {result['workspacePublicId']} match"]
     now = from_iso(result["now"])
-    return [fit_table(
+    return fit_table(
         ["WHEN", "ACTION", "IDENTITY", "TOKEN", "ACTOR", "REASON"],
         lambda short: [[render_time(e["createdAt"], now, short), e["action"], e["slug"], e["tokenPublicId"],
                         e["actorEmail"], e["reason"]] for e in result["events"]],
         width, drop=("TOKEN",), shrink=("REASON", "ACTOR", "IDENTITY"),
-    )]
+    )
 
 
 def render_audit_head(result: dict) -> list[str]:
@@ -3437,14 +4368,15 @@ def render_audit_verify(result: dict) -> list[str]:
     lines = []
     for w in result["workspaces"]:
         name = f"{w['slug'] or w['workspacePublicId']} ({w['workspacePublicId']})"
+        checked = f"{w['events']} event{'' if w['events'] == 1 else 's'}" + (f", head {w['head']}" if w["head"] else "")
         if w["intact"]:
-            head = f", head {w['head']}" if w["head"] else ""
-            lines.append(f"✓ {name}: intact, {w['events']} event{'' if w['events'] == 1 else 's'}{head}")
-        else:
-            fault = w["break"]
+            lines.append(f"✓ {name}: intact, {checked}")
+            continue
+        for number, fault in enumerate(w["breaks"]):
             where = f" at {fault['sequence']}" if fault["sequence"] else ""
-            lines.append(f"✗ {name}: broken{where} ({fault['kind']}): {fault['message']}")
-            lines.append(f"  the first {w['events']} events are intact" + (f", up to {w['head']}" if w["head"] else ""))
+            lines.append(f"{'✗ ' + name + ': broken' if not number else '  and'}{where} ({fault['kind']}): "
+                         f"{fault['message']}")
+        lines.append(f"  checked {checked}")
     return lines
 
 
@@ -3477,9 +4409,11 @@ class Output:
     is valid UTF-8 JSON under any locale.
     """
 
-    def __init__(self, stdout, stderr, as_json: bool, wide: bool = False, lines: bool = False):
+    def __init__(self, stdout, stderr, as_json: bool, wide: bool = False, lines: bool = False,
+                 signals: Signals | None = None):
         self.stdout = stdout
         self.stderr = stderr
+        self.signals = signals or Signals()
         self.as_json = as_json
         self.lines = lines  # audit --jsonl: one JSON event per line
         # Tables fit the terminal (80 columns when stdout is not one, unless COLUMNS says
@@ -3509,9 +4443,9 @@ class Output:
             return
         notes: list[str] = []
         if command == "help":
-            lines = [result["text"].rstrip()]
+            lines = result["text"].rstrip().split("\n")
         elif command == "schema":
-            lines = [result["sql"].rstrip()]
+            lines = result["sql"].rstrip().split("\n")
         elif command == "completion":
             self._write(self.stdout, result["script"])  # a script: written as made, not escaped
             return
@@ -3542,12 +4476,12 @@ class Output:
             if (result.get("token") or {}).get("tokenFile") == "-":
                 # Standard output is the token's alone, for a secret manager to read:
                 # the summary goes to stderr.
-                self._write(self.stderr, visible("\n".join(lines)) + "\n")
+                self._write(self.stderr, "".join(visible(line) + "\n" for line in lines))
                 if result["token"].get("secret"):
                     self._write(self.stdout, result["token"]["secret"] + "\n")
                 self.notes(notes)
                 return
-        text = visible("\n".join(lines)) + "\n"
+        text = "".join(visible(line) + "\n" for line in lines)
         if self.colour and command in ("doctor", "audit verify"):  # the marks are ours: coloured after visible()
             text = re.sub(r"^([✓✗])", lambda mark: f"\033[{32 if mark[1] == '✓' else 31}m{mark[1]}\033[0m",
                           text, flags=re.M)
@@ -3560,13 +4494,14 @@ class Output:
 
         for page in itertools.chain([result["events"]], result.get("later", ())):
             if page:
-                self._write(self.stdout, "".join(json.dumps(event) + "\n" for event in page))
+                with self.signals.whole():  # a reader gets whole lines, whatever stops the stream
+                    self._write(self.stdout, "".join(json.dumps(event) + "\n" for event in page))
         if result["nextCursor"]:
             self.notes([f"more: add --after {result['nextCursor']}"])
 
     def notes(self, notes: list[str]) -> None:
         for note in notes:
-            self._write(self.stderr, visible(f"{PROG}: {note}\n"))
+            self._write(self.stderr, visible(f"{PROG}: {note}") + "\n")
 
     def error(self, command: str | None, error: AdminError) -> None:
         """Say what failed: on stdout as JSON with --json, else on stderr. Never raises."""
@@ -3586,7 +4521,7 @@ class Output:
     def complain(self, message: str) -> None:
         """One error line (already scrubbed) on stderr, whatever the mode; if stderr is gone too, nothing."""
         with contextlib.suppress(OSError, ValueError):
-            self._write(self.stderr, visible(f"{PROG}: error: {message}\n"))
+            self._write(self.stderr, visible(f"{PROG}: error: {message}") + "\n")
 
     def quiet_stdout(self) -> None:
         """After stdout failed: point it at /dev/null, so that what it still buffers
@@ -3659,6 +4594,9 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lock-timeout", type=parse_lock_timeout, metavar="SECONDS",
                         help=f"how long to wait while another session changes the same identity "
                              f"(default {LOCK_TIMEOUT_DEFAULT}); then exit 5, nothing written")
+    parser.add_argument("--db-schema", type=parse_db_schema, metavar="NAME",
+                        help="the PostgreSQL schema that holds Kan's tables (default: AGENT_IDENTITY_DB_SCHEMA, "
+                             "else found through the search_path as Kan finds it; schema: public)")
     parser.add_argument("--debug", action="store_true", help="show a traceback for internal errors")
 
 
@@ -3839,9 +4777,7 @@ def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
     sub = command("help", "show usage for the tool or one command", workspace=False, slug=False)
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
     sub.set_defaults(parser=parser)  # the text help prints is this parser's own
-    sub = command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
-    sub.add_argument("--db-schema", type=parse_db_schema, default=DB_SCHEMA_DEFAULT, metavar="NAME",
-                     help=f"the PostgreSQL schema that holds Kan's tables (default {DB_SCHEMA_DEFAULT})")
+    command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
 
     sub = command("completion", "print a shell completion script (bash, zsh or fish)", workspace=False, slug=False)
     sub.add_argument("shell", choices=("bash", "zsh", "fish"))
@@ -4008,7 +4944,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     command = next((arg for arg in argv if arg in OFFLINE_COMMANDS or arg in DATABASE_COMMANDS or arg == "doctor"),
                    None)
     try:
-        with signals_as_interrupts():
+        with out.signals.installed():
             parser = build_parser(wanted=set(argv) & set(EXAMPLES))
             parser.check_options(argv)
             if out.as_json and {"-h", "--help", "--version"} & set(argv):

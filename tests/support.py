@@ -269,10 +269,15 @@ class Operator:
         return result
 
 
+# Bookkeeping rather than data: a workspace's row here is made the first time anything
+# is written in it (its turn, docs/schema.md), and never changes.
+BOOKKEEPING = ("agent_workspace_lock",)
+
+
 def added_rows(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str, list[dict]]:
-    """Rows present after and not before, by table, oldest first where rows have a serial
-    id (compared as numbers: as text, id 100 sorts before 99); fails if any row changed or
-    went away."""
+    """Rows present after and not before, by table (bookkeeping left out), oldest first
+    where rows have a serial id (compared as numbers: as text, id 100 sorts before 99);
+    fails if any row changed or went away."""
     import json
 
     def oldest_first(row: dict):
@@ -280,6 +285,8 @@ def added_rows(before: dict[str, list[str]], after: dict[str, list[str]]) -> dic
 
     added = {}
     for table, rows in after.items():
+        if table in BOOKKEEPING:
+            continue
         gone = set(before[table]) - set(rows)
         assert not gone, f"{table}: rows changed or deleted: {sorted(gone)[:3]}"
         new = [json.loads(row) for row in set(rows) - set(before[table])]
@@ -299,10 +306,11 @@ def documented_sql(marker: str) -> str:
     return doc.split(marker, 1)[1].split("```sql\n", 1)[1].split("```", 1)[0]
 
 
-def least_privilege_sql(role: str, password: str) -> str:
-    """docs/security.md's least-privilege block, for another role name and password."""
+def least_privilege_sql(role: str, password: str, database: str) -> str:
+    """docs/security.md's least-privilege block, for another role name, password and database."""
     block = documented_sql(LEAST_PRIVILEGE_MARKER)
-    return block.replace(LEAST_PRIVILEGE_ROLE, role).replace("'change-me'", f"'{password}'")
+    return (block.replace(LEAST_PRIVILEGE_ROLE, role).replace("'change-me'", f"'{password}'")
+            .replace("ON DATABASE kan ", f'ON DATABASE "{database}" '))
 
 
 @contextlib.contextmanager
@@ -310,7 +318,7 @@ def least_privilege_role(dsn: str):
     """Create the documented role (under a name of its own) and yield a DSN connecting as it."""
     role, password = f"{LEAST_PRIVILEGE_ROLE}_{secrets.token_hex(4)}", secrets.token_hex(12)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(least_privilege_sql(role, password))
+        conn.execute(least_privilege_sql(role, password, psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
     try:
         yield make_conninfo(dsn, user=role, password=password)
     finally:
@@ -361,32 +369,153 @@ def round_trips(argv: list[str], dsn: str, email: str, stdin: str = "") -> tuple
     return code, trips, statements
 
 
-# A workspace grown large: identities, tokens (one in ten live) and audit
-# events, made in the database with generate_series (bench --scale, query plan tests).
+def outside_the_tool(conn: psycopg.Connection, statement: str, params=()) -> None:
+    """What time or a hand does to the rows, outside the tool and past every trigger (a
+    superuser's session_replication_role = replica): a token's expiry passing, a status
+    set by hand, an event tampered with. Such rows no longer agree with the audit chain,
+    so tests that do this keep to a database of their own (own_database)."""
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute(statement, params)
+
+
+@contextlib.contextmanager
+def own_database(server_dsn: str):
+    """A database of a test module's own, for tests that change rows outside the tool: the
+    shared one's audit chains must stay as the tool left them for other tests' doctor."""
+    dsn = create_database(server_dsn)
+    try:
+        yield dsn
+    finally:
+        drop_database(server_dsn, dsn)
+
+
+def restored_event(conn: psycopg.Connection, workspace_id: int, public_id: str, action: str, created_at,
+                   actor_email: str | None = None, metadata: str = "{}") -> None:
+    """Write an audit event as a restore from backup brings it: already linked to its
+    workspace's chain, with its own time (the chain's trigger keeps such an event, from
+    the tables' owner, when it hashes to what it says). How a test makes an old event."""
+    head = conn.execute("""SELECT "sequence", "hash" FROM agent_audit_event WHERE "workspaceId" = %s
+                           AND "sequence" IS NOT NULL ORDER BY "sequence" DESC LIMIT 1""", (workspace_id,)).fetchone()
+    workspace = conn.execute('SELECT "publicId" FROM workspace WHERE id = %s', (workspace_id,)).fetchone()[0]
+    event = {"sequence": (head[0] if head else 0) + 1, "workspacePublicId": workspace, "publicId": public_id,
+             "action": action, "identityPublicId": None, "identitySlug": None, "tokenPublicId": None,
+             "actorUserUuid": None, "actorEmail": actor_email, "reason": None,
+             "metadata": conn.execute("SELECT %s::jsonb::text", (metadata,)).fetchone()[0], "createdAt": created_at}
+    previous = head[1] if head else tool.CHAIN_START
+    conn.execute("""INSERT INTO agent_audit_event ("publicId", "workspaceId", action, "actorEmail", metadata, "createdAt",
+                                                   "sequence", "workspacePublicId", "previousHash", "hash")
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                 (public_id, workspace_id, action, actor_email, metadata, created_at, event["sequence"], workspace,
+                  previous, tool.chain_hash(previous, event)))
+
+
+# A workspace grown large, made in the database with generate_series (bench --scale,
+# query plan tests), as the tool would have written it over time, so that its audit
+# chain is intact and agrees with its tables: each identity created with its first
+# token, then rotated until it holds its last (identities * rotations = tokens; every
+# rotation revokes the token before, so one token in tokens / identities is live);
+# then pauses, each followed by its resume, up to the events asked for (an odd one
+# out is a refused attempt, which changes nothing). Written with the triggers off, oldest first, then linked into the chain by
+# schema's own backfill, as an upgrade links the events of an older version.
 SCALE_SEED = ["""
+CREATE TEMPORARY TABLE seeded_token ON COMMIT DROP AS
+SELECT g, 'T' || lpad(to_hex(g), 11, '0') AS "publicId", 1 + g %% %(identities)s AS identity,
+       %(start)s::timestamp + interval '1 second' * g AS "createdAt"
+FROM generate_series(1, %(tokens)s) AS g
+""", """
 INSERT INTO agent_identity ("publicId", "workspaceId", slug, "displayName", status, "createdAt")
 SELECT 'I' || lpad(to_hex(g), 11, '0'), %(workspace_id)s, 'seeded-' || g, 'Seeded ' || g, 'active',
-       timezone('utc', now()) - interval '1 second' * g
+       %(start)s::timestamp - interval '1 second' * g
 FROM generate_series(1, %(identities)s) AS g
 """, """
+CREATE TEMPORARY TABLE seeded_issue ON COMMIT DROP AS
+SELECT t.*, i."id" AS "identityId",
+       lag(t."publicId") OVER (PARTITION BY t.identity ORDER BY t.g) AS previous,
+       lead(t."createdAt") OVER (PARTITION BY t.identity ORDER BY t.g) AS "revokedAt"
+FROM seeded_token t
+JOIN agent_identity i ON i."publicId" = 'I' || lpad(to_hex(t.identity), 11, '0')
+""", """
 INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt", "revokedAt", "createdAt")
-SELECT 'T' || lpad(to_hex(g), 11, '0'), i."id", 'token ' || g, %(hash)s, '{boards:read}',
-       timezone('utc', now()) + interval '90 days',
-       CASE WHEN g %% 10 <> 0 THEN timezone('utc', now()) END, timezone('utc', now()) - interval '1 second' * g
-FROM generate_series(1, %(tokens)s) AS g
-JOIN agent_identity i ON i."publicId" = 'I' || lpad(to_hex(1 + g %% %(identities)s), 11, '0')
+SELECT "publicId", "identityId", 'token ' || g, %(hash)s, '{boards:read}', %(expires)s::timestamp, "revokedAt",
+       "createdAt"
+FROM seeded_issue
+""", """
+INSERT INTO agent_audit_event ("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action, "actorEmail",
+                               metadata, "createdAt")
+SELECT 'E' || lpad(to_hex(s.g), 11, '0'), %(workspace_id)s, s."identityId", t."id",
+       CASE WHEN s.previous IS NULL THEN 'identity.created' ELSE 'identity.token_rotated' END, 'seed@example.com',
+       jsonb_build_object('tokenPublicId', s."publicId", 'expiresIn', '90d', 'toolVersion', 'seed',
+                          'expiresAt', to_char(%(expires)s::timestamp, 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                          'revokedTokenPublicIds', CASE WHEN s.previous IS NULL THEN '[]'::jsonb
+                                                        ELSE jsonb_build_array(s.previous) END),
+       s."createdAt"
+FROM seeded_issue s
+JOIN agent_token t ON t."publicId" = s."publicId"
+ORDER BY s.g
 """, """
 INSERT INTO agent_audit_event ("publicId", "workspaceId", "agentIdentityId", action, "actorEmail", metadata, "createdAt")
-SELECT 'E' || lpad(to_hex(g), 11, '0'), %(workspace_id)s, first."id" + g %% %(identities)s, 'identity.paused',
-       'seed@example.com', '{"seeded": true}', timezone('utc', now()) - interval '1 second' * g
-FROM generate_series(1, %(events)s) AS g, (SELECT min("id") AS "id" FROM agent_identity
-                                            WHERE "workspaceId" = %(workspace_id)s) AS first
-ORDER BY g DESC  -- oldest first, as they would have been written: each the next link of the chain
-""", "ANALYZE"]
+SELECT 'E' || lpad(to_hex(g), 11, '0'), %(workspace_id)s, first."id" + (g - %(tokens)s - 1) / 2 %% %(identities)s,
+       CASE WHEN (g - %(tokens)s) %% 2 = 0 THEN 'identity.resumed'
+            WHEN g < %(events)s THEN 'identity.paused'
+            ELSE 'access.denied' END,
+       'seed@example.com', '{"seeded": true}', %(start)s::timestamp + interval '1 second' * g
+FROM generate_series(%(tokens)s + 1, %(events)s) AS g, (SELECT min("id") AS "id" FROM agent_identity
+                                                        WHERE "workspaceId" = %(workspace_id)s) AS first
+ORDER BY g
+"""]
 
 
-# What `schema` adds for the audit chain, removed: a database as version 0.2.0 left it
-# (tests/test_audit_chain.py and bench --scale upgrade such a database in place).
+def seed_scale(conn: psycopg.Connection, workspace_id: int, *, identities: int, tokens: int, events: int) -> None:
+    """SCALE_SEED into a workspace with nothing in it yet (conn: the tables' owner, a superuser)."""
+    start, expires = conn.execute("SELECT timezone('utc', now()) - make_interval(secs => %s), "
+                                  "timezone('utc', now()) + interval '90 days'", (events + 1,)).fetchone()
+    params = {"workspace_id": workspace_id, "hash": tool.hash_token("seed"), "identities": identities,
+              "tokens": tokens, "events": events, "start": start, "expires": expires}
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        for statement in SCALE_SEED:
+            conn.execute(statement, params)
+    conn.execute(tool.SCHEMA_BACKFILL_SQL.format(schema='"public"'))
+    conn.execute("ANALYZE")
+
+
+# The last release, 0.3.0, as it landed: what an upgrade starts from. Its module comes
+# from git (a clean clone, as CI's, has the history), and runs as operators ran it.
+RELEASE_0_3_0 = "848037a6f276a9a6bad252dfeeae020a976449f8"
+
+
+def released_tool(commit: str = RELEASE_0_3_0) -> Path:
+    """agent_identity_admin.py as it was at commit, in a folder of its own (made once a run)."""
+    folder = Path(tempfile.gettempdir()) / f"agent-identity-{commit[:12]}"
+    script = folder / "agent_identity_admin.py"
+    if not script.exists():
+        source = subprocess.run(["git", "show", f"{commit}:agent_identity_admin.py"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout
+        folder.mkdir(exist_ok=True)
+        partial = folder / f".{os.getpid()}.py"
+        partial.write_text(source)
+        partial.replace(script)  # whole, even if test workers race to make it
+    return script
+
+
+def run_released(args: list[str], dsn: str | None, env: dict[str, str] | None = None) -> Run:
+    """Run the 0.3.0 tool to its end, as run_cli runs this one."""
+    process = subprocess.run([sys.executable, str(released_tool()), *args], env=cli_env(dsn, **(env or {})),
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return Run(list(args), process.returncode, process.stdout, process.stderr)
+
+
+def released_database(server_dsn: str) -> str:
+    """A new database with Kan's tables and the agent tables as 0.3.0's `schema` made them."""
+    dsn = create_database(server_dsn, agent_tables=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(run_released(["schema"], None).stdout)
+    return dsn
+
+
+# What 0.3.0's `schema` adds for the audit chain, removed: a database as version 0.2.0 left
+# it (tests/test_audit_chain.py and bench --scale upgrade such a database in place).
 WITHOUT_CHAIN_SQL = """
 DROP TRIGGER agent_audit_event_chain ON agent_audit_event;
 DROP TRIGGER agent_audit_event_append_only ON agent_audit_event;
@@ -398,13 +527,6 @@ ALTER TABLE agent_audit_event DROP COLUMN "sequence", DROP COLUMN "workspacePubl
     DROP COLUMN "identityPublicId", DROP COLUMN "identitySlug", DROP COLUMN "tokenPublicId",
     DROP COLUMN "actorUserUuid", DROP COLUMN "previousHash", DROP COLUMN "hash";
 """
-
-
-def seed_scale(conn: psycopg.Connection, workspace_id: int, *, identities: int, tokens: int, events: int) -> None:
-    params = {"workspace_id": workspace_id, "hash": tool.hash_token("seed"),
-              "identities": identities, "tokens": tokens, "events": events}
-    for statement in SCALE_SEED:
-        conn.execute(statement, params if "%(" in statement else None)
 
 
 # --- PgBouncer in front of the test server -----------------------------------

@@ -66,10 +66,10 @@ def test_unknown_identity_token_or_cursor_is_exit_3(story, operator):
 
 def test_the_window_is_utc_whatever_the_servers_time_zone(db, operator):
     # An event three hours old, written as UTC like every other (the workspace's first:
-    # a later one could not be older than the event before it in the chain).
-    db.execute("""INSERT INTO agent_audit_event ("publicId", "workspaceId", action, "actorEmail", "createdAt")
-                  VALUES ('Old000000001', %s, 'identity.paused', 'old@example.com',
-                          timezone('utc', now()) - interval '3 hours')""", (operator.workspace["id"],))
+    # a later one could not be older than the event before it in the chain). The database
+    # stamps every new event's time itself, so it comes as a restore would bring it.
+    then = db.execute("SELECT timezone('utc', now()) - interval '3 hours'").fetchone()[0]
+    support.restored_event(db, operator.workspace["id"], "Old000000001", "identity.paused", then, "old@example.com")
     operator.create("recent-bot")
     old = db.execute("""SELECT to_char("createdAt", 'YYYY-MM-DD"T"HH24:MI:SS"Z"') FROM agent_audit_event
                         WHERE "publicId" = 'Old000000001'""").fetchone()[0]

@@ -18,12 +18,13 @@ def test_a_healthy_database(cli, operator):
     result = cli("doctor", "--json", "--workspace-public-id", operator.workspace["publicId"],
                  env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
     assert result.code == 0, result.stdout
-    assert checks(result) == {"connection": True, "session limits": True, "Kan tables": True,
-                              "agent tables": True, "token hashes": True, "triggers": True, "audit chains": True,
-                              "row level security": True, "actor": True}
+    assert checks(result) == {"connection": True, "session limits": True, "Kan tables": True, "names": True,
+                              "agent tables": True, "token hashes": True, "safeguards": True, "times": True,
+                              "audit chains": True, "row level security": True, "privileges": True, "actor": True}
     human = cli("doctor", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
-    assert human.stdout.splitlines()[3] == "✓ agent tables: 3 present, in schema public, every column as expected"
-    assert human.stdout.splitlines()[2] == "✓ Kan tables: 6 present, in schema public"
+    lines = human.stdout.splitlines()
+    assert "✓ agent tables: 5 present, in schema public, every column as expected" in lines
+    assert "✓ Kan tables: 6 present, in schema public" in lines
     assert "\033[" not in human.stdout, "no colour when stdout is not a terminal"
 
 
@@ -63,12 +64,12 @@ def test_column_drift_is_reported_column_by_column(server_dsn):
     dsn = support.create_database(server_dsn)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute('ALTER TABLE agent_token ALTER COLUMN "expiresAt" TYPE timestamptz')
+            conn.execute('ALTER TABLE agent_token ALTER COLUMN "lastUsedAt" TYPE timestamptz')
             conn.execute('ALTER TABLE agent_audit_event DROP COLUMN reason')
         result = support.run_cli(["doctor", "--json"], dsn)
         assert result.code == 6
         [agent] = [c for c in result.json["checks"] if c["name"] == "agent tables"]
-        assert agent["detail"] == ('agent_token."expiresAt" is timestamp with time zone, expected timestamp without '
+        assert agent["detail"] == ('agent_token."lastUsedAt" is timestamp with time zone, expected timestamp without '
                                    'time zone; agent_audit_event."reason" is missing, expected text')
         assert agent["fix"].startswith("apply `agent-identity schema --db-schema public` as the owner")
     finally:

@@ -98,10 +98,42 @@ def test_empty_scopes_are_refused():
         tool.parse_scopes(" , ")
 
 
-@pytest.mark.parametrize("value", ["a\x00b", "line\nbreak", "tab\there", "\x1b[31mred", "rtl\u202eevil", "\udcff"])
+@pytest.mark.parametrize("value", ["a\x00b", "line\nbreak", "tab\there", "\x1b[31mred", "cr\rhere"])
 def test_text_with_control_characters_is_refused(value):
     with pytest.raises(argparse.ArgumentTypeError, match="control character"):
         tool.parse_display_name(value)
+
+
+@pytest.mark.parametrize("value, code", [
+    ("rtl\u202eevil", "202E"), ("\udcff", "DCFF"), ("left\u200eto right", "200E"), ("right\u200fto left", "200F"),
+    ("arabic\u061cmark", "061C"), ("zero\u200bwidth", "200B"), ("joined\u200dhere", "200D"), ("bom\ufeff", "FEFF"),
+    ("tag\U000e0041s", "E0041"), ("line\u2028separator", "2028"), ("paragraph\u2029separator", "2029"),
+])
+def test_text_with_invisible_characters_is_refused(value, code):
+    """Bidirectional marks, zero-width and tag characters read as something they are not."""
+    with pytest.raises(argparse.ArgumentTypeError, match=f"invisible character \\(U\\+{code}\\)"):
+        tool.parse_display_name(value)
+
+
+@pytest.mark.parametrize("value", [
+    "kan_agent_Ab12Cd34Ef56_" + "Zz9" * 17,                 # as issued
+    "Ab12Cd34Ef56_" + "Zz9Yy8Xx7" * 6,                       # without its prefix
+    "leaked: " + "Zz9Yy8Xx7Ww6" * 5,                         # the secret alone
+    "kan_agent_Ab12Cd34\u200bEf56_Zz9Yy8",                   # split by a zero-width space
+    "Ab12Cd34Ef56_Zz9Yy8\u2060Xx7Ww6Vv5Uu4Tt3Ss2Rr1Qq0Pp9Oo8Nn7Mm6Ll5Kk4Jj3",  # and by a word joiner
+])
+def test_text_with_a_token_is_refused_in_every_form(value):
+    with pytest.raises(argparse.ArgumentTypeError, match="contains a token with its secret"):
+        tool.parse_reason(value)
+
+
+@pytest.mark.parametrize("value", [
+    "kan_agent_Ab12Cd34Ef56 leaked",        # a token named by its public id reveals nothing
+    "deploy " + "0123456789abcdef" * 4,     # a SHA-256 in hex: no capitals
+    "git " + "a" * 40, "commit 1f2e3d4c5b6a79880f1e2d3c4b5a69788f1e2d3c",
+])
+def test_text_that_only_looks_long_is_allowed(value):
+    assert tool.parse_reason(value) == value
 
 
 def test_text_limits_are_the_column_sizes():
@@ -135,14 +167,22 @@ def test_iso_is_utc_with_z():
     assert tool.iso(None) is None
 
 
-def test_redact_hides_the_password():
-    assert tool.redact("password=hunter2 failed", "hunter2") == "password=*** failed"
-    assert tool.redact("nothing here", None) == "nothing here"
+@pytest.mark.parametrize("text, masked", [
+    ("password=hunter2 failed", "password=*** failed"),
+    ("host=db PASSWORD = 'it\\'s here' user=u", "host=db PASSWORD = *** user=u"),  # libpq's quoting
+    ("postgresql://kan:s3cr3t@db:5432/kan refused", "postgresql://kan:***@db:5432/kan refused"),
+    ("nothing here", "nothing here"),
+    # A password is masked where a password sits, never as a bare word: with password
+    # "rt", libpq's "port 1 failed" must not read "po*** 1 faile".
+    ("port 1 failed: connection refused", "port 1 failed: connection refused"),
+])
+def test_redact_masks_passwords_only_where_a_password_sits(text, masked):
+    assert tool.redact(text) == masked
 
 
 def test_format_table_aligns_columns():
     table = tool.format_table(["A", "LONGER"], [["xxxx", None], ["y", "z"]])
-    assert table.splitlines() == ["A     LONGER", "xxxx  -", "y     z"]
+    assert table == ["A     LONGER", "xxxx  -", "y     z"]
 
 
 @pytest.mark.parametrize("text, delta", [
@@ -193,8 +233,13 @@ def test_token_shaped_text_is_scrubbed_from_messages():
     assert tool.scrub_tokens(f"bad value {token}!") == (
         "bad value kan_agent_***! (a token on the command line lands in shell history and the process list: rotate it)"
     )
-    assert tool.scrub_tokens("kan_agent_partial_") .startswith("kan_agent_*** ")
-    assert tool.scrub_tokens("nothing to see") == "nothing to see"
+    assert tool.scrub_tokens("kan_agent_Ab12Cd34Ef56_part").startswith("kan_agent_*** ")  # a cut-off token
+    assert tool.scrub_tokens("split kan_agent_Ab12Cd34\u200bEf56_Zz9").startswith("split kan_agent_*** ")
+    assert tool.scrub_tokens("Ab12Cd34Ef56_" + "Zz9Yy8Xx7" * 5).startswith("*** (a token")
+    # Names that only begin like a token reveal nothing: the role kan_agent_server, a public id.
+    for harmless in ("nothing to see", "held by role kan_agent_server", "token kan_agent_Ab12Cd34Ef56",
+                     "kan_agent_partial_"):
+        assert tool.scrub_tokens(harmless) == harmless
 
 
 def test_relative_times_agree_whether_cut_to_the_second_or_not():

@@ -103,28 +103,34 @@ def test_the_tools_own_endings_still_pass_the_triggers(db, ended):
 
 
 def test_the_documented_kan_server_role_verifies_and_stamps_and_nothing_more(database, ended):
-    """docs/security.md's server role: the server's lookup and its lastUsedAt stamp, nothing else."""
+    """docs/security.md's server role: the server's lookup and its lastUsedAt stamp, through the
+    two functions made for it, and nothing else: it reads no table, and can lock no row."""
     _, token = ended
     role, password = f"kan_agent_server_{secrets.token_hex(4)}", secrets.token_hex(12)
     block = support.documented_sql(support.SERVER_ROLE_MARKER)
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(block.replace("kan_agent_server", role).replace("'change-me'", f"'{password}'"))
+        public_id = conn.execute('SELECT "publicId" FROM agent_token WHERE id = %s', (token,)).fetchone()[0]
     try:
         with psycopg.connect(make_conninfo(database, user=role, password=password), autocommit=True) as conn:
-            lookup = conn.execute("""
-                SELECT t."tokenHash", t.scopes, t."revokedAt" IS NOT NULL, i."publicId", i.status, i."workspaceId",
-                       w."deletedAt" IS NOT NULL
-                FROM agent_token t JOIN agent_identity i ON i.id = t."agentIdentityId"
-                JOIN workspace w ON w.id = i."workspaceId" WHERE t.id = %s""", (token,)).fetchone()
-            assert lookup is not None and lookup[0].startswith("$argon2id$")
-            conn.execute("""UPDATE agent_token SET "lastUsedAt" = timezone('utc', now()) WHERE id = %s""", (token,))
-            for statement in ("""UPDATE agent_token SET "revokedAt" = timezone('utc', now())""",
+            lookup = conn.execute("SELECT * FROM public.agent_token_for_verification(%s::text)",
+                                  (public_id,)).fetchone()
+            assert lookup is not None and lookup[0].startswith("$argon2id$") and lookup[5] == "active"
+            assert conn.execute("SELECT public.agent_token_stamp(%s::text)", (public_id,)).fetchone()[0] is True
+            for statement in ("""UPDATE agent_token SET "lastUsedAt" = timezone('utc', now())""",
+                              """SELECT id FROM agent_token FOR UPDATE""",
+                              """SELECT "tokenHash" FROM agent_token""",
+                              """SELECT status FROM agent_identity""",
                               """INSERT INTO agent_audit_event ("publicId", "workspaceId", action)
                                  VALUES ('x', 1, 'x')""",
                               """SELECT "actorEmail" FROM agent_audit_event""",
-                              'SELECT email FROM "user"'):
+                              'SELECT email FROM "user"',
+                              "SELECT public.agent_lock_workspace(1)"):
                 with pytest.raises(errors.InsufficientPrivilege):
                     conn.execute(statement)
+        with psycopg.connect(database) as conn:
+            stamped = conn.execute('SELECT "lastUsedAt" FROM agent_token_use WHERE "agentTokenId" = %s', (token,))
+            assert stamped.fetchone() is not None
     finally:
         with psycopg.connect(database, autocommit=True) as conn:
             conn.execute(f'DROP OWNED BY "{role}"')

@@ -47,7 +47,8 @@ class HeldLock:
     """Another session holding the identity's row lock, as a concurrent operator would."""
 
     def __init__(self, dsn: str, workspace_id: int, slug: str):
-        self.conn = psycopg.connect(dsn)
+        self.conn = psycopg.connect(dsn, application_name="another-operator")
+        self.pid, self.role = self.conn.execute("SELECT pg_backend_pid(), current_user").fetchone()
         self.conn.execute('SELECT id FROM agent_identity WHERE "workspaceId" = %s AND slug = %s FOR UPDATE',
                           (workspace_id, slug))
 
@@ -94,8 +95,11 @@ def test_a_held_lock_makes_the_tool_give_up_after_the_lock_timeout(db, database,
     finally:
         lock.release()
     assert process.returncode == 5
-    assert json.loads(stdout)["error"]["message"].startswith(
-        "the identity is busy: another session is changing it (waited 1 s for its lock); nothing was written")
+    # It names who holds the lock: the pid, role and application of the session to chase.
+    assert json.loads(stdout)["error"]["message"] == (
+        f"the identity is busy: another session is changing it, held by pid {lock.pid} (role {lock.role}, "
+        'application "another-operator") (waited 1 s for its lock); nothing was written: try again, or wait '
+        "longer with --lock-timeout")
     assert 0.8 <= elapsed < 3, elapsed
     assert support.snapshot(db) == before
 

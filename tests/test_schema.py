@@ -33,6 +33,9 @@ CONTRACT = {
         "tokenPublicId": "character varying(12)", "actorUserUuid": "uuid",
         "previousHash": "character varying(64)", "hash": "character varying(64)",
     },
+    # the server's stamps, and a workspace's turn (docs/schema.md)
+    "agent_token_use": {"agentTokenId": "bigint", "lastUsedAt": "timestamp without time zone"},
+    "agent_workspace_lock": {"workspaceId": "bigint"},
 }
 
 COLUMNS_SQL = """

@@ -10,6 +10,7 @@ import pytest
 
 import agent_identity_admin as tool
 from tests import support
+from tests.conftest import LEAST_PRIVILEGE
 
 TOKEN_SQL = 'SELECT * FROM agent_token WHERE "publicId" = %s'
 
@@ -28,12 +29,24 @@ def events(db, operator, slug):
     ).fetchall()
 
 
+@pytest.fixture(scope="module")
+def database(server_dsn):
+    """This module's own database: its tests let time pass for tokens outside the tool."""
+    with support.own_database(server_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+def cli_dsn(database):
+    with support.cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
+        yield dsn
+
+
 def expire(db, public_id):
-    """Let time pass for one token: its expiry is now in the past."""
-    db.execute(
-        """UPDATE agent_token SET "expiresAt" = timezone('utc', now()) - interval '1 second' WHERE "publicId" = %s""",
-        (public_id,),
-    )
+    """Let time pass for one token: its life (a day, made a day and a second ago) is over."""
+    support.outside_the_tool(db, """UPDATE agent_token SET "createdAt" = timezone('utc', now()) - interval '1 day 1 second',
+                                      "expiresAt" = timezone('utc', now()) - interval '1 second'
+                                    WHERE "publicId" = %s""", (public_id,))
 
 
 def reason(operator, token, *args):
@@ -248,8 +261,8 @@ def test_each_reason_a_server_refuses_for(db, kan, cli, operator):
 
     other = operator.create("reasons-2").json["token"]
     # Revoking an identity revokes its tokens; a server must refuse even if a token row was missed.
-    db.execute("UPDATE agent_identity SET status = 'revoked' WHERE \"workspaceId\" = %s AND slug = 'reasons-2'",
-               (operator.workspace["id"],))
+    support.outside_the_tool(db, "UPDATE agent_identity SET status = 'revoked' WHERE \"workspaceId\" = %s "
+                                 "AND slug = 'reasons-2'", (operator.workspace["id"],))
     assert reason(operator, other["secret"]) == "identity_revoked"
 
     last = operator.create("reasons-3").json["token"]
@@ -429,9 +442,9 @@ def test_a_lifetime_given_to_rotate_wins(operator):
 def test_a_token_from_before_lifetimes_were_recorded_keeps_its_span(db, operator):
     """No issuing event to read (a token older than the audit log): expiry less creation, in days."""
     created = operator.create("old-span", "--expires-in", "10d").json["token"]
-    db.execute("""UPDATE agent_audit_event SET "agentTokenId" = NULL
-                  WHERE "agentTokenId" = (SELECT id FROM agent_token WHERE "publicId" = %s)""",
-               (created["publicId"],))
+    # Its issuing event as version 0.2 wrote it, with no expiresIn.
+    support.outside_the_tool(db, """UPDATE agent_audit_event SET metadata = metadata - 'expiresIn'
+                                    WHERE "tokenPublicId" = %s""", (created["publicId"],))
     assert operator("rotate", "--slug", "old-span", "--confirm").json["token"]["expiresIn"] == "10d"
 
 
