@@ -184,42 +184,58 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
 
-EXIT_KINDS = {
-    EXIT_INTERNAL: "internal",
-    EXIT_USAGE: "usage",
-    EXIT_NOT_FOUND: "not_found",
-    EXIT_FORBIDDEN: "forbidden",
-    EXIT_CONFLICT: "conflict",
-    EXIT_DATABASE: "database",
-    EXIT_UNDELIVERED: "undelivered",
-    EXIT_EXPIRING: "expiring",
-    EXIT_CHAIN_BROKEN: "chain_broken",
-    EXIT_HANGUP: "interrupted",
-    EXIT_INTERRUPTED: "interrupted",
-    EXIT_BROKEN_PIPE: "broken_pipe",
-    EXIT_TERMINATED: "interrupted",
-}
+class ExitCode(collections.namedtuple("ExitCode", "codes kind meaning")):
+    """A documented exit code (or codes that mean one thing): its kind, as a --json error
+    names it, and its meaning — the one text of help, README.md and docs/usage.md
+    (a test holds every table of codes in them to this one)."""
 
-EXIT_CODES_HELP = """\
-exit codes:
-  0  success, including "nothing to change"
-  1  unexpected internal error (one line; --debug shows the traceback)
-  2  usage or validation error (nothing was sent to the database)
-  3  workspace or identity not found
-  4  actor not allowed (not a Kan user, not an active member, or lacks
-     workspace:manage)
-  5  conflict or invalid state (slug taken, identity revoked, ...)
-  6  database unreachable, or the agent tables are missing (apply
-     `agent-identity schema`); doctor: a check failed
-  7  verify: the token is not valid (the output says why)
-  8  the output or the token file could not be written; after a change, stderr
-     says it was committed and what to do (rotate for a token)
-  9  expiring: live tokens expire within the window
-  10 audit verify: an audit chain is broken, or no longer extends the pinned
-     head (the output says where and how)
-  129, 130, 143  hangup, Ctrl-C, terminated; a transaction not yet committed was
-     rolled back (after a commit, stderr says so)
-  141 the reader of stdout went away (a closed pipe); verify keeps its 0 or 7"""
+    __slots__ = ()
+
+
+EXIT_CODES = (
+    ExitCode((EXIT_OK,), "ok", 'success, including "nothing to change"'),
+    ExitCode((EXIT_INTERNAL,), "internal", "unexpected internal error (one line; `--debug` shows the traceback)"),
+    ExitCode((EXIT_USAGE,), "usage", "usage or validation error, found before connecting to the database"),
+    ExitCode((EXIT_NOT_FOUND,), "not_found", "workspace or identity not found"),
+    ExitCode((EXIT_FORBIDDEN,), "forbidden",
+             "actor not allowed (not a Kan user, not an active member, or lacks `workspace:manage`)"),
+    ExitCode((EXIT_CONFLICT,), "conflict",
+             "conflict or invalid state (slug taken, identity revoked, the identity busy, ...)"),
+    ExitCode((EXIT_DATABASE,), "database",
+             "database unreachable or not set up (not a Kan database, the agent tables missing or out of date, a "
+             "grant missing: run `agent-identity doctor`), or audit events dropped by a trigger or rule (nothing "
+             "committed); for `doctor`, a check failed"),
+    ExitCode((EXIT_INVALID_TOKEN,), "invalid_token", "`verify`: the token is not valid (the output says why)"),
+    ExitCode((EXIT_UNDELIVERED,), "undelivered",
+             "the output or the token file could not be written (stdout closed or full, a file size limit); after "
+             "a change, stderr says it was committed and what to do (rotate for a token)"),
+    ExitCode((EXIT_EXPIRING,), "expiring", "`expiring`: live tokens expire within the window (the list says which)"),
+    ExitCode((EXIT_CHAIN_BROKEN,), "chain_broken",
+             "`audit verify`: an audit chain is broken, disagrees with its tables, or no longer extends the pinned "
+             "head (the output says where and how)"),
+    ExitCode((EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_TERMINATED), "interrupted",
+             "hangup, Ctrl-C, terminated (SIGHUP, SIGINT, SIGTERM); a transaction not yet committed was rolled back "
+             "and an unfilled token file removed; after a commit, stderr says so"),
+    ExitCode((EXIT_BROKEN_PIPE,), "broken_pipe",
+             "the reader of stdout went away (`list | head`, a closed pipe): quiet for a read; after a change, "
+             "stderr says it was committed; `verify` keeps its 0 or 7"),
+)
+EXIT_KINDS = {code: exit.kind for exit in EXIT_CODES for code in exit.codes}
+
+
+def exit_codes_help() -> str:
+    """The table of exit codes as help prints it, 80 columns wide."""
+    import textwrap
+
+    lines = ["exit codes:"]
+    for exit in EXIT_CODES:
+        codes = ", ".join(map(str, exit.codes))
+        lines += textwrap.wrap(exit.meaning.replace("`", ""), 78, initial_indent=f"  {codes:<2} ",
+                               subsequent_indent="     ")
+    return "\n".join(lines)
+
+
+EXIT_CODES_HELP = exit_codes_help()
 
 
 class AdminError(Exception):
@@ -887,6 +903,12 @@ def actor_email(args: argparse.Namespace) -> str:
         return parse_email(value)
     except argparse.ArgumentTypeError as exc:
         raise AdminError(EXIT_USAGE, f"admin user email {exc}") from None
+
+
+def pinned_schema(args: argparse.Namespace) -> str | None:
+    """The schema of Kan's tables when the operator named it (--db-schema, else
+    AGENT_IDENTITY_DB_SCHEMA); None: found through the search_path, as Kan finds it."""
+    return getattr(args, "db_schema", None) or os.environ.get("AGENT_IDENTITY_DB_SCHEMA") or None
 
 
 def first_line(exc: BaseException) -> str:
@@ -1800,6 +1822,22 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: s
         ) from None
 
 
+class Database:
+    """What a command works through: its connection, as its actor, with what each of its
+    transactions needs — the lock timeout, the schema the operator named (if any), and
+    whether this is a dry run (whose transactions roll back)."""
+
+    def __init__(self, conn, args: argparse.Namespace, actor: str | None):
+        self.conn, self.actor = conn, actor
+        self.lock_timeout = args.lock_timeout
+        self.schema = pinned_schema(args)
+        self.dry_run = args.dry_run
+
+    def transaction(self, *, read_only: bool = False, commit: bool | None = None):
+        return transaction(self.conn, self.lock_timeout, read_only=read_only, schema=self.schema,
+                           commit=not self.dry_run if commit is None else commit)
+
+
 def compose(template: str, schema: str, **parts):
     """A statement from its template: {s} is the schema that holds Kan's tables (quoted), and
     each other {name} a part, itself a template (str) or already composed. The one way
@@ -2571,7 +2609,8 @@ def json_times(record: dict) -> dict:
     return {**record, **{key: from_database_time(record[key]) for key in JSON_TIMES if key in record}}
 
 
-def access_of(conn, session: Session, args: argparse.Namespace, ref: Ref | None = None, **options) -> dict:
+def access_of(db: "Database", session: Session, args: argparse.Namespace, ref: Ref | None = None,
+              **options) -> dict:
     """check_access for what a command's arguments name, as its actor.
 
     A token looked up with no workspace named is answered the same whether it does not
@@ -2580,7 +2619,7 @@ def access_of(conn, session: Session, args: argparse.Namespace, ref: Ref | None 
     """
     ref = ref or Ref.of(args)
     try:
-        return check_access(conn, session, ref, args.actor_email, **options)
+        return check_access(db.conn, session, ref, db.actor, **options)
     except AdminError as refused:
         if not ref.by_token or ref.workspace or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
             raise
@@ -2610,7 +2649,7 @@ def write(conn, session: Session, statement: str, params: dict) -> dict:
     return json_times(identity)
 
 
-def record_denial(conn, args: argparse.Namespace, denied: AccessDenied, schema: str | None) -> None:
+def record_denial(db: "Database", args: argparse.Namespace, denied: AccessDenied) -> None:
     """Write the access.denied event of a refused command, in its own transaction."""
     import psycopg
     from psycopg.types.json import Jsonb
@@ -2623,7 +2662,7 @@ def record_denial(conn, args: argparse.Namespace, denied: AccessDenied, schema: 
         "slug": getattr(args, "slug", None),
         "token_public_id": token_public_id,
         "actor_id": denied.actor_id,
-        "actor_email": args.actor_email,
+        "actor_email": db.actor,
         "reason": getattr(args, "reason", None),
         "metadata": Jsonb({
             "command": args.command,
@@ -2634,8 +2673,8 @@ def record_denial(conn, args: argparse.Namespace, denied: AccessDenied, schema: 
         }),
     }
     try:
-        with transaction(conn, args.lock_timeout, schema=schema) as session:
-            written = conn.execute(compose(ACCESS_DENIED_SQL, session.schema), params).rowcount
+        with db.transaction(commit=True) as session:
+            written = db.conn.execute(compose(ACCESS_DENIED_SQL, session.schema), params).rowcount
             if written != 1:
                 raise dropped_events(1, written)
     except psycopg.Error as exc:
@@ -2938,20 +2977,7 @@ def slug_taken(slug: str, workspace_public_id: str) -> AdminError:
     )
 
 
-def pinned_schema(args: argparse.Namespace) -> str | None:
-    """The schema of Kan's tables when the operator named it (--db-schema, else
-    AGENT_IDENTITY_DB_SCHEMA); None: found through the search_path, as Kan finds it."""
-    return getattr(args, "db_schema", None) or os.environ.get("AGENT_IDENTITY_DB_SCHEMA") or None
-
-
-def begin(conn, args: argparse.Namespace, *, read_only: bool = False):
-    """A transaction of the tool for this command: its lock timeout, its schema; a dry run
-    rolls back."""
-    return transaction(conn, args.lock_timeout, read_only=read_only, schema=pinned_schema(args),
-                       commit=not getattr(args, "dry_run", False))
-
-
-def cmd_create(conn, args: argparse.Namespace) -> dict:
+def cmd_create(db: Database, args: argparse.Namespace) -> dict:
     """Create an active identity and its first token."""
     from psycopg import errors
 
@@ -2964,8 +2990,8 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
     }
     with token_file(args.token_file, args.dry_run) as fd:
         try:
-            with begin(conn, args) as session:
-                access = access_of(conn, session, args, lock=True, must_exist=False)
+            with db.transaction() as session:
+                access = access_of(db, session, args, lock=True, must_exist=False)
                 if access["identity"] is not None:
                     raise slug_taken(args.slug, access["workspace_public_id"])
                 expires = expires_at(args.expires_in, access["now"])
@@ -2981,7 +3007,7 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
                     "expiresAt": iso(expires),
                 })
                 if issued:
-                    identity = write(conn, session, CREATE_SQL, {
+                    identity = write(db.conn, session, CREATE_SQL, {
                         **audit,
                         "identity_public_id": identity["publicId"],
                         "slug": args.slug,
@@ -3008,12 +3034,12 @@ def cmd_create(conn, args: argparse.Namespace) -> dict:
     )
 
 
-def cmd_rotate(conn, args: argparse.Namespace) -> dict:
+def cmd_rotate(db: Database, args: argparse.Namespace) -> dict:
     """Issue a new token with the same scopes; revoke the live ones, or let them run out the grace."""
     issued = None if args.dry_run else issue_token()
     with token_file(args.token_file, args.dry_run) as fd:
-        with begin(conn, args) as session:
-            access = access_of(conn, session, args, lock=True, tokens=True)
+        with db.transaction() as session:
+            access = access_of(db, session, args, lock=True, tokens=True)
             identity, now, tokens = access["identity"], access["now"], access["tokens"]
             slug = identity["slug"]
             if identity["status"] == "revoked":
@@ -3057,7 +3083,7 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
                 "gracedTokens": [{"publicId": t["publicId"], "expiresAt": iso(until)} for t, until in graced],
             })
             if issued:
-                identity = write(conn, session, ROTATE_SQL, {
+                identity = write(db.conn, session, ROTATE_SQL, {
                     **audit,
                     "identity_id": identity["id"],
                     "identity_ids": [identity["id"]],
@@ -3086,15 +3112,15 @@ def cmd_rotate(conn, args: argparse.Namespace) -> dict:
     )
 
 
-def cmd_revoke(conn, args: argparse.Namespace) -> dict:
+def cmd_revoke(db: Database, args: argparse.Namespace) -> dict:
     """revoke: one token with --token, else the whole identity."""
-    return cmd_revoke_token(conn, args) if args.token else cmd_set_status(conn, args)
+    return cmd_revoke_token(db, args) if args.token else cmd_set_status(db, args)
 
 
-def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
+def cmd_revoke_token(db: Database, args: argparse.Namespace) -> dict:
     """Revoke one token of an identity, leaving the identity and its other tokens alone."""
-    with begin(conn, args) as session:
-        access = access_of(conn, session, args, lock=True, tokens=True)
+    with db.transaction() as session:
+        access = access_of(db, session, args, lock=True, tokens=True)
         identity = access["identity"]
         slug, workspace = identity["slug"], access["workspace_public_id"]
         token = next((t for t in access["tokens"] if t["publicId"] == args.token), None)
@@ -3111,7 +3137,7 @@ def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
             "revokedTokenPublicIds": [token["publicId"]],
         })
         if not args.dry_run:
-            identity = write(conn, session, REVOKE_TOKEN_SQL, {
+            identity = write(db.conn, session, REVOKE_TOKEN_SQL, {
                 **audit, "identity_id": identity["id"], "identity_ids": [identity["id"]], "token_id": token["id"],
                 "revoke_token_ids": [token["id"]],
             })
@@ -3124,20 +3150,20 @@ def cmd_revoke_token(conn, args: argparse.Namespace) -> dict:
     )
 
 
-def cmd_set_status_all(conn, args: argparse.Namespace) -> dict:
+def cmd_set_status_all(db: Database, args: argparse.Namespace) -> dict:
     """pause, resume and revoke --all: every identity of the workspace the move applies
     to, in one transaction, with one audit event each, sharing a batch id."""
     from psycopg.types.json import Jsonb
 
     new_status, allowed_from, action = TRANSITIONS[args.command]
     params = {"from_statuses": list(allowed_from)}
-    with begin(conn, args) as session:
-        access = access_of(conn, session, args, lock=True, params=params, detail=compose(
+    with db.transaction() as session:
+        access = access_of(db, session, args, lock=True, params=params, detail=compose(
             BULK_TARGETS, session.schema, workspace_id='(SELECT "id" FROM ws WHERE NOT deleted)'))
         targets, workspace = access["detail"], access["workspace_public_id"]
         if access["stale"]:
             # The workspace changed while we waited for its turn: read what it holds now.
-            targets = conn.execute(compose(BULK_TARGETS_SQL, session.schema, workspace_id="%(workspace_id)s"),
+            targets = db.conn.execute(compose(BULK_TARGETS_SQL, session.schema, workspace_id="%(workspace_id)s"),
                                    dict(params, workspace_id=access["workspace_id"])).fetchone()[0]
         if not targets:
             return mutation_result(args, False, identities=[], message=(
@@ -3153,7 +3179,7 @@ def cmd_set_status_all(conn, args: argparse.Namespace) -> dict:
             },
         } for target in targets]
         if not args.dry_run:
-            moved, written = conn.execute(compose(BULK_SQL, session.schema), {
+            moved, written = db.conn.execute(compose(BULK_SQL, session.schema), {
                 "identity_ids": [t["id"] for t in targets], "status": new_status,
                 "revoke_token_ids": [token["id"] for t in targets for token in t["tokens"]]
                 if new_status == "revoked" else [],
@@ -3171,13 +3197,13 @@ def cmd_set_status_all(conn, args: argparse.Namespace) -> dict:
     )
 
 
-def cmd_set_status(conn, args: argparse.Namespace) -> dict:
+def cmd_set_status(db: Database, args: argparse.Namespace) -> dict:
     """pause, resume and revoke: move an identity to another status (or, with --all, every one)."""
     if args.all:
-        return cmd_set_status_all(conn, args)
+        return cmd_set_status_all(db, args)
     new_status, allowed_from, action = TRANSITIONS[args.command]
-    with begin(conn, args) as session:
-        access = access_of(conn, session, args, lock=True, tokens=new_status == "revoked")
+    with db.transaction() as session:
+        access = access_of(db, session, args, lock=True, tokens=new_status == "revoked")
         identity = access["identity"]
         slug, workspace, previous = identity["slug"], access["workspace_public_id"], identity["status"]
         if previous == new_status:
@@ -3201,7 +3227,7 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
         if args.dry_run:
             identity = dict(identity, status=new_status)  # its times come only with a real run
         else:
-            identity = write(conn, session, STATUS_SQL, {
+            identity = write(db.conn, session, STATUS_SQL, {
                 **audit,
                 "identity_id": identity["id"],
                 "identity_ids": [identity["id"]],
@@ -3218,10 +3244,10 @@ def cmd_set_status(conn, args: argparse.Namespace) -> dict:
     )
 
 
-def cmd_inspect(conn, args: argparse.Namespace) -> dict:
+def cmd_inspect(db: Database, args: argparse.Namespace) -> dict:
     """Show an identity, its tokens (never their hashes) and its latest events."""
-    with begin(conn, args, read_only=True) as session:
-        access = access_of(conn, session, args, tokens=True, detail=EVENTS_DETAIL, params={"events": args.events})
+    with db.transaction(read_only=True) as session:
+        access = access_of(db, session, args, tokens=True, detail=EVENTS_DETAIL, params={"events": args.events})
     identity, now, tokens = access["identity"], access["now"], access["tokens"]
     view = identity_view(identity, access["workspace_public_id"])
     view["tokens"] = [token_view(t, now) for t in tokens]
@@ -3254,10 +3280,10 @@ def keyset_page(detail: dict, key: str, limit: int, missing_cursor: str) -> tupl
     return rows[:limit], rows[limit - 1]["publicId"] if len(rows) > limit else None
 
 
-def cmd_list(conn, args: argparse.Namespace) -> dict:
+def cmd_list(db: Database, args: argparse.Namespace) -> dict:
     """List a workspace's identities, newest first, a page at a time."""
-    with begin(conn, args, read_only=True) as session:
-        access = access_of(conn, session, args, detail=LIST_DETAIL, params={
+    with db.transaction(read_only=True) as session:
+        access = access_of(db, session, args, detail=LIST_DETAIL, params={
             "status": args.status, "limit": args.limit + 1, "after": args.after, "within": EXPIRING_SOON,
         })
     page, workspace = access["detail"], access["workspace_public_id"]
@@ -3288,15 +3314,15 @@ def cmd_list(conn, args: argparse.Namespace) -> dict:
     }
 
 
-def cmd_workspaces(conn, args: argparse.Namespace) -> dict:
+def cmd_workspaces(db: Database, args: argparse.Namespace) -> dict:
     """The workspaces the actor may manage, by the access check's rule, with what each holds."""
     from psycopg.rows import dict_row
 
-    with begin(conn, args, read_only=True) as session:
-        rows = conn.cursor(row_factory=dict_row).execute(
+    with db.transaction(read_only=True) as session:
+        rows = db.conn.cursor(row_factory=dict_row).execute(
             compose(WORKSPACES_SQL, session.schema),
-            {"email": args.actor_email, "permission": MANAGE_PERMISSION}).fetchall()
-    return {"ok": True, "command": "workspaces", "actorEmail": args.actor_email, "workspaces": [
+            {"email": db.actor, "permission": MANAGE_PERMISSION}).fetchall()
+    return {"ok": True, "command": "workspaces", "actorEmail": db.actor, "workspaces": [
         {"publicId": row["publicId"], "slug": row["slug"], "name": row["name"],
          "identities": {status: row[status] for status in STATUSES},
          "liveTokens": row["liveTokens"], "nextExpiresAt": iso(row["nextExpiresAt"])}
@@ -3304,15 +3330,15 @@ def cmd_workspaces(conn, args: argparse.Namespace) -> dict:
     ]}
 
 
-def cmd_expiring(conn, args: argparse.Namespace) -> dict:
+def cmd_expiring(db: Database, args: argparse.Namespace) -> dict:
     """Live tokens expiring within --within, in every workspace the actor manages (or one)."""
-    params = {"email": args.actor_email, "permission": MANAGE_PERMISSION, "within": args.within.delta}
-    with begin(conn, args, read_only=True) as session:
+    params = {"email": db.actor, "permission": MANAGE_PERMISSION, "within": args.within.delta}
+    with db.transaction(read_only=True) as session:
         if Ref.of(args).workspace:
-            access = access_of(conn, session, args, detail=EXPIRING_TOKENS, params=params)
+            access = access_of(db, session, args, detail=EXPIRING_TOKENS, params=params)
             found, now = access["detail"], access["now"]
         else:
-            found, now = conn.execute(compose(EXPIRING_SQL, session.schema), params).fetchone()
+            found, now = db.conn.execute(compose(EXPIRING_SQL, session.schema), params).fetchone()
     tokens = [json_times(token) for token in found]
     return {"ok": True, "command": "expiring", "now": iso(now), "within": args.within.text, "tokens": [
         {"workspacePublicId": t["workspacePublicId"], "workspaceSlug": t["workspaceSlug"], "slug": t["slug"],
@@ -3340,7 +3366,7 @@ def event_view(event: dict, workspace_public_id: str) -> dict:
     }
 
 
-def audit_page(conn, args: argparse.Namespace, after: str | None, limit: int) -> dict:
+def audit_page(db: Database, args: argparse.Namespace, after: str | None, limit: int) -> dict:
     """One page of audit's events, newest first, after the event named by after, in a
     read-only transaction of its own: the access check and the page in one query. A
     --token names the workspace when none is given, and stays a filter on that token."""
@@ -3348,8 +3374,8 @@ def audit_page(conn, args: argparse.Namespace, after: str | None, limit: int) ->
                for bound in ("since", "until") for part in ("ago", "at")}
     params = dict(moments, after=after, limit=limit + 1, token_filter=args.token, actor=args.actor,
                   actions=args.action)
-    with begin(conn, args, read_only=True) as session:
-        access = access_of(conn, session, args, detail=AUDIT_DETAIL, params=params)
+    with db.transaction(read_only=True) as session:
+        access = access_of(db, session, args, detail=AUDIT_DETAIL, params=params)
     workspace = access["workspace_public_id"]
     events, next_cursor = keyset_page(access["detail"], "events", limit,
                                       f"no audit event {after} in workspace {workspace}")
@@ -3357,7 +3383,7 @@ def audit_page(conn, args: argparse.Namespace, after: str | None, limit: int) ->
             "events": [event_view(event, workspace) for event in events], "nextCursor": next_cursor}
 
 
-def later_pages(conn, args: argparse.Namespace, cursor: str | None, limit: int):
+def later_pages(db: Database, args: argparse.Namespace, cursor: str | None, limit: int):
     """audit --all: the pages after the first, each in a transaction of its own (so a slow
     reader holds no snapshot, lock or idle transaction open), until the last; then it
     closes the connection, which it owns from the first page on."""
@@ -3365,55 +3391,55 @@ def later_pages(conn, args: argparse.Namespace, cursor: str | None, limit: int):
 
     try:
         while cursor:
-            page = audit_page(conn, args, cursor, limit)
+            page = audit_page(db, args, cursor, limit)
             yield page["events"]
             cursor = page["nextCursor"]
     except AccessDenied as denied:  # the actor lost workspace:manage mid-way
-        record_denial(conn, args, denied, pinned_schema(args))
+        record_denial(db, args, denied)
         raise
     except psycopg.Error as exc:
-        raise database_error(exc, args.lock_timeout, target_of(conn)) from exc
+        raise database_error(exc, db.lock_timeout, target_of(db.conn)) from exc
     finally:
-        conn.close()
+        db.conn.close()
 
 
-def cmd_audit(conn, args: argparse.Namespace) -> dict:
+def cmd_audit(db: Database, args: argparse.Namespace) -> dict:
     """The workspace's audit events, newest first, a page at a time; with --all (and
     --jsonl), every page, streamed as it is read. audit head and audit verify: its chain."""
     if args.mode == "head":
-        return cmd_audit_head(conn, args)
+        return cmd_audit_head(db, args)
     if args.mode == "verify":
-        return cmd_audit_verify(conn, args)
+        return cmd_audit_verify(db, args)
     limit = args.limit or (LIST_LIMIT_MAX if args.all else LIST_LIMIT_DEFAULT)
-    page = audit_page(conn, args, args.after, limit)
+    page = audit_page(db, args, args.after, limit)
     result = {"ok": True, "command": "audit", "now": iso(page["now"]), "workspacePublicId": page["workspacePublicId"],
               "events": page["events"], "nextCursor": page["nextCursor"]}
     if args.all:
         result["nextCursor"] = None
         if page["nextCursor"]:
-            result["later"] = later_pages(conn, args, page["nextCursor"], limit)  # run() leaves conn to it
+            result["later"] = later_pages(db, args, page["nextCursor"], limit)  # run() leaves conn to it
     return result
 
 
-def chain_workspaces(conn, session: Session, args: argparse.Namespace) -> list[dict]:
+def chain_workspaces(db: Database, session: Session, args: argparse.Namespace) -> list[dict]:
     """What audit head and audit verify look at: the workspace given (after the access
     check), or every one the actor manages; each with its public id, slug and chain head."""
     from psycopg.rows import dict_row
 
     if Ref.of(args).workspace:
-        access = access_of(conn, session, args, detail=ONE_HEAD_DETAIL)
+        access = access_of(db, session, args, detail=ONE_HEAD_DETAIL)
         return [{"id": access["workspace_id"], "publicId": access["workspace_public_id"],
                  "slug": access["detail"]["slug"], "head": access["detail"]["head"]}]
-    return conn.cursor(row_factory=dict_row).execute(
+    return db.conn.cursor(row_factory=dict_row).execute(
         compose(MANAGED_HEADS_SQL, session.schema),
-        {"email": args.actor_email, "permission": MANAGE_PERMISSION}).fetchall()
+        {"email": db.actor, "permission": MANAGE_PERMISSION}).fetchall()
 
 
-def cmd_audit_head(conn, args: argparse.Namespace) -> dict:
+def cmd_audit_head(db: Database, args: argparse.Namespace) -> dict:
     """The head of each audit chain (SEQUENCE:HASH), to pin somewhere the database's
     writers cannot reach; audit verify --expect-head checks the chain still extends it."""
-    with begin(conn, args, read_only=True) as session:
-        workspaces = chain_workspaces(conn, session, args)
+    with db.transaction(read_only=True) as session:
+        workspaces = chain_workspaces(db, session, args)
     heads = []
     for workspace in workspaces:
         head = json_times(workspace["head"])
@@ -3426,13 +3452,13 @@ def cmd_audit_head(conn, args: argparse.Namespace) -> dict:
     return {"ok": True, "command": "audit head", "workspaces": heads}
 
 
-def cmd_audit_verify(conn, args: argparse.Namespace) -> dict:
+def cmd_audit_verify(db: Database, args: argparse.Namespace) -> dict:
     """Recompute every event's hash from the rows alone, in chain order, streamed, and say
     per workspace whether the chain is intact, its head, and the first break."""
     reports = []
-    with begin(conn, args, read_only=True) as session:
-        for workspace in chain_workspaces(conn, session, args):
-            report = verify_workspace(conn, session.schema, workspace["id"], args.expect_head)
+    with db.transaction(read_only=True) as session:
+        for workspace in chain_workspaces(db, session, args):
+            report = verify_workspace(db.conn, session.schema, workspace["id"], args.expect_head)
             reports.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], **report})
     return {"ok": True, "command": "audit verify", "intact": all(r["intact"] for r in reports),
             "expectHead": args.expect_head and str(args.expect_head), "workspaces": reports}
@@ -3473,23 +3499,30 @@ def verify_result(reason: str | None, row: dict | None = None) -> dict:
     return result
 
 
-def verify_format(args: argparse.Namespace) -> dict | None:
-    """The verdict when the token's form alone refuses it, before any database work."""
-    args.presented_token = read_token(args)
-    args.token_public_id, defect = parse_token(args.presented_token)
-    return verify_result(defect) if defect else None
+class Presented(collections.namedtuple("Presented", "text public_id")):
+    """The token verify was given, and the public id its form names."""
+
+    __slots__ = ()
 
 
-def cmd_verify(conn, args: argparse.Namespace) -> dict:
+def read_presented(args: argparse.Namespace) -> dict:
+    """verify's input, read before any connection: the token, or — when its form alone
+    refuses it, as a server would with no database or argon2 work — the verdict."""
+    text = read_token(args)
+    public_id, defect = parse_token(text)
+    return {"verdict": verify_result(defect)} if defect else {"token": Presented(text, public_id)}
+
+
+def cmd_verify(db: Database, args: argparse.Namespace, token: Presented) -> dict:
     """Say whether the server should accept a token now, and if not, why. Writes nothing
     but the access.denied event of a refused actor."""
     from argon2.exceptions import InvalidHashError, VerifyMismatchError
 
     ref = Ref.of(args)
     try:
-        with begin(conn, args, read_only=True) as session:
-            access = access_of(conn, session, args, ref, detail=VERIFY_DETAIL,
-                               params={"token_public_id": args.token_public_id}, allow_deleted=True)
+        with db.transaction(read_only=True) as session:
+            access = access_of(db, session, args, ref, detail=VERIFY_DETAIL,
+                               params={"token_public_id": token.public_id}, allow_deleted=True)
     except AdminError as refused:
         if ref.workspace or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
             raise  # the operator named the workspace: say what is wrong with it
@@ -3497,15 +3530,15 @@ def cmd_verify(conn, args: argparse.Namespace) -> dict:
             # A token of a workspace the actor may not manage gets the answer an unknown
             # id gets, so verify tells nobody whether a token exists; the audit event
             # in the token's workspace records the probe.
-            refused.token_public_id = args.token_public_id
-            record_denial(conn, args, refused, pinned_schema(args))
+            refused.token_public_id = token.public_id
+            record_denial(db, args, refused)
         return verify_result("unknown_token")
     row = access["detail"]
     if row is None:
         return verify_result("unknown_token")
     row = dict(json_times(row), workspacePublicId=access["workspace_public_id"])
     try:
-        token_hasher().verify(row["tokenHash"], args.presented_token)
+        token_hasher().verify(row["tokenHash"], token.text)
     except VerifyMismatchError:
         return verify_result("hash_mismatch", row)
     except InvalidHashError:
@@ -4008,115 +4041,6 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
     return result()
 
 
-OFFLINE_COMMANDS = {"help": cmd_help, "schema": cmd_schema, "completion": cmd_completion}
-DATABASE_COMMANDS = {
-    "create": cmd_create,
-    "rotate": cmd_rotate,
-    "pause": cmd_set_status,
-    "resume": cmd_set_status,
-    "revoke": cmd_revoke,
-    "inspect": cmd_inspect,
-    "list": cmd_list,
-    "workspaces": cmd_workspaces,
-    "expiring": cmd_expiring,
-    "verify": cmd_verify,
-    "audit": cmd_audit,
-}
-MUTATING_COMMANDS = ("create", "rotate", "pause", "resume", "revoke")
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Check the arguments that argparse cannot, then run the command."""
-    if args.command in OFFLINE_COMMANDS:
-        return OFFLINE_COMMANDS[args.command](args)
-    named = Ref.of(args).workspace
-    if args.command == "doctor":
-        # Every failure is one of its checks, the connection's included.
-        return cmd_doctor(args)
-    if getattr(args, "token_file", None) == "-" and args.json and args.command in ("create", "rotate"):
-        raise AdminError(EXIT_USAGE, "give --json or --token-file -, not both: with --token-file -, standard "
-                                     "output carries the token alone, for a secret manager to read")
-    if args.command == "inspect" and args.token and args.slug:
-        raise AdminError(EXIT_USAGE, "give --slug or --token, not both (see `agent-identity inspect --help`)")
-    if args.command in ("inspect", "revoke", "pause", "resume"):
-        chosen = [flag for flag in ("slug", "token", "all") if getattr(args, flag, None)]
-        if len(chosen) > 1 and chosen != ["slug", "token"]:
-            raise AdminError(EXIT_USAGE, f"give one of --{' or --'.join(chosen)}, not both "
-                                         f"(see `{PROG} {args.command} --help`)")
-        if not getattr(args, "token", None):
-            missing = [flag for flag, value in (
-                ("--workspace-public-id or --workspace", named),
-                ("--slug", args.slug or getattr(args, "all", False))) if not value]
-            if missing:
-                alternatives = " or --all" if hasattr(args, "all") else ""
-                alternatives += " (or --token)" if hasattr(args, "token") else ""
-                raise AdminError(EXIT_USAGE, f"the following arguments are required: {', '.join(missing)}"
-                                             f"{alternatives} (see `{PROG} {args.command} --help`)")
-    if args.command == "audit" and args.mode:
-        listing = [option for option, value in (
-            ("--since", args.since), ("--until", args.until), ("--actor", args.actor), ("--action", args.action),
-            ("--slug", args.slug), ("--token", args.token), ("--limit", args.limit), ("--after", args.after),
-            ("--jsonl", args.jsonl), ("--all", args.all)) if value]
-        if listing:
-            raise AdminError(EXIT_USAGE, f"audit {args.mode} looks at whole chains: {listing[0]} is for listing "
-                                         f"events (see `{PROG} audit --help`)")
-        if args.expect_head and (args.mode != "verify" or not named):
-            raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify and one workspace "
-                                         "(--workspace or --workspace-public-id)")
-    elif args.command == "audit":
-        if args.expect_head:
-            raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify")
-        if not (named or args.token):
-            raise AdminError(EXIT_USAGE, "the following arguments are required: --workspace-public-id or "
-                                         f"--workspace (or --token) (see `{PROG} audit --help`)")
-        if args.all and not args.jsonl:
-            raise AdminError(EXIT_USAGE, "--all streams every page, one event per line: give it with --jsonl")
-        if args.json and args.jsonl:
-            raise AdminError(EXIT_USAGE, "give --json (one object, one page) or --jsonl (one event per line), "
-                                         "not both")
-    if args.command in MUTATING_COMMANDS:
-        if args.confirm and args.dry_run:
-            raise AdminError(EXIT_USAGE, "give --confirm or --dry-run, not both")
-        if not (args.confirm or args.dry_run):
-            raise AdminError(
-                EXIT_USAGE,
-                f"{args.command} changes the database: add --confirm to do it, or --dry-run to see what it would do",
-            )
-    else:
-        args.dry_run = False
-    if args.command in ("create", "rotate", "verify"):
-        forbid_core_dumps()  # before a token exists in this process
-    if args.command == "verify":
-        # A malformed or mistyped token is refused before any connection, as a server should.
-        verdict = verify_format(args)
-        if verdict:
-            return verdict
-    args.actor_email = actor_email(args)
-    url = database_url(args)
-
-    import psycopg
-
-    conn = connect(url)
-    target = target_of(conn)
-    result = {}
-    try:
-        result = DATABASE_COMMANDS[args.command](conn, args)
-    except AccessDenied as denied:
-        if not args.dry_run:
-            record_denial(conn, args, denied, pinned_schema(args))
-        raise
-    except psycopg.Error as exc:
-        holders = lock_holders(conn, exc, pinned_schema(args)) if isinstance(exc, psycopg.errors.LockNotAvailable) \
-            else ""
-        raise database_error(exc, args.lock_timeout, target, holders) from exc
-    finally:
-        if "later" not in result:  # audit --all reads its later pages as it prints them, then closes
-            conn.close()
-    if args.command in MUTATING_COMMANDS:
-        result["target"] = target  # where it wrote (or would have): staging or production?
-    return result
-
-
 # --- Output -----------------------------------------------------------------
 
 
@@ -4383,7 +4307,8 @@ def render_audit_verify(result: dict) -> list[str]:
 def render_doctor(result: dict) -> list[str]:
     lines = []
     for check in result["checks"]:
-        lines.append(f"{'✓' if check['ok'] else '✗'} {check['name']}: {check['detail']}")
+        mark = "!" if check.get("warning") else "✓" if check["ok"] else "✗"
+        lines.append(f"{mark} {check['name']}: {check['detail']}")
         if check["fix"]:
             lines.append(f"  fix: {check['fix']}")
     return lines
@@ -4399,6 +4324,73 @@ def render_verify(result: dict) -> list[str]:
         f"token      {token['publicId']}, scopes {','.join(token['scopes'])}, expiring {render_expiry(token['expiresAt'])}",
         f"identity   {render_identity_line(identity)}",
     ]
+
+
+class View(collections.namedtuple("View", "lines notes summary")):
+    """A result as a person reads it: lines for stdout, notes for stderr (after
+    "agent-identity: "), and, when stdout carries a token alone for a secret manager,
+    the summary that goes to stderr instead."""
+
+    __slots__ = ()
+
+    def __new__(cls, lines, notes=(), summary=()):
+        return super().__new__(cls, list(lines), list(notes), list(summary))
+
+
+def more(result: dict) -> list[str]:
+    """The note that says how to read the next page, when there is one."""
+    return [f"more: add --after {result['nextCursor']}"] if result.get("nextCursor") else []
+
+
+def view_text(result: dict, width: int | None) -> View:
+    """help, schema and completion: their text, a line at a time."""
+    return View(next(result[key] for key in ("text", "sql", "script") if key in result).rstrip("\n").split("\n"))
+
+
+def view_mutation(result: dict, width: int | None) -> View:
+    lines, notes = render_mutation(result)
+    if (result.get("token") or {}).get("tokenFile") == "-":
+        # Standard output is the token's alone, for a secret manager to read.
+        secret = result["token"].get("secret")
+        return View([secret] if secret else [], notes, lines)
+    return View(lines, notes)
+
+
+def view_inspect(result: dict, width: int | None) -> View:
+    return View(render_inspect(result, width))
+
+
+def view_list(result: dict, width: int | None) -> View:
+    return View(render_list(result, width), more(result))
+
+
+def view_workspaces(result: dict, width: int | None) -> View:
+    return View(render_workspaces(result, width))
+
+
+def view_expiring(result: dict, width: int | None) -> View:
+    return View(render_expiring(result, width))
+
+
+def view_audit(result: dict, width: int | None) -> View:
+    """audit's events, or the chains of audit head and audit verify."""
+    if result["command"] == "audit head":
+        return View(render_audit_head(result))
+    if result["command"] == "audit verify":
+        return View(render_audit_verify(result))
+    return View(render_audit(result, width), more(result))
+
+
+def view_verify(result: dict, width: int | None) -> View:
+    return View(render_verify(result))
+
+
+def view_doctor(result: dict, width: int | None) -> View:
+    return View(render_doctor(result))
+
+
+# The marks of doctor's and audit verify's lines, and their colours on a terminal.
+MARK_COLOURS = {"✓": 32, "✗": 31, "!": 33}
 
 
 class Output:
@@ -4434,70 +4426,32 @@ class Output:
 
     def result(self, result: dict) -> None:
         self.notes(result.get("warnings", []))
-        command = result["command"]
-        if self.lines and command == "audit":
-            self.event_lines(result)
+        command = COMMANDS.get(result["command"].split()[0])
+        if self.lines and command and command.jsonl:
+            self.json_lines(result, command.jsonl)
             return
         if self.as_json:
             self._json(result)
             return
-        notes: list[str] = []
-        if command == "help":
-            lines = result["text"].rstrip().split("\n")
-        elif command == "schema":
-            lines = result["sql"].rstrip().split("\n")
-        elif command == "completion":
-            self._write(self.stdout, result["script"])  # a script: written as made, not escaped
-            return
-        elif command == "inspect":
-            lines = render_inspect(result, self.width)
-        elif command == "list":
-            lines = render_list(result, self.width)
-            if result["nextCursor"]:
-                notes = [f"more: add --after {result['nextCursor']}"]
-        elif command == "audit head":
-            lines = render_audit_head(result)
-        elif command == "audit verify":
-            lines = render_audit_verify(result)
-        elif command == "audit":
-            lines = render_audit(result, self.width)
-            if result["nextCursor"]:
-                notes = [f"more: add --after {result['nextCursor']}"]
-        elif command == "workspaces":
-            lines = render_workspaces(result, self.width)
-        elif command == "expiring":
-            lines = render_expiring(result, self.width)
-        elif command == "verify":
-            lines = render_verify(result)
-        elif command == "doctor":
-            lines = render_doctor(result)
-        else:
-            lines, notes = render_mutation(result)
-            if (result.get("token") or {}).get("tokenFile") == "-":
-                # Standard output is the token's alone, for a secret manager to read:
-                # the summary goes to stderr.
-                self._write(self.stderr, "".join(visible(line) + "\n" for line in lines))
-                if result["token"].get("secret"):
-                    self._write(self.stdout, result["token"]["secret"] + "\n")
-                self.notes(notes)
-                return
-        text = "".join(visible(line) + "\n" for line in lines)
-        if self.colour and command in ("doctor", "audit verify"):  # the marks are ours: coloured after visible()
-            text = re.sub(r"^([✓✗])", lambda mark: f"\033[{32 if mark[1] == '✓' else 31}m{mark[1]}\033[0m",
-                          text, flags=re.M)
+        view = command.view(result, self.width)
+        if view.summary:
+            self._write(self.stderr, "".join(visible(line) + "\n" for line in view.summary))
+        text = "".join(visible(line) + "\n" for line in view.lines)
+        if self.colour and command.marks:  # the marks are ours: coloured after visible()
+            text = re.sub("^([✓✗!])", lambda mark: f"\033[{MARK_COLOURS[mark[1]]}m{mark[1]}\033[0m", text, flags=re.M)
         self._write(self.stdout, text)
-        self.notes(notes)
+        self.notes(view.notes)
 
-    def event_lines(self, result: dict) -> None:
-        """audit --jsonl: each event a line of ASCII JSON, a page per write, as pages are read."""
+    def json_lines(self, result: dict, key: str) -> None:
+        """--jsonl: each row of result[key] a line of ASCII JSON, a page per write, as pages
+        are read (result["later"] gives the pages after the first)."""
         import json
 
-        for page in itertools.chain([result["events"]], result.get("later", ())):
+        for page in itertools.chain([result[key]], result.get("later", ())):
             if page:
                 with self.signals.whole():  # a reader gets whole lines, whatever stops the stream
-                    self._write(self.stdout, "".join(json.dumps(event) + "\n" for event in page))
-        if result["nextCursor"]:
-            self.notes([f"more: add --after {result['nextCursor']}"])
+                    self._write(self.stdout, "".join(json.dumps(row) + "\n" for row in page))
+        self.notes(more(result))
 
     def notes(self, notes: list[str]) -> None:
         for note in notes:
@@ -4564,7 +4518,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def check_options(self, argv: list[str]) -> None:
         """Name an unknown option before argparse says something else is missing: a typo
         (--slgu) is the mistake, not the --slug it left out."""
-        command = next((arg for arg in argv if arg in self.commands), None)
+        command = command_in(argv)
         if command is None:
             return  # no command to check against: argparse says what is wrong
         known = set(self._option_string_actions) | set(self.commands[command]._option_string_actions)
@@ -4575,14 +4529,6 @@ class ArgumentParser(argparse.ArgumentParser):
             if option.startswith("--") and option not in known:
                 raise AdminError(EXIT_USAGE, f"unknown option {quote(option)}{did_you_mean(option, known)} "
                                              f"(see `{PROG} {command} --help`)")
-
-
-def workspace_options(sub: argparse.ArgumentParser, *, required: bool, help_text: str) -> None:
-    """--workspace-public-id W, or --workspace W (a slug, as in Kan's URLs, or a public id)."""
-    group = sub.add_mutually_exclusive_group(required=required)
-    group.add_argument("--workspace-public-id", type=parse_public_id, metavar="W", help=f"{help_text}: its public id")
-    group.add_argument("--workspace", type=parse_workspace, metavar="W",
-                       help=f"{help_text}: its slug or public id (a public id wins if both match)")
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
@@ -4600,8 +4546,292 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show a traceback for internal errors")
 
 
-EXAMPLES = {
-    "create": """\
+# The options commands share, each added by one function.
+
+
+def workspace_options(sub, *, required: bool = True, help_text: str = "the Kan workspace") -> None:
+    """--workspace-public-id W, or --workspace W (a slug, as in Kan's URLs, or a public id)."""
+    group = sub.add_mutually_exclusive_group(required=required)
+    group.add_argument("--workspace-public-id", type=parse_public_id, metavar="W", help=f"{help_text}: its public id")
+    group.add_argument("--workspace", type=parse_workspace, metavar="W",
+                       help=f"{help_text}: its slug or public id (a public id wins if both match)")
+
+
+def slug_option(sub, *, required: bool = True) -> None:
+    sub.add_argument("--slug", required=required, type=parse_slug, metavar="S",
+                     help="the identity's slug, unique in its workspace")
+
+
+def change_options(sub) -> None:
+    """What every command that changes the database takes."""
+    sub.add_argument("--reason", type=parse_reason, metavar="R", help="why, for the audit log")
+    sub.add_argument("--confirm", action="store_true", help="make the change")
+    sub.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+
+
+def token_options(sub, expires_default: str | None, expires_help: str) -> None:
+    """What create and rotate share: how long the new token lives, and where it goes."""
+    sub.add_argument("--expires-in", type=parse_expires_in, default=expires_default, metavar="DURATION",
+                     help=f"30m, 12h, 90d, 1w ... at most 365d, or never ({expires_help})")
+    sub.add_argument("--token-file", metavar="PATH", type=parse_path,
+                     help="write the token to this new file (mode 0600); - writes only the token to "
+                          "stdout, for a secret manager, and the summary to stderr")
+
+
+def identity_options(sub, *, by_token: str | None = None) -> None:
+    """The workspace and the identity in it; with by_token (its help), --token may name the
+    identity instead, and then the workspace and the slug are optional."""
+    workspace_options(sub, required=not by_token)
+    slug_option(sub, required=not by_token)
+    if by_token:
+        sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID", help=by_token)
+
+
+def wide_option(sub) -> None:
+    sub.add_argument("--wide", action="store_true", help="print the tables whole, however wide the terminal")
+
+
+def bulk_option(sub) -> None:
+    sub.add_argument("--all", action="store_true",
+                     help="every identity of the workspace this applies to, in one transaction")
+
+
+# Each command's own options.
+
+
+def help_options(sub, parser) -> None:
+    sub.add_argument("topic", nargs="?", metavar="COMMAND")
+    sub.set_defaults(parser=parser)  # the text help prints is this parser's own
+
+
+def no_options(sub, parser) -> None:
+    pass
+
+
+def completion_options(sub, parser) -> None:
+    sub.add_argument("shell", choices=("bash", "zsh", "fish"))
+
+
+def create_options(sub, parser) -> None:
+    identity_options(sub)
+    change_options(sub)
+    sub.add_argument("--display-name", required=True, type=parse_display_name, metavar="D")
+    sub.add_argument("--token-name", required=True, type=parse_display_name, metavar="T")
+    sub.add_argument("--scopes", required=True, type=parse_scopes, metavar="a,b",
+                     help=f"comma-separated, from: {', '.join(SCOPES)}")
+    token_options(sub, EXPIRES_DEFAULT, f"default {EXPIRES_DEFAULT}")
+
+
+def rotate_options(sub, parser) -> None:
+    identity_options(sub)
+    change_options(sub)
+    sub.add_argument("--token-name", type=parse_display_name, metavar="T",
+                     help="name of the new token (default: the old one's)")
+    sub.add_argument("--grace", type=parse_grace, default="0", metavar="DURATION",
+                     help="let the old live tokens work this much longer instead of revoking them "
+                          "(at most 7d; default 0: revoke at once)")
+    sub.add_argument("--scopes", type=parse_scopes, metavar="a,b",
+                     help="the new token's scopes (default: the old one's)")
+    token_options(sub, None, "default: the lifetime the rotated token was issued with")
+
+
+def status_options(sub, parser) -> None:
+    """pause and resume: one identity, or --all."""
+    workspace_options(sub, required=False)
+    slug_option(sub, required=False)
+    change_options(sub)
+    bulk_option(sub)
+
+
+def revoke_options(sub, parser) -> None:
+    identity_options(sub, by_token="revoke only this token (its public id, or kan_agent_<id>), leaving the "
+                                   "identity alone; it names the identity and workspace too")
+    change_options(sub)
+    bulk_option(sub)
+
+
+def inspect_options(sub, parser) -> None:
+    identity_options(sub, by_token="the identity holding this token (its public id, or kan_agent_<id>), in any "
+                                   "workspace you manage")
+    sub.add_argument("--events", type=parse_event_count, default=EVENTS_DEFAULT, metavar="N",
+                     help=f"how many audit events to show (default {EVENTS_DEFAULT})")
+    wide_option(sub)
+
+
+def list_options(sub, parser) -> None:
+    workspace_options(sub)
+    sub.add_argument("--status", choices=STATUSES)
+    sub.add_argument("--limit", type=parse_list_limit, default=LIST_LIMIT_DEFAULT, metavar="N",
+                     help=f"identities per page (default {LIST_LIMIT_DEFAULT}, at most {LIST_LIMIT_MAX})")
+    sub.add_argument("--after", type=parse_public_id, metavar="PUBLIC_ID",
+                     help="start after this identity: the nextCursor of the previous page")
+    wide_option(sub)
+
+
+def audit_options(sub, parser) -> None:
+    workspace_options(sub, required=False)
+    sub.add_argument("mode", nargs="?", choices=("verify", "head"), metavar="verify|head",
+                     help="verify: recompute every audit chain (the workspace's, or every one you manage) and "
+                          f"exit {EXIT_CHAIN_BROKEN} at a break; head: print each chain's head, SEQUENCE:HASH, "
+                          "to pin")
+    sub.add_argument("--expect-head", type=parse_head, metavar="SEQ:HASH",
+                     help="with verify: also fail unless the chain still holds this head, pinned earlier")
+    sub.add_argument("--since", type=parse_moment, metavar="WHEN",
+                     help="only events at or after WHEN: a duration back from now (24h, 7d) or an ISO time "
+                          "(UTC unless it says otherwise)")
+    sub.add_argument("--until", type=parse_moment, metavar="WHEN", help="only events before WHEN (as --since)")
+    sub.add_argument("--actor", type=parse_email, metavar="EMAIL", help="only what this Kan user did")
+    sub.add_argument("--action", type=parse_action, action="append", metavar="ACTION",
+                     help=f"only this action (repeatable): {', '.join(AUDIT_ACTIONS)}")
+    sub.add_argument("--slug", type=parse_slug, metavar="S", help="only events about this identity")
+    sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",
+                     help="only events about this token (its public id, or kan_agent_<id>); it names the "
+                          "workspace too")
+    sub.add_argument("--limit", type=parse_list_limit, metavar="N",
+                     help=f"events per page (default {LIST_LIMIT_DEFAULT}; {LIST_LIMIT_MAX} with --all; "
+                          f"at most {LIST_LIMIT_MAX})")
+    sub.add_argument("--after", type=parse_public_id, metavar="EVENT_ID",
+                     help="start after this event: the nextCursor of the previous page")
+    sub.add_argument("--jsonl", action="store_true", help="print one JSON event per line, as read (for a SIEM or jq)")
+    sub.add_argument("--all", action="store_true", help="with --jsonl: every page, streamed, not only the first")
+    wide_option(sub)
+
+
+def expiring_options(sub, parser) -> None:
+    workspace_options(sub, required=False, help_text="only this workspace")
+    sub.add_argument("--within", type=parse_within, default=EXPIRING_WITHIN_DEFAULT, metavar="DURATION",
+                     help=f"how soon: 30m, 12h, 7d, 2w ... (default {EXPIRING_WITHIN_DEFAULT}); "
+                          f"exit {EXIT_EXPIRING} when any is found")
+
+
+def doctor_options(sub, parser) -> None:
+    workspace_options(sub, required=False, help_text="also check that the actor may manage this workspace")
+
+
+def verify_options(sub, parser) -> None:
+    workspace_options(sub, required=False, help_text="the workspace the token must belong to (default: the token's own)")
+    sub.add_argument("--token-file", metavar="PATH", type=parse_path,
+                     help="read the token from this file instead of stdin")
+
+
+# The checks argparse cannot make: across a command's arguments. Each raises exit 2.
+
+
+def token_to_stdout_alone(args: argparse.Namespace) -> None:
+    if args.token_file == "-" and args.json:
+        raise AdminError(EXIT_USAGE, "give --json or --token-file -, not both: with --token-file -, standard "
+                                     "output carries the token alone, for a secret manager to read")
+
+
+def slug_or_token(args: argparse.Namespace) -> None:
+    """inspect names its identity one way."""
+    if args.slug and args.token:
+        raise AdminError(EXIT_USAGE, f"give --slug or --token, not both (see `{PROG} inspect --help`)")
+
+
+def one_identity(args: argparse.Namespace) -> None:
+    """--slug, --token or --all (revoke takes --slug with --token), and a workspace unless
+    --token names it: what is missing is named as it is missing."""
+    chosen = [flag for flag in ("slug", "token", "all") if getattr(args, flag, None)]
+    if len(chosen) > 1 and chosen != ["slug", "token"]:
+        raise AdminError(EXIT_USAGE, f"give one of --{' or --'.join(chosen)}, not both "
+                                     f"(see `{PROG} {args.command} --help`)")
+    if getattr(args, "token", None):
+        return
+    by_token = " (or --token)" if hasattr(args, "token") else ""
+    missing = [what for what, given in (
+        ("--workspace-public-id or --workspace" + by_token, Ref.of(args).workspace),
+        ("--slug" + (" or --all" if hasattr(args, "all") else "") + by_token, args.slug or getattr(args, "all", False)),
+    ) if not given]
+    if missing:
+        raise AdminError(EXIT_USAGE, f"the following arguments are required: {'; '.join(missing)} "
+                                     f"(see `{PROG} {args.command} --help`)")
+
+
+def audit_arguments(args: argparse.Namespace) -> None:
+    """audit lists events, or (verify, head) looks at whole chains: each takes its own options."""
+    named = Ref.of(args).workspace
+    if args.mode:
+        listing = [option for option, value in (
+            ("--since", args.since), ("--until", args.until), ("--actor", args.actor), ("--action", args.action),
+            ("--slug", args.slug), ("--token", args.token), ("--limit", args.limit), ("--after", args.after),
+            ("--jsonl", args.jsonl), ("--all", args.all)) if value]
+        if listing:
+            raise AdminError(EXIT_USAGE, f"audit {args.mode} looks at whole chains: {listing[0]} is for listing "
+                                         f"events (see `{PROG} audit --help`)")
+        if args.expect_head and (args.mode != "verify" or not named):
+            raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify and one workspace "
+                                         "(--workspace or --workspace-public-id)")
+        return
+    if args.expect_head:
+        raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify")
+    if not (named or args.token):
+        raise AdminError(EXIT_USAGE, "the following arguments are required: --workspace-public-id or "
+                                     f"--workspace (or --token) (see `{PROG} audit --help`)")
+    if args.all and not args.jsonl:
+        raise AdminError(EXIT_USAGE, "--all streams every page, one event per line: give it with --jsonl")
+    if args.json and args.jsonl:
+        raise AdminError(EXIT_USAGE, "give --json (one object, one page) or --jsonl (one event per line), not both")
+
+
+# A result's exit code, for the commands whose result is a verdict.
+
+
+def verify_verdict(result: dict) -> int:
+    return EXIT_OK if result["valid"] else EXIT_INVALID_TOKEN
+
+
+def doctor_verdict(result: dict) -> int:
+    return EXIT_OK if result["healthy"] else EXIT_DATABASE
+
+
+def expiring_verdict(result: dict) -> int:
+    return EXIT_EXPIRING if result["tokens"] else EXIT_OK
+
+
+def audit_verdict(result: dict) -> int:
+    return EXIT_CHAIN_BROKEN if result["command"] == "audit verify" and not result["intact"] else EXIT_OK
+
+
+class Command(collections.namedtuple(
+        "Command", "name summary run view options checks verdict database changes token before jsonl marks examples",
+        defaults=((), None, True, False, False, None, None, False, ""))):
+    """One command, and everything that makes it one: its name and one-line summary (its
+    help line and description), the function that runs it and the one that shows its
+    result (view), the function that adds its options, its cross-argument checks, its
+    verdict (result -> exit code; None: always 0), and what it is: database (run gets a
+    Database; else run(args)), changes (it writes: --confirm or --dry-run), token (a
+    token passes through the process: no core file), before (what it reads before any
+    connection, given to run: a dict, or {"verdict": result} to stop there), jsonl (the
+    key of the rows --jsonl streams), marks (its lines begin ✓, ✗ or !), and its
+    examples. The parser, help, completion, dispatch, confirmation, output and exit code
+    all come from here."""
+
+    __slots__ = ()
+
+
+COMMANDS = {c.name: c for c in (
+    Command("help", "show usage for the tool or one command", cmd_help, view_text, help_options, database=False,
+            examples="""\
+example:
+  agent-identity help rotate"""),
+    Command("schema", "print the SQL that creates the agent tables (idempotent)", cmd_schema, view_text,
+            no_options, database=False, examples="""\
+examples:
+  agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 \\
+      "$POSTGRES_URL"
+  agent-identity schema --db-schema kan | psql --single-transaction \\
+      -v ON_ERROR_STOP=1 "$POSTGRES_URL"
+Apply it as the owner of Kan's tables: it also indexes Kan's workspace_members."""),
+    Command("completion", "print a shell completion script (bash, zsh or fish)", cmd_completion, view_text,
+            completion_options, database=False, examples="""\
+examples:
+  source <(agent-identity completion bash)         # in ~/.bashrc
+  agent-identity completion zsh > agent-identity.zsh   # source it in ~/.zshrc
+  agent-identity completion fish > agent-identity.fish
+      # into ~/.config/fish/completions/"""),
+    Command("create", "create an active identity and its first token", cmd_create, view_mutation, create_options,
+            checks=(token_to_stdout_alone,), changes=True, token=True, examples="""\
 examples:
   agent-identity create --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --display-name "Release bot" --token-name ci \\
@@ -4609,67 +4839,52 @@ examples:
   agent-identity create ... --expires-in 30d --token-file release-bot.token \\
       --confirm
   agent-identity create ... --token-file - --confirm | vault kv put \\
-      secret/kan/release-bot token=-     # only the token goes to stdout""",
-    "rotate": """\
+      secret/kan/release-bot token=-     # only the token goes to stdout"""),
+    Command("rotate", "issue a new token; revoke the old ones, or give them a grace", cmd_rotate, view_mutation,
+            rotate_options, checks=(token_to_stdout_alone,), changes=True, token=True, examples="""\
 examples:
   agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --reason "leaked in a log" --confirm
   agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --grace 1h --token-file new.token --confirm   # the old token works 1h
   agent-identity rotate --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
-      --token-name ci-2025 --dry-run""",
-    "doctor": """\
-examples:
-  agent-identity doctor
-  agent-identity doctor --workspace-public-id Ab12Cd34Ef56 \\
-      --admin-user-email you@example.com
-Exit 0 when every check passes, 6 otherwise.""",
-    "verify": """\
-examples:
-  agent-identity verify < release-bot.token
-  agent-identity verify --token-file release-bot.token \\
-      --workspace-public-id Ab12Cd34Ef56 --json
-The token is read from standard input or a file, never from the command line;
-exit 0 when valid, 7 when not.""",
-    "pause": """\
+      --token-name ci-2025 --dry-run"""),
+    Command("pause", "pause an active identity (its tokens stop working until resumed)", cmd_set_status,
+            view_mutation, status_options, checks=(one_identity,), changes=True, examples="""\
 examples:
   agent-identity pause --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --reason "investigating" --confirm
   agent-identity pause --workspace-public-id Ab12Cd34Ef56 --all \\
-      --reason "incident" --confirm     # every active identity, one transaction""",
-    "resume": """\
+      --reason "incident" --confirm     # every active identity, one transaction"""),
+    Command("resume", "resume a paused identity", cmd_set_status, view_mutation, status_options,
+            checks=(one_identity,), changes=True, examples="""\
 example:
   agent-identity resume --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --confirm
-  agent-identity resume --workspace acme-eng --all --dry-run""",
-    "revoke": """\
+  agent-identity resume --workspace acme-eng --all --dry-run"""),
+    Command("revoke", "revoke an identity and all its tokens for good, or with --token one token", cmd_revoke,
+            view_mutation, revoke_options, checks=(one_identity,), changes=True, examples="""\
 examples:
   agent-identity revoke --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --reason "retired" --confirm
-  agent-identity revoke --token Tk12Tk34Tk56 --reason "leaked" --confirm""",
-    "inspect": """\
+  agent-identity revoke --token Tk12Tk34Tk56 --reason "leaked" --confirm"""),
+    Command("inspect", "show an identity, its tokens and its latest audit events", cmd_inspect, view_inspect,
+            inspect_options, checks=(slug_or_token, one_identity), examples="""\
 examples:
   agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot
   agent-identity inspect --token kan_agent_Tk12Tk34Tk56   # whose token is this?
   agent-identity inspect --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
-      --events 50 --json""",
-    "list": """\
+      --events 50 --json"""),
+    Command("list", "list a workspace's identities, newest first, a page at a time", cmd_list, view_list,
+            list_options, examples="""\
 examples:
   agent-identity list --workspace-public-id Ab12Cd34Ef56
   agent-identity list --workspace-public-id Ab12Cd34Ef56 --status active --json
   agent-identity list --workspace-public-id Ab12Cd34Ef56 --limit 100 \\
-      --after Xy12Xy34Xy56""",
-    "schema": """\
-examples:
-  agent-identity schema | psql --single-transaction -v ON_ERROR_STOP=1 \\
-      "$POSTGRES_URL"
-  agent-identity schema --db-schema kan | psql --single-transaction \\
-      -v ON_ERROR_STOP=1 "$POSTGRES_URL"
-Apply it as the owner of Kan's tables: it also indexes Kan's workspace_members.""",
-    "help": """\
-example:
-  agent-identity help rotate""",
-    "audit": """\
+      --after Xy12Xy34Xy56"""),
+    Command("audit", "show a workspace's audit events, newest first; verify its hash chain", cmd_audit, view_audit,
+            audit_options, checks=(audit_arguments,), verdict=audit_verdict, jsonl="events", marks=True,
+            examples="""\
 examples:
   agent-identity audit --workspace acme-eng --since 24h   # the last 24 hours
   agent-identity audit --workspace acme-eng --action access.denied --since 7d
@@ -4680,26 +4895,37 @@ examples:
   agent-identity audit verify           # every chain you manage; 10 at a break
   agent-identity audit head --workspace acme-eng --json >> pinned-heads.jsonl
   agent-identity audit verify --workspace acme-eng --expect-head 42:<the hash>
-Times are UTC; --since and --until take a duration back from now or an ISO time.""",
-    "workspaces": """\
+Times are UTC; --since and --until take a duration back from now or an ISO time."""),
+    Command("workspaces", "list the workspaces you may manage, with their identities and tokens", cmd_workspaces,
+            view_workspaces, no_options, examples="""\
 examples:
   agent-identity workspaces
-  agent-identity workspaces --json""",
-    "expiring": """\
+  agent-identity workspaces --json"""),
+    Command("expiring", "list live tokens that expire soon, in every workspace you manage (or one)",
+            cmd_expiring, view_expiring, expiring_options, verdict=expiring_verdict, examples="""\
 examples:
   agent-identity expiring              # every workspace you manage, 7 days
   agent-identity expiring --workspace acme-eng --within 30d --json
-Exit 9 when any token expires within the window (for a cron job), 0 when none.""",
-    "completion": """\
+Exit 9 when any token expires within the window (for a cron job), 0 when none."""),
+    # doctor connects by itself: a connection that fails is one of its checks.
+    Command("doctor", "check the connection, tables, row level security and your access", cmd_doctor,
+            view_doctor, doctor_options, verdict=doctor_verdict, database=False, marks=True, examples="""\
 examples:
-  source <(agent-identity completion bash)         # in ~/.bashrc
-  agent-identity completion zsh > agent-identity.zsh   # source it in ~/.zshrc
-  agent-identity completion fish > agent-identity.fish
-      # into ~/.config/fish/completions/""",
-}
-
+  agent-identity doctor
+  agent-identity doctor --workspace-public-id Ab12Cd34Ef56 \\
+      --admin-user-email you@example.com
+Exit 0 when every check passes, 6 otherwise."""),
+    Command("verify", "say whether the server would accept a token (read from stdin), and if not, why", cmd_verify,
+            view_verify, verify_options, verdict=verify_verdict, token=True, before=read_presented, examples="""\
+examples:
+  agent-identity verify < release-bot.token
+  agent-identity verify --token-file release-bot.token \\
+      --workspace-public-id Ab12Cd34Ef56 --json
+The token is read from standard input or a file, never from the command line;
+exit 0 when valid, 7 when not."""),
+)}
 MAIN_EPILOG = f"""\
-Every command but help and schema needs a database (--database-url,
+Every command but help, schema and completion needs a database (--database-url,
 DATABASE_URL or POSTGRES_URL) and an actor (--admin-user-email or
 AGENT_IDENTITY_ADMIN_EMAIL) who holds workspace:manage in the workspace.
 Commands that change anything need --confirm, or --dry-run to preview.
@@ -4724,175 +4950,95 @@ class Unbuilt:
 
 
 def build_parser(wanted: set[str] | None = None) -> ArgumentParser:
-    """The whole command line; with wanted, only those commands get their options (the
-    others are listed, and cannot be parsed or shown in this run)."""
+    """The whole command line, from COMMANDS; with wanted, only those commands get their
+    options (the others are listed, and cannot be parsed or shown in this run)."""
     # The global options are accepted after the command name too; there they
     # default to SUPPRESS so they do not overwrite values given before it.
     global_options = ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False)
     add_global_options(global_options)
-
-    parser = ArgumentParser(
-        prog=PROG,
-        description="Manage the machine identities of AI agents in a Kan database.",
-        epilog=MAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
+    parser = ArgumentParser(prog=PROG, description="Manage the machine identities of AI agents in a Kan database.",
+                            epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     add_global_options(parser)
-    parser.set_defaults(lock_timeout=parse_lock_timeout(LOCK_TIMEOUT_DEFAULT))
+    parser.set_defaults(lock_timeout=parse_lock_timeout(LOCK_TIMEOUT_DEFAULT), dry_run=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def command(name: str, help_text: str, *, workspace: bool = True, slug: bool = True, mutating: bool = False,
-                by_token: bool = False):
-        if wanted is not None and name not in wanted:
-            subparsers.add_parser(name, help=help_text, add_help=False)
-            return Unbuilt()
+    for command in COMMANDS.values():
+        if wanted is not None and command.name not in wanted:
+            subparsers.add_parser(command.name, help=command.summary, add_help=False)
+            continue
         sub = subparsers.add_parser(
-            name, help=help_text, description=help_text, parents=[global_options],
-            epilog=EXAMPLES[name] + "\n\n" + EXIT_CODES_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-        )
-        # With by_token, --token can name the identity instead: then the workspace and
-        # the slug are optional, and run() asks for them when --token is not given.
-        if workspace:
-            workspace_options(sub, required=not by_token, help_text="the Kan workspace")
-        if slug:
-            sub.add_argument("--slug", required=not by_token, type=parse_slug, metavar="S",
-                             help="the identity's slug, unique in its workspace")
-        if mutating:
-            sub.add_argument("--reason", type=parse_reason, metavar="R", help="why, for the audit log")
-            sub.add_argument("--confirm", action="store_true", help="make the change")
-            sub.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
-        return sub
-
-    def token_options(sub: argparse.ArgumentParser, expires_default: str | None, expires_help: str) -> None:
-        """What create and rotate share: how long the new token lives, and where it goes."""
-        sub.add_argument("--expires-in", type=parse_expires_in, default=expires_default, metavar="DURATION",
-                         help=f"30m, 12h, 90d, 1w ... at most 365d, or never ({expires_help})")
-        sub.add_argument("--token-file", metavar="PATH", type=parse_path,
-                         help="write the token to this new file (mode 0600); - writes only the token to "
-                              "stdout, for a secret manager, and the summary to stderr")
-
-    sub = command("help", "show usage for the tool or one command", workspace=False, slug=False)
-    sub.add_argument("topic", nargs="?", metavar="COMMAND")
-    sub.set_defaults(parser=parser)  # the text help prints is this parser's own
-    command("schema", "print the SQL that creates the agent tables (idempotent)", workspace=False, slug=False)
-
-    sub = command("completion", "print a shell completion script (bash, zsh or fish)", workspace=False, slug=False)
-    sub.add_argument("shell", choices=("bash", "zsh", "fish"))
-
-    sub = command("create", "create an active identity and its first token", mutating=True)
-    sub.add_argument("--display-name", required=True, type=parse_display_name, metavar="D")
-    sub.add_argument("--token-name", required=True, type=parse_display_name, metavar="T")
-    sub.add_argument("--scopes", required=True, type=parse_scopes, metavar="a,b",
-                     help=f"comma-separated, from: {', '.join(SCOPES)}")
-    token_options(sub, EXPIRES_DEFAULT, f"default {EXPIRES_DEFAULT}")
-
-    sub = command("rotate", "issue a new token; revoke the old ones, or give them a grace",
-                  mutating=True)
-    sub.add_argument("--token-name", type=parse_display_name, metavar="T",
-                     help="name of the new token (default: the old one's)")
-    sub.add_argument("--grace", type=parse_grace, default="0", metavar="DURATION",
-                     help="let the old live tokens work this much longer instead of revoking them "
-                          "(at most 7d; default 0: revoke at once)")
-    sub.add_argument("--scopes", type=parse_scopes, metavar="a,b",
-                     help="the new token's scopes (default: the old one's)")
-    token_options(sub, None, "default: the lifetime the rotated token was issued with")
-
-    def bulk_option(sub) -> None:
-        sub.add_argument("--all", action="store_true",
-                         help="every identity of the workspace this applies to, in one transaction")
-
-    bulk_option(command("pause", "pause an active identity (its tokens stop working until resumed)",
-                        mutating=True, by_token=True))
-    bulk_option(command("resume", "resume a paused identity", mutating=True, by_token=True))
-    sub = command("revoke", "revoke an identity and all its tokens for good, or with --token one token",
-                  mutating=True, by_token=True)
-    sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",
-                     help="revoke only this token (its public id, or kan_agent_<id>), leaving the identity "
-                          "alone; it names the identity and workspace too")
-    bulk_option(sub)
-
-    sub = command("inspect", "show an identity, its tokens and its latest audit events", by_token=True)
-    sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",
-                     help="the identity holding this token (its public id, or kan_agent_<id>), in any "
-                          "workspace you manage")
-    sub.add_argument("--events", type=parse_event_count, default=EVENTS_DEFAULT, metavar="N",
-                     help=f"how many audit events to show (default {EVENTS_DEFAULT})")
-    sub.add_argument("--wide", action="store_true", help="print the tables whole, however wide the terminal")
-
-    sub = command("list", "list a workspace's identities, newest first, a page at a time", slug=False)
-    sub.add_argument("--status", choices=STATUSES)
-    sub.add_argument("--limit", type=parse_list_limit, default=LIST_LIMIT_DEFAULT, metavar="N",
-                     help=f"identities per page (default {LIST_LIMIT_DEFAULT}, at most {LIST_LIMIT_MAX})")
-    sub.add_argument("--after", type=parse_public_id, metavar="PUBLIC_ID",
-                     help="start after this identity: the nextCursor of the previous page")
-    sub.add_argument("--wide", action="store_true", help="print the table whole, however wide the terminal")
-
-    sub = command("audit", "show a workspace's audit events, newest first; verify its hash chain",
-                  slug=False, by_token=True)
-    sub.add_argument("mode", nargs="?", choices=("verify", "head"), metavar="verify|head",
-                     help="verify: recompute every audit chain (the workspace's, or every one you manage) and "
-                          f"exit {EXIT_CHAIN_BROKEN} at a break; head: print each chain's head, SEQUENCE:HASH, "
-                          "to pin")
-    sub.add_argument("--expect-head", type=parse_head, metavar="SEQ:HASH",
-                     help="with verify: also fail unless the chain still holds this head, pinned earlier")
-    sub.add_argument("--since", type=parse_moment, metavar="WHEN",
-                     help="only events at or after WHEN: a duration back from now (24h, 7d) or an ISO time "
-                          "(UTC unless it says otherwise)")
-    sub.add_argument("--until", type=parse_moment, metavar="WHEN", help="only events before WHEN (as --since)")
-    sub.add_argument("--actor", type=parse_email, metavar="EMAIL", help="only what this Kan user did")
-    sub.add_argument("--action", type=parse_action, action="append", metavar="ACTION",
-                     help=f"only this action (repeatable): {', '.join(AUDIT_ACTIONS)}")
-    sub.add_argument("--slug", type=parse_slug, metavar="S", help="only events about this identity")
-    sub.add_argument("--token", type=parse_token_id, metavar="TOKEN_ID",
-                     help="only events about this token (its public id, or kan_agent_<id>); it names the "
-                          "workspace too")
-    sub.add_argument("--limit", type=parse_list_limit, metavar="N",
-                     help=f"events per page (default {LIST_LIMIT_DEFAULT}; {LIST_LIMIT_MAX} with --all; "
-                          f"at most {LIST_LIMIT_MAX})")
-    sub.add_argument("--after", type=parse_public_id, metavar="EVENT_ID",
-                     help="start after this event: the nextCursor of the previous page")
-    sub.add_argument("--jsonl", action="store_true",
-                     help="print one JSON event per line, as read (for a SIEM or jq)")
-    sub.add_argument("--all", action="store_true", help="with --jsonl: every page, streamed, not only the first")
-    sub.add_argument("--wide", action="store_true", help="print the table whole, however wide the terminal")
-
-    command("workspaces", "list the workspaces you may manage, with their identities and tokens",
-            workspace=False, slug=False)
-
-    sub = command("expiring", "list live tokens that expire soon, in every workspace you manage (or one)",
-                  workspace=False, slug=False)
-    workspace_options(sub, required=False, help_text="only this workspace")
-    sub.add_argument("--within", type=parse_within, default=EXPIRING_WITHIN_DEFAULT, metavar="DURATION",
-                     help=f"how soon: 30m, 12h, 7d, 2w ... (default {EXPIRING_WITHIN_DEFAULT}); "
-                          f"exit {EXIT_EXPIRING} when any is found")
-
-    sub = command("doctor", "check the connection, tables, row level security and your access",
-                  workspace=False, slug=False)
-    workspace_options(sub, required=False, help_text="also check that the actor may manage this workspace")
-
-    sub = command("verify", "say whether the server would accept a token (read from stdin), and if not, why",
-                  workspace=False, slug=False)
-    workspace_options(sub, required=False,
-                      help_text="the workspace the token must belong to (default: the token's own)")
-    sub.add_argument("--token-file", metavar="PATH", type=parse_path,
-                     help="read the token from this file instead of stdin")
-
+            command.name, help=command.summary, description=command.summary, parents=[global_options],
+            epilog=command.examples + "\n\n" + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False)
+        command.options(sub, parser)
     parser.commands = dict(subparsers.choices)
     return parser
 
 
+def command_in(argv: list[str]) -> str | None:
+    """The command an argument list names: its first word that is one."""
+    return next((arg for arg in argv if arg in COMMANDS), None)
+
+
+# --- main -------------------------------------------------------------------
+
+
+def check_arguments(command: Command, args: argparse.Namespace) -> None:
+    """The checks argparse cannot make, before anything else is done: a change needs
+    exactly one of --confirm and --dry-run; then the command's own."""
+    if command.changes:
+        if args.confirm and args.dry_run:
+            raise AdminError(EXIT_USAGE, "give --confirm or --dry-run, not both")
+        if not (args.confirm or args.dry_run):
+            raise AdminError(EXIT_USAGE, f"{command.name} changes the database: add --confirm to do it, or "
+                                         "--dry-run to see what it would do")
+    for check in command.checks:
+        check(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Check the arguments, then run the command: offline, or through a connection."""
+    command = COMMANDS[args.command]
+    check_arguments(command, args)
+    if not command.database:
+        return command.run(args)
+    if command.token:
+        forbid_core_dumps()  # before a token exists in this process
+    given = command.before(args) if command.before else {}
+    if "verdict" in given:  # decided with no database: a malformed token is refused before any connection
+        return given["verdict"]
+    return run_connected(command, args, actor_email(args), given)
+
+
+def run_connected(command: Command, args: argparse.Namespace, actor: str, given: dict) -> dict:
+    """Run a database command as actor: its refusals audited, its database errors made
+    one line and an exit code; a change says where it wrote."""
+    import psycopg
+
+    conn = connect(database_url(args))
+    db, target, result = Database(conn, args, actor), target_of(conn), {}
+    try:
+        result = command.run(db, args, **given)
+    except AccessDenied as denied:
+        if not args.dry_run:
+            record_denial(db, args, denied)
+        raise
+    except psycopg.Error as exc:
+        holders = lock_holders(conn, exc, db.schema) if isinstance(exc, psycopg.errors.LockNotAvailable) else ""
+        raise database_error(exc, args.lock_timeout, target, holders) from exc
+    finally:
+        if "later" not in result:  # audit --all reads its later pages as it prints them, then closes
+            conn.close()
+    if command.changes:
+        result["target"] = target  # where it wrote (or would have): staging or production?
+    return result
+
+
 def exit_code(result: dict) -> int:
-    """A result's exit code: a verdict (verify 7, doctor 6, expiring 9, audit verify 10) or success."""
-    if result.get("valid") is False:
-        return EXIT_INVALID_TOKEN
-    if result["command"] == "expiring" and result["tokens"]:
-        return EXIT_EXPIRING
-    if result["command"] == "audit verify" and not result["intact"]:
-        return EXIT_CHAIN_BROKEN
-    return EXIT_DATABASE if result.get("healthy") is False else EXIT_OK
+    """A result's exit code: its command's verdict, or success."""
+    command = COMMANDS[result["command"].split()[0]]
+    return command.verdict(result) if command.verdict else EXIT_OK
 
 
 def deliver(out: Output, result: dict, code: int) -> int:
@@ -4905,14 +5051,14 @@ def deliver(out: Output, result: dict, code: int) -> int:
         return code
     except (OSError, ValueError, KeyboardInterrupt) as exc:
         out.quiet_stdout()
-        command = result["command"]
-        if command in MUTATING_COMMANDS and result["changed"] and not result["dryRun"]:
-            error = undelivered(command, "its output could not be written", exc)
+        command = COMMANDS.get(result["command"].split()[0])
+        if command and command.changes and result["changed"] and not result["dryRun"]:
+            error = undelivered(command.name, "its output could not be written", exc)
             out.complain(scrub_tokens(error.message))
             return error.exit_code
         if isinstance(exc, KeyboardInterrupt):
             raise
-        if command == "verify":
+        if command and command.name == "verify":  # its verdict stands whoever reads it
             return code
         if isinstance(exc, BrokenPipeError):
             return EXIT_BROKEN_PIPE  # `list | head`: the reader has what it wanted; say nothing
@@ -4939,13 +5085,10 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     out = Output(sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr,
                  as_json="--json" in argv, wide="--wide" in argv, lines="--jsonl" in argv)
-    debug = "--debug" in argv
-    # Named in a usage error's JSON even when argparse refuses the rest.
-    command = next((arg for arg in argv if arg in OFFLINE_COMMANDS or arg in DATABASE_COMMANDS or arg == "doctor"),
-                   None)
+    command = command_in(argv)  # named in a usage error's JSON even when argparse refuses the rest
     try:
         with out.signals.installed():
-            parser = build_parser(wanted=set(argv) & set(EXAMPLES))
+            parser = build_parser(wanted=set(argv) & set(COMMANDS))
             parser.check_options(argv)
             if out.as_json and {"-h", "--help", "--version"} & set(argv):
                 return json_help(parser, argv, out)
@@ -4973,7 +5116,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except Exception as exc:
-        if debug:
+        if "--debug" in argv:
             import traceback
 
             with contextlib.suppress(OSError, ValueError):

@@ -297,12 +297,13 @@ def added_rows(before: dict[str, list[str]], after: dict[str, list[str]]) -> dic
 
 LEAST_PRIVILEGE_MARKER = "<!-- least-privilege-sql:"
 SERVER_ROLE_MARKER = "<!-- server-role-sql:"
+UPGRADE_MARKER = "<!-- upgrade-0.3.0-sql:"
 LEAST_PRIVILEGE_ROLE = "agent_identity_admin"
 
 
-def documented_sql(marker: str) -> str:
-    """The ```sql block that follows marker in docs/security.md."""
-    doc = (REPO / "docs" / "security.md").read_text()
+def documented_sql(marker: str, doc: str | None = None) -> str:
+    """The ```sql block that follows marker in docs/security.md (or in doc, its text)."""
+    doc = doc or (REPO / "docs" / "security.md").read_text()
     return doc.split(marker, 1)[1].split("```sql\n", 1)[1].split("```", 1)[0]
 
 

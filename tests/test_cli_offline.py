@@ -239,7 +239,8 @@ def test_an_internal_error_is_one_line_unless_debug(monkeypatch, capsys):
     def broken(args):
         raise RuntimeError("something odd\nsecond line")
 
-    monkeypatch.setitem(agent_identity_admin.OFFLINE_COMMANDS, "schema", broken)
+    monkeypatch.setitem(agent_identity_admin.COMMANDS, "schema",
+                        agent_identity_admin.COMMANDS["schema"]._replace(run=broken))
     assert agent_identity_admin.main(["schema"]) == 1
     captured = capsys.readouterr()
     assert captured.err == (
@@ -255,7 +256,8 @@ def test_ctrl_c_is_exit_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(agent_identity_admin.OFFLINE_COMMANDS, "schema", interrupted)
+    monkeypatch.setitem(agent_identity_admin.COMMANDS, "schema",
+                        agent_identity_admin.COMMANDS["schema"]._replace(run=interrupted))
     assert agent_identity_admin.main(["--json", "schema"]) == 130
     assert json.loads(capsys.readouterr().out)["error"]["kind"] == "interrupted"
 
@@ -370,7 +372,7 @@ def test_json_help_and_version_are_one_object(args, command):
     assert body["text"].startswith("agent-identity 0." if command == "version" else "usage: agent-identity")
 
 
-@pytest.mark.parametrize("topic", [None, *tool.EXAMPLES])  # every command
+@pytest.mark.parametrize("topic", [None, *tool.COMMANDS])  # every command
 def test_help_fits_80_columns(topic):
     """What `help` and every `COMMAND --help` print, on an 80-column terminal or a pipe."""
     for env in ({**ACTOR, "COLUMNS": "80"}, ACTOR):

@@ -56,7 +56,7 @@ def documented() -> list:
         lines = [line for block in blocks for line in command_lines(block)]
         if lines:
             params.append(pytest.param(lines, id=document.name))
-    params.append(pytest.param([line for text in tool.EXAMPLES.values() for line in command_lines(text)],
+    params.append(pytest.param([line for command in tool.COMMANDS.values() for line in command_lines(command.examples)],
                                id="help examples"))
     return params
 

@@ -150,3 +150,51 @@ def test_the_cli_works_as_it(role_dsn, kan, cli):
     verified = cli("verify", "--json", env={"AGENT_IDENTITY_ADMIN_EMAIL": admin["email"]}, dsn=role_dsn,
                    input=created.json["token"]["secret"])
     assert verified.json["reason"] == "token_revoked"
+
+
+def test_the_documented_upgrade_from_0_3_0_leaves_both_roles_working(server_dsn):
+    """A database 0.3.0 made, its two roles made by 0.3.0's own docs/security.md, upgraded
+    by this schema and the documented "Upgrading from 0.3.0" SQL: the least-privilege
+    role's doctor passes and it changes things; the server role checks and stamps a token
+    through its functions, and no longer reads or updates a table."""
+    import subprocess
+
+    old_doc = subprocess.run(["git", "show", f"{support.RELEASE_0_3_0}:docs/security.md"], cwd=support.REPO,
+                             capture_output=True, text=True, check=True).stdout
+    admin, server = f"agent_identity_admin_{secrets.token_hex(4)}", f"kan_agent_server_{secrets.token_hex(4)}"
+    password = secrets.token_hex(12)
+    dsn = support.released_database(server_dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(support.documented_sql(support.LEAST_PRIVILEGE_MARKER, old_doc)
+                         .replace("agent_identity_admin", admin).replace("'change-me'", f"'{password}'"))
+            conn.execute(support.documented_sql(support.SERVER_ROLE_MARKER, old_doc)
+                         .replace("kan_agent_server", server).replace("'change-me'", f"'{password}'"))
+            workspace, owner = support.Kan(conn).managed_workspace()
+        admin_dsn = make_conninfo(dsn, user=admin, password=password)
+        env = {"AGENT_IDENTITY_ADMIN_EMAIL": owner["email"]}
+        created = support.run_released(["create", "--workspace-public-id", workspace["publicId"], "--slug", "old",
+                                        "--display-name", "O", "--token-name", "t", "--scopes", "boards:read",
+                                        "--confirm", "--json"], admin_dsn, env)
+        assert created.code == 0, created.stderr
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(support.run_cli(["schema"], None).stdout)
+            conn.execute(support.documented_sql(support.UPGRADE_MARKER)
+                         .replace("agent_identity_admin", admin).replace("kan_agent_server", server))
+        doctor = support.run_cli(["doctor", "--json"], admin_dsn)
+        assert doctor.code == 0, doctor.stdout
+        paused = support.run_cli(["pause", "--workspace-public-id", workspace["publicId"], "--slug", "old",
+                                  "--confirm"], admin_dsn, env)
+        assert paused.code == 0, paused.stderr
+        token = created.json["token"]["publicId"]
+        with psycopg.connect(make_conninfo(dsn, user=server, password=password), autocommit=True) as conn:
+            assert conn.execute("SELECT status FROM public.agent_token_for_verification(%s::text)",
+                                (token,)).fetchone() == ("paused",)
+            for statement in ("SELECT 1 FROM agent_token", """UPDATE agent_token SET "lastUsedAt" = now()"""):
+                with pytest.raises(errors.InsufficientPrivilege):
+                    conn.execute(statement)
+    finally:
+        support.drop_database(server_dsn, dsn)
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            for role in (admin, server):
+                conn.execute(f'DROP ROLE IF EXISTS "{role}"')
