@@ -2664,13 +2664,12 @@ def record_denial(db: "Database", args: argparse.Namespace, denied: AccessDenied
         "actor_id": denied.actor_id,
         "actor_email": db.actor,
         "reason": getattr(args, "reason", None),
-        "metadata": Jsonb({
+        "metadata": Jsonb(event_metadata({
             "command": args.command,
             "condition": denied.condition,
             "slug": getattr(args, "slug", None),
             "tokenPublicId": token_public_id,
-            "toolVersion": __version__,
-        }),
+        })),
     }
     try:
         with db.transaction(commit=True) as session:
@@ -2683,6 +2682,11 @@ def record_denial(db: "Database", args: argparse.Namespace, denied: AccessDenied
         raise AdminError(EXIT_DATABASE, f"{denied.message}; and {lost.message}") from None
 
 
+def event_metadata(metadata: dict) -> dict:
+    """An audit event's metadata, stamped with the version of the tool that wrote it."""
+    return dict(metadata, toolVersion=__version__)
+
+
 def audit_params(args: argparse.Namespace, access: dict, action: str, metadata: dict) -> dict:
     return {
         "audit_public_id": new_public_id(),
@@ -2691,8 +2695,177 @@ def audit_params(args: argparse.Namespace, access: dict, action: str, metadata: 
         "actor_id": access["actor_id"],
         "actor_email": access["actor_email"],
         "reason": args.reason,
-        "metadata": dict(metadata, toolVersion=__version__),
+        "metadata": event_metadata(metadata),
     }
+
+
+# doctor's questions of the catalog. Each takes the schema that holds Kan's tables as a
+# parameter and names the catalog's own objects, under the safe search_path.
+
+# The columns of Kan's tables and of the agent tables, in that schema.
+DOCTOR_COLUMNS_SQL = """
+SELECT c.relname::text AS table, a.attname::text AS column,
+       CASE WHEN t.typtype = 'e' THEN t.typname::text ELSE format_type(a.atttypid, a.atttypmod) END AS type
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_type t ON t.oid = a.atttypid
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p')
+"""
+
+# Where else on the session's search_path tables of these names are (the agent tables
+# of an old `schema`, applied beside the wrong schema), first found first.
+ELSEWHERE_SQL = """
+SELECT c.relname::text AS table, n.nspname::text AS schema
+FROM unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position)
+JOIN pg_namespace n ON n.nspname = p.name
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p')
+WHERE n.nspname <> %(schema)s
+ORDER BY p.position
+"""
+
+# Relations named like Kan's or the agent tables that an unqualified name (Kan's own
+# queries) would find before the real ones: any temporary one, in any session (a
+# pooler hands a session's temporary tables to the next client), and any in a schema
+# the search_path puts before the tables' own.
+LOOKALIKES_SQL = """
+SELECT c.relname::text AS table, n.nspname::text AS schema, c.relpersistence = 't' AS temporary
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position) ON p.name = n.nspname
+WHERE c.relname = ANY(%(tables)s) AND n.nspname <> %(schema)s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND (c.relpersistence = 't'
+       OR p.position < (SELECT q.position FROM unnest(%(path)s::text[]) WITH ORDINALITY AS q(name, position)
+                        WHERE q.name = %(schema)s))
+ORDER BY 1, 2
+"""
+
+# What would let a role plant one: this role's right to create temporary tables, and
+# the schemas up to the tables' own in which PUBLIC may create.
+CREATE_RIGHTS_SQL = """
+SELECT has_database_privilege(current_database(), 'TEMPORARY') AS temporary, current_database() AS database,
+       ARRAY(SELECT n.nspname::text
+             FROM pg_namespace n
+             LEFT JOIN unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position) ON p.name = n.nspname
+             WHERE (n.nspname = %(schema)s
+                    OR p.position < (SELECT q.position FROM unnest(%(path)s::text[]) WITH ORDINALITY AS q(name, position)
+                                     WHERE q.name = %(schema)s))
+               AND EXISTS (SELECT FROM aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) AS a
+                           WHERE a.grantee = 0 AND a.privilege_type = 'CREATE')
+             ORDER BY p.position) AS public_create
+"""
+
+# Whether this role reads a table's rows: the SELECT privilege, and past row level
+# security (owner, superuser, BYPASSRLS, or a policy that admits it). doctor asks it of
+# every table; a command asks it of a table whose row it needed and did not find (rls_hint).
+READABLE_SQL = """
+SELECT t.name AS table, current_user AS role,
+       has_any_column_privilege(c."oid", 'SELECT') AS can_select,
+       NOT c.relrowsecurity
+         OR pg_has_role(c.relowner, 'MEMBER')
+         OR r.rolsuper OR r.rolbypassrls
+         OR EXISTS (SELECT 1 FROM pg_policy p
+                    WHERE p.polrelid = c."oid" AND p.polcmd IN ('r', '*')
+                      AND (p.polroles = '{0}' OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS role
+                                                          WHERE pg_has_role(role, 'MEMBER')))) AS past_rls
+FROM unnest(%(tables)s::text[]) AS t(name)
+JOIN pg_namespace n ON n.nspname = %(schema)s
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.name
+JOIN pg_roles r ON r.rolname = current_user
+"""
+
+# What the tool writes, and whether this role may: insert into the agent tables, update
+# the columns that end things, and take a workspace's turn.
+WRITABLE_SQL = """
+SELECT ARRAY(SELECT what FROM (VALUES
+    ('INSERT on agent_identity', has_table_privilege(format('%%I.agent_identity', %(schema)s::text), 'INSERT')),
+    ('INSERT on agent_token', has_table_privilege(format('%%I.agent_token', %(schema)s::text), 'INSERT')),
+    ('INSERT on agent_audit_event', has_table_privilege(format('%%I.agent_audit_event', %(schema)s::text), 'INSERT')),
+    ('UPDATE of agent_identity.status',
+     has_column_privilege(format('%%I.agent_identity', %(schema)s::text), 'status', 'UPDATE')),
+    ('UPDATE of agent_token."revokedAt"',
+     has_column_privilege(format('%%I.agent_token', %(schema)s::text), 'revokedAt', 'UPDATE')),
+    ('EXECUTE on agent_lock_workspace(bigint)',
+     has_function_privilege(format('%%I.agent_lock_workspace(bigint)', %(schema)s::text), 'EXECUTE'))
+    ) AS wanted(what, granted) WHERE NOT granted)
+"""
+
+# Live tokens whose hash was made with other argon2 parameters (an earlier
+# version's, 50-100 times slower to check): they verify, and rotating re-hashes.
+OLD_HASHES_SQL = """
+SELECT count(*)
+FROM {s}.agent_token t
+WHERE """ + LIVE.replace("{t}", "t") + """ AND left(t."tokenHash", length(%(prefix)s)) <> %(prefix)s
+"""
+
+# What the server says each of the tool's limits is, inside one of its transactions.
+LIMITS_SQL = """
+SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)
+"""
+
+# The safeguards as they are: the functions named like schema's, the triggers, rules and
+# policies on the agent tables, and whether row level security is on for each.
+FUNCTIONS_SQL = """
+SELECT p.proname::text AS name, p.prosrc AS body, l.lanname::text AS language, p.provolatile::text AS volatility,
+       p.prosecdef AS definer, coalesce(p.proconfig, '{}') AS config,
+       EXISTS (SELECT FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
+               WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') AS public_execute
+FROM pg_proc p
+JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE n.nspname = %(schema)s AND p.proname = ANY(%(names)s)
+"""
+TRIGGERS_SQL = """
+SELECT c.relname::text AS table, t.tgname::text AS name, t.tgenabled::text AS enabled, t.tgtype::int AS type,
+       fn.nspname::text AS function_schema, f.proname::text AS function, t.tgconstraint <> 0 AS deferrable,
+       t.tginitdeferred AS deferred, t.tgqual IS NOT NULL AS conditional, t.tgnargs AS arguments,
+       ARRAY(SELECT a.attname::text FROM unnest(t.tgattr::int2[]) AS k(number)
+             JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = k.number ORDER BY 1) AS columns,
+       current_setting('session_replication_role') AS replication_role
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_proc f ON f.oid = t.tgfoid
+JOIN pg_namespace fn ON fn.oid = f.pronamespace
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s) AND NOT t.tgisinternal
+"""
+RULES_SQL = """
+SELECT tablename::text AS table, rulename::text AS name FROM pg_rules
+WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
+"""
+POLICIES_SQL = """
+SELECT tablename::text AS table, policyname::text AS name, permissive, cmd, qual, with_check
+FROM pg_policies
+WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
+"""
+SECURED_SQL = """
+SELECT c.relname::text AS table, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s)
+"""
+# The policies docs/security.md's role SQL creates on the agent tables, by what they
+# admit (their role names are the deployment's own): (table, command, USING, WITH CHECK).
+EXPECTED_POLICIES = {
+    *((table, command, "true", None) for table in ("agent_identity", "agent_token", "agent_audit_event")
+      for command in ("SELECT",)),
+    *((table, "INSERT", None, "true") for table in ("agent_identity", "agent_token", "agent_audit_event")),
+    *((table, "UPDATE", "true", "true") for table in ("agent_identity", "agent_token")),
+    ("agent_token_use", "SELECT", "true", None),
+}
+
+# Times the tool cannot stand behind: infinite, or outside the years 1 to 9999 (which
+# no version of the tool writes, and the database now refuses), and a token that
+# expires before it was made.
+BAD_TIMES = [(table, column) for table, columns in (
+    ("agent_identity", ("createdAt", "updatedAt", "pausedAt", "revokedAt")),
+    ("agent_token", ("createdAt", "expiresAt", "lastUsedAt", "revokedAt")),
+    ("agent_audit_event", ("createdAt",)), ("agent_token_use", ("lastUsedAt",))) for column in columns]
+BAD_TIMES_SQL = " UNION ALL ".join(
+    f"""SELECT '{table}."{column}"' AS what, count(*) FROM {{s}}.{table} WHERE NOT {{s}}.agent_time_ok("{column}")"""
+    for table, column in BAD_TIMES) + """
+UNION ALL SELECT 'agent_token."expiresAt" before "createdAt"', count(*) FROM {s}.agent_token
+          WHERE "expiresAt" <= "createdAt"
+"""
 
 
 # --- Commands ---------------------------------------------------------------
@@ -3172,11 +3345,11 @@ def cmd_set_status_all(db: Database, args: argparse.Namespace) -> dict:
         events = [{
             "publicId": new_public_id(),
             "identityId": target["id"],
-            "metadata": {
+            "metadata": event_metadata({
                 "previousStatus": target["status"], "newStatus": new_status,
                 "revokedTokenPublicIds": [t["publicId"] for t in target["tokens"]] if new_status == "revoked" else [],
-                **batch, "toolVersion": __version__,
-            },
+                **batch,
+            }),
         } for target in targets]
         if not args.dry_run:
             moved, written = db.conn.execute(compose(BULK_SQL, session.schema), {
@@ -3406,10 +3579,8 @@ def later_pages(db: Database, args: argparse.Namespace, cursor: str | None, limi
 def cmd_audit(db: Database, args: argparse.Namespace) -> dict:
     """The workspace's audit events, newest first, a page at a time; with --all (and
     --jsonl), every page, streamed as it is read. audit head and audit verify: its chain."""
-    if args.mode == "head":
-        return cmd_audit_head(db, args)
-    if args.mode == "verify":
-        return cmd_audit_verify(db, args)
+    if args.mode:
+        return {"head": cmd_audit_head, "verify": cmd_audit_verify}[args.mode](db, args)
     limit = args.limit or (LIST_LIMIT_MAX if args.all else LIST_LIMIT_DEFAULT)
     page = audit_page(db, args, args.after, limit)
     result = {"ok": True, "command": "audit", "now": iso(page["now"]), "workspacePublicId": page["workspacePublicId"],
@@ -3544,184 +3715,10 @@ def cmd_verify(db: Database, args: argparse.Namespace, token: Presented) -> dict
     except InvalidHashError:
         raise AdminError(EXIT_INTERNAL, f"the stored hash of token {row['publicId']} is not an argon2 hash") from None
     status = row["identity"]["status"]
-    reason = (
-        "token_revoked" if row["revokedAt"] is not None
-        else "token_expired" if row["expired"]
-        else "identity_paused" if status == "paused"
-        else "identity_revoked" if status == "revoked"
-        else "workspace_deleted" if access["workspace_deleted"]
-        else None
-    )
-    return verify_result(reason, row)
-
-
-# doctor's questions of the catalog. Each takes the schema that holds Kan's tables as a
-# parameter and names the catalog's own objects, under the safe search_path.
-
-# The columns of Kan's tables and of the agent tables, in that schema.
-DOCTOR_COLUMNS_SQL = """
-SELECT c.relname::text AS table, a.attname::text AS column,
-       CASE WHEN t.typtype = 'e' THEN t.typname::text ELSE format_type(a.atttypid, a.atttypmod) END AS type
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-JOIN pg_type t ON t.oid = a.atttypid
-WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p')
-"""
-
-# Where else on the session's search_path tables of these names are (the agent tables
-# of an old `schema`, applied beside the wrong schema), first found first.
-ELSEWHERE_SQL = """
-SELECT c.relname::text AS table, n.nspname::text AS schema
-FROM unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position)
-JOIN pg_namespace n ON n.nspname = p.name
-JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = ANY(%(tables)s) AND c.relkind IN ('r', 'p')
-WHERE n.nspname <> %(schema)s
-ORDER BY p.position
-"""
-
-# Relations named like Kan's or the agent tables that an unqualified name (Kan's own
-# queries) would find before the real ones: any temporary one, in any session (a
-# pooler hands a session's temporary tables to the next client), and any in a schema
-# the search_path puts before the tables' own.
-LOOKALIKES_SQL = """
-SELECT c.relname::text AS table, n.nspname::text AS schema, c.relpersistence = 't' AS temporary
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position) ON p.name = n.nspname
-WHERE c.relname = ANY(%(tables)s) AND n.nspname <> %(schema)s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-  AND (c.relpersistence = 't'
-       OR p.position < (SELECT q.position FROM unnest(%(path)s::text[]) WITH ORDINALITY AS q(name, position)
-                        WHERE q.name = %(schema)s))
-ORDER BY 1, 2
-"""
-
-# What would let a role plant one: this role's right to create temporary tables, and
-# the schemas up to the tables' own in which PUBLIC may create.
-CREATE_RIGHTS_SQL = """
-SELECT has_database_privilege(current_database(), 'TEMPORARY') AS temporary, current_database() AS database,
-       ARRAY(SELECT n.nspname::text
-             FROM pg_namespace n
-             LEFT JOIN unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position) ON p.name = n.nspname
-             WHERE (n.nspname = %(schema)s
-                    OR p.position < (SELECT q.position FROM unnest(%(path)s::text[]) WITH ORDINALITY AS q(name, position)
-                                     WHERE q.name = %(schema)s))
-               AND EXISTS (SELECT FROM aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) AS a
-                           WHERE a.grantee = 0 AND a.privilege_type = 'CREATE')
-             ORDER BY p.position) AS public_create
-"""
-
-# Whether this role reads a table's rows: the SELECT privilege, and past row level
-# security (owner, superuser, BYPASSRLS, or a policy that admits it). doctor asks it of
-# every table; a command asks it of a table whose row it needed and did not find (rls_hint).
-READABLE_SQL = """
-SELECT t.name AS table, current_user AS role,
-       has_any_column_privilege(c."oid", 'SELECT') AS can_select,
-       NOT c.relrowsecurity
-         OR pg_has_role(c.relowner, 'MEMBER')
-         OR r.rolsuper OR r.rolbypassrls
-         OR EXISTS (SELECT 1 FROM pg_policy p
-                    WHERE p.polrelid = c."oid" AND p.polcmd IN ('r', '*')
-                      AND (p.polroles = '{0}' OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS role
-                                                          WHERE pg_has_role(role, 'MEMBER')))) AS past_rls
-FROM unnest(%(tables)s::text[]) AS t(name)
-JOIN pg_namespace n ON n.nspname = %(schema)s
-JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.name
-JOIN pg_roles r ON r.rolname = current_user
-"""
-
-# What the tool writes, and whether this role may: insert into the agent tables, update
-# the columns that end things, and take a workspace's turn.
-WRITABLE_SQL = """
-SELECT ARRAY(SELECT what FROM (VALUES
-    ('INSERT on agent_identity', has_table_privilege(format('%%I.agent_identity', %(schema)s::text), 'INSERT')),
-    ('INSERT on agent_token', has_table_privilege(format('%%I.agent_token', %(schema)s::text), 'INSERT')),
-    ('INSERT on agent_audit_event', has_table_privilege(format('%%I.agent_audit_event', %(schema)s::text), 'INSERT')),
-    ('UPDATE of agent_identity.status',
-     has_column_privilege(format('%%I.agent_identity', %(schema)s::text), 'status', 'UPDATE')),
-    ('UPDATE of agent_token."revokedAt"',
-     has_column_privilege(format('%%I.agent_token', %(schema)s::text), 'revokedAt', 'UPDATE')),
-    ('EXECUTE on agent_lock_workspace(bigint)',
-     has_function_privilege(format('%%I.agent_lock_workspace(bigint)', %(schema)s::text), 'EXECUTE'))
-    ) AS wanted(what, granted) WHERE NOT granted)
-"""
-
-# Live tokens whose hash was made with other argon2 parameters (an earlier
-# version's, 50-100 times slower to check): they verify, and rotating re-hashes.
-OLD_HASHES_SQL = """
-SELECT count(*)
-FROM {s}.agent_token t
-WHERE """ + LIVE.replace("{t}", "t") + """ AND left(t."tokenHash", length(%(prefix)s)) <> %(prefix)s
-"""
-
-# What the server says each of the tool's limits is, inside one of its transactions.
-LIMITS_SQL = """
-SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)
-"""
-
-# The safeguards as they are: the functions named like schema's, the triggers, rules and
-# policies on the agent tables, and whether row level security is on for each.
-FUNCTIONS_SQL = """
-SELECT p.proname::text AS name, p.prosrc AS body, l.lanname::text AS language, p.provolatile::text AS volatility,
-       p.prosecdef AS definer, coalesce(p.proconfig, '{}') AS config,
-       EXISTS (SELECT FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
-               WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') AS public_execute
-FROM pg_proc p
-JOIN pg_namespace n ON n.oid = p.pronamespace
-JOIN pg_language l ON l.oid = p.prolang
-WHERE n.nspname = %(schema)s AND p.proname = ANY(%(names)s)
-"""
-TRIGGERS_SQL = """
-SELECT c.relname::text AS table, t.tgname::text AS name, t.tgenabled::text AS enabled, t.tgtype::int AS type,
-       fn.nspname::text AS function_schema, f.proname::text AS function, t.tgconstraint <> 0 AS deferrable,
-       t.tginitdeferred AS deferred, t.tgqual IS NOT NULL AS conditional, t.tgnargs AS arguments,
-       ARRAY(SELECT a.attname::text FROM unnest(t.tgattr::int2[]) AS k(number)
-             JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = k.number ORDER BY 1) AS columns,
-       current_setting('session_replication_role') AS replication_role
-FROM pg_trigger t
-JOIN pg_class c ON c.oid = t.tgrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_proc f ON f.oid = t.tgfoid
-JOIN pg_namespace fn ON fn.oid = f.pronamespace
-WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s) AND NOT t.tgisinternal
-"""
-RULES_SQL = """
-SELECT tablename::text AS table, rulename::text AS name FROM pg_rules
-WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
-"""
-POLICIES_SQL = """
-SELECT tablename::text AS table, policyname::text AS name, permissive, cmd, qual, with_check
-FROM pg_policies
-WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
-"""
-SECURED_SQL = """
-SELECT c.relname::text AS table, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s)
-"""
-# The policies docs/security.md's role SQL creates on the agent tables, by what they
-# admit (their role names are the deployment's own): (table, command, USING, WITH CHECK).
-EXPECTED_POLICIES = {
-    *((table, command, "true", None) for table in ("agent_identity", "agent_token", "agent_audit_event")
-      for command in ("SELECT",)),
-    *((table, "INSERT", None, "true") for table in ("agent_identity", "agent_token", "agent_audit_event")),
-    *((table, "UPDATE", "true", "true") for table in ("agent_identity", "agent_token")),
-    ("agent_token_use", "SELECT", "true", None),
-}
-
-# Times the tool cannot stand behind: infinite, or outside the years 1 to 9999 (which
-# no version of the tool writes, and the database now refuses), and a token that
-# expires before it was made.
-BAD_TIMES = [(table, column) for table, columns in (
-    ("agent_identity", ("createdAt", "updatedAt", "pausedAt", "revokedAt")),
-    ("agent_token", ("createdAt", "expiresAt", "lastUsedAt", "revokedAt")),
-    ("agent_audit_event", ("createdAt",)), ("agent_token_use", ("lastUsedAt",))) for column in columns]
-BAD_TIMES_SQL = " UNION ALL ".join(
-    f"""SELECT '{table}."{column}"' AS what, count(*) FROM {{s}}.{table} WHERE NOT {{s}}.agent_time_ok("{column}")"""
-    for table, column in BAD_TIMES) + """
-UNION ALL SELECT 'agent_token."expiresAt" before "createdAt"', count(*) FROM {s}.agent_token
-          WHERE "expiresAt" <= "createdAt"
-"""
+    failed = {"token_revoked": row["revokedAt"] is not None, "token_expired": row["expired"],
+              "identity_paused": status == "paused", "identity_revoked": status == "revoked",
+              "workspace_deleted": access["workspace_deleted"]}
+    return verify_result(next((reason for reason in VERIFY_REASONS if failed.get(reason)), None), row)
 
 
 class Checks(list):
@@ -4374,11 +4371,8 @@ def view_expiring(result: dict, width: int | None) -> View:
 
 def view_audit(result: dict, width: int | None) -> View:
     """audit's events, or the chains of audit head and audit verify."""
-    if result["command"] == "audit head":
-        return View(render_audit_head(result))
-    if result["command"] == "audit verify":
-        return View(render_audit_verify(result))
-    return View(render_audit(result, width), more(result))
+    chains = {"audit head": render_audit_head, "audit verify": render_audit_verify}.get(result["command"])
+    return View(chains(result)) if chains else View(render_audit(result, width), more(result))
 
 
 def view_verify(result: dict, width: int | None) -> View:
@@ -4790,7 +4784,8 @@ def expiring_verdict(result: dict) -> int:
 
 
 def audit_verdict(result: dict) -> int:
-    return EXIT_CHAIN_BROKEN if result["command"] == "audit verify" and not result["intact"] else EXIT_OK
+    """audit verify's: every chain intact (a listing or a head has no verdict)."""
+    return EXIT_CHAIN_BROKEN if result.get("intact") is False else EXIT_OK
 
 
 class Command(collections.namedtuple(

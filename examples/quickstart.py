@@ -69,7 +69,7 @@ def main() -> int:
         try:
             seed(dsn)
             print(f"# A Kan database with workspace {WORKSPACE} and its admin {ADMIN}; the agent tables applied")
-            print(f"# with `agent-identity schema`. Each command runs with DATABASE_URL set and")
+            print("# with `agent-identity schema`. Each command runs with DATABASE_URL set and")
             print(f"# AGENT_IDENTITY_ADMIN_EMAIL={ADMIN}.\n")
             with tempfile.TemporaryDirectory(prefix="agent-identity-quickstart-") as folder:
                 for args, expected in STEPS:

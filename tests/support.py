@@ -15,6 +15,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -528,6 +529,46 @@ ALTER TABLE agent_audit_event DROP COLUMN "sequence", DROP COLUMN "workspacePubl
     DROP COLUMN "identityPublicId", DROP COLUMN "identitySlug", DROP COLUMN "tokenPublicId",
     DROP COLUMN "actorUserUuid", DROP COLUMN "previousHash", DROP COLUMN "hash";
 """
+
+
+# --- Another session, and the tool waiting for it ------------------------------
+
+
+class HeldLock:
+    """Another session holding the identity's row lock, as a concurrent operator would."""
+
+    def __init__(self, dsn: str, workspace_id: int, slug: str):
+        self.conn = psycopg.connect(dsn, application_name="another-operator")
+        self.pid, self.role = self.conn.execute("SELECT pg_backend_pid(), current_user").fetchone()
+        self.conn.execute('SELECT id FROM agent_identity WHERE "workspaceId" = %s AND slug = %s FOR UPDATE',
+                          (workspace_id, slug))
+
+    def release(self):
+        self.conn.rollback()
+        self.conn.close()
+
+
+def waiting_backend(db, timeout: float = 15) -> int:
+    """The pid of the tool's backend once it waits on a lock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = db.execute("""SELECT pid FROM pg_stat_activity
+                            WHERE application_name = 'agent-identity' AND wait_event_type = 'Lock'
+                              AND datname = current_database()""").fetchone()
+        if row:
+            return row[0]
+        time.sleep(0.01)
+    raise AssertionError("the tool never waited on the lock")
+
+
+def waited(db, process: subprocess.Popen) -> tuple[str, str, float]:
+    """stdout, stderr, and the seconds from when the tool's backend is seen waiting on a
+    lock to the tool's exit: what --lock-timeout governs, whatever start-up costs on a
+    loaded machine."""
+    waiting_backend(db)
+    started = time.monotonic()
+    stdout, stderr = process.communicate(timeout=60)
+    return stdout, stderr, time.monotonic() - started
 
 
 # --- PgBouncer in front of the test server -----------------------------------

@@ -16,7 +16,6 @@ import time
 import pytest
 
 from tests import support
-from tests.test_reliability import HeldLock, waiting_backend
 
 ROTATE_LOST = "the new token's hash is stored but the token is lost: rotate again to get one"
 CREATE_LOST = "the identity exists and its slug is taken: rotate it to get a token"
@@ -83,6 +82,16 @@ def test_stdout_that_fails_after_a_create_says_it_was_committed(db, cli_dsn, ope
     assert result.stderr == (f"agent-identity: error: the create was committed, but its output could not be "
                              f"written ({why}); {CREATE_LOST}\n")
     assert len(token_rows(db, operator, slug)) == 1
+
+
+def test_a_dry_run_whose_output_fails_is_never_said_to_be_committed(db, cli_dsn, operator):
+    """Nothing was written by a dry run: its failed output is an output failure, exit 8."""
+    args = " ".join(f"'{arg}'" for arg in create_args(operator, "dry-lost", "--json"))
+    result = shell(f"exec $TOOL {args.replace(chr(39) + '--confirm' + chr(39), chr(39) + '--dry-run' + chr(39))} "
+                   ">/dev/full", cli_dsn, operator.email)
+    assert result.code == 8
+    assert result.stderr == ("agent-identity: error: the output could not be written: No space left on device\n")
+    assert token_rows(db, operator, "dry-lost") == []
 
 
 def test_a_reader_that_goes_away_after_a_rotate_is_141_not_success(db, cli_dsn, operator):
@@ -162,12 +171,12 @@ def test_a_signal_while_waiting_rolls_back_and_leaves_no_token_file(db, database
     operator.create("signalled")
     path = tmp_path / "signalled.token"
     before = support.snapshot(db)
-    lock = HeldLock(database, operator.workspace["id"], "signalled")
+    lock = support.HeldLock(database, operator.workspace["id"], "signalled")
     try:
         process = support.start_cli(["rotate", "--workspace-public-id", operator.workspace["publicId"], "--slug",
                                      "signalled", "--token-file", str(path), "--lock-timeout", "30", "--confirm"],
                                     cli_dsn, {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
-        waiting_backend(db)
+        support.waiting_backend(db)
         assert path.exists(), "the token file is made before the transaction"
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=30)
@@ -248,12 +257,12 @@ def test_a_usage_error_with_undecodable_bytes_is_one_json_object(cli):
 
 def test_a_process_holding_a_token_dumps_no_core(db, database, cli_dsn, operator):
     operator.create("cored")
-    lock = HeldLock(database, operator.workspace["id"], "cored")
+    lock = support.HeldLock(database, operator.workspace["id"], "cored")
     try:
         process = support.start_cli(["rotate", "--workspace-public-id", operator.workspace["publicId"], "--slug",
                                      "cored", "--lock-timeout", "30", "--confirm"], cli_dsn,
                                     {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
-        waiting_backend(db)  # the new token is made before the transaction: it is in memory now
+        support.waiting_backend(db)  # the new token is made before the transaction: it is in memory now
         limits = open(f"/proc/{process.pid}/limits").read()
         process.kill()
         process.communicate(timeout=30)

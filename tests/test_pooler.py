@@ -15,7 +15,6 @@ import pytest
 
 import agent_identity_admin as tool
 from tests import scenarios, support
-from tests.test_reliability import waited
 
 
 @pytest.fixture(scope="module", params=["transaction", "session"])
@@ -32,6 +31,11 @@ def pooled(request, cli_dsn):
 def as_operator(kan):
     workspace, admin = kan.managed_workspace()
     return workspace, admin["email"]
+
+
+# The commands the lifecycle runs (tests/test_meta.py holds every database command to it).
+COVERED = ("doctor", "create", "inspect", "list", "rotate", "verify", "pause", "resume", "revoke", "workspaces",
+           "expiring", "audit")
 
 
 def lifecycle(dsn: str, workspace: dict, email: str) -> list[tuple]:
@@ -68,6 +72,8 @@ def lifecycle(dsn: str, workspace: dict, email: str) -> list[tuple]:
         steps.append(summary(f"{command} dry run", run(command, *w, "--slug", "pooled", "--dry-run")))
         steps.append(summary(command, run(command, *w, "--slug", "pooled", "--confirm")))
         steps.append(summary(f"verify after {command}", run("verify", input=second)))
+    steps.append(summary("workspaces", run("workspaces")))
+    steps.append(summary("expiring", run("expiring", *w, "--within", "2h")))
     audited = run("audit", *w)
     steps.append(summary("audit", audited) + (len(audited.json["events"]),))
     chain = run("audit", "verify", *w)
@@ -92,7 +98,8 @@ def test_the_whole_lifecycle_gives_what_it_gives_direct(pooled, cli_dsn, db, kan
     direct = lifecycle(cli_dsn, direct_workspace, direct_email)
     through = lifecycle(pooled, pooled_workspace, pooled_email)
     assert through == direct
-    assert [code for _, code, *_ in direct] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 7, 0, 0, 0, 5, 3]
+    assert [code for _, code, *_ in direct] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0,
+                                                5, 3]
     assert ("audit verify", 0, True, None, None, None, None, True, 5) in through
     assert audit_trail(db, pooled_workspace) == audit_trail(db, direct_workspace)
     assert len(audit_trail(db, pooled_workspace)) == 5
@@ -108,7 +115,7 @@ def test_a_held_lock_ends_in_exit_5_after_the_lock_timeout(pooled, database, kan
                        (workspace["id"], "held"))
         process = support.start_cli(["pause", "--workspace-public-id", workspace["publicId"], "--slug", "held",
                                      "--lock-timeout", "1", "--confirm"], pooled, {"AGENT_IDENTITY_ADMIN_EMAIL": email})
-        _, stderr, elapsed = waited(watcher, process)
+        _, stderr, elapsed = support.waited(watcher, process)
     assert process.returncode == 5, stderr
     assert "waited 1 s for its lock" in stderr
     assert 0.8 <= elapsed < 3, elapsed

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import time
 
-import psycopg
 import pytest
 
 from tests import scenarios, support
@@ -43,55 +42,18 @@ def test_concurrent_mixed_changes_replay_to_the_final_state(cli_dsn, operator, s
 # --- faults -------------------------------------------------------------------
 
 
-class HeldLock:
-    """Another session holding the identity's row lock, as a concurrent operator would."""
-
-    def __init__(self, dsn: str, workspace_id: int, slug: str):
-        self.conn = psycopg.connect(dsn, application_name="another-operator")
-        self.pid, self.role = self.conn.execute("SELECT pg_backend_pid(), current_user").fetchone()
-        self.conn.execute('SELECT id FROM agent_identity WHERE "workspaceId" = %s AND slug = %s FOR UPDATE',
-                          (workspace_id, slug))
-
-    def release(self):
-        self.conn.rollback()
-        self.conn.close()
-
-
 def start(database, email, *args) -> subprocess.Popen:
     return support.start_cli(list(args), database, {"AGENT_IDENTITY_ADMIN_EMAIL": email})
-
-
-def waiting_backend(db, timeout: float = 15) -> int:
-    """The pid of the tool's backend once it waits on a lock."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = db.execute("""SELECT pid FROM pg_stat_activity
-                            WHERE application_name = 'agent-identity' AND wait_event_type = 'Lock'
-                              AND datname = current_database()""").fetchone()
-        if row:
-            return row[0]
-        time.sleep(0.01)
-    raise AssertionError("the tool never waited on the lock")
-
-
-def waited(db, process: subprocess.Popen) -> tuple[str, str, float]:
-    """stdout, stderr, and the seconds from when the tool's backend is seen waiting on a
-    lock to the tool's exit: what --lock-timeout governs, whatever start-up costs on a
-    loaded machine."""
-    waiting_backend(db)
-    started = time.monotonic()
-    stdout, stderr = process.communicate(timeout=60)
-    return stdout, stderr, time.monotonic() - started
 
 
 def test_a_held_lock_makes_the_tool_give_up_after_the_lock_timeout(db, database, operator):
     operator.create("held")
     before = support.snapshot(db)
-    lock = HeldLock(database, operator.workspace["id"], "held")
+    lock = support.HeldLock(database, operator.workspace["id"], "held")
     try:
         process = start(database, operator.email, "rotate", "--workspace-public-id", operator.workspace["publicId"],
                         "--slug", "held", "--lock-timeout", "1", "--confirm", "--json")
-        stdout, _, elapsed = waited(db, process)
+        stdout, _, elapsed = support.waited(db, process)
     finally:
         lock.release()
     assert process.returncode == 5
@@ -107,11 +69,11 @@ def test_a_held_lock_makes_the_tool_give_up_after_the_lock_timeout(db, database,
 def interrupt_while_waiting(db, database, cli_dsn, operator, command: str, slug: str, interrupt) -> support.Run:
     """Run a mutation while another session holds the identity's lock, and call
     interrupt(backend_pid, process) once the tool waits for it."""
-    lock = HeldLock(database, operator.workspace["id"], slug)
+    lock = support.HeldLock(database, operator.workspace["id"], slug)
     try:
         process = start(cli_dsn, operator.email, command, "--workspace-public-id", operator.workspace["publicId"],
                         "--slug", slug, "--lock-timeout", "30", "--confirm")
-        interrupt(waiting_backend(db), process)
+        interrupt(support.waiting_backend(db), process)
         stdout, stderr = process.communicate(timeout=30)
     finally:
         lock.release()

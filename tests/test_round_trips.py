@@ -12,6 +12,11 @@ import pytest
 from tests import support
 
 
+# Every database command's budget is tested here (tests/test_meta.py holds them to it).
+COVERED = ("create", "rotate", "pause", "resume", "revoke", "list", "inspect", "verify", "workspaces", "expiring",
+           "audit")
+
+
 @pytest.fixture
 def counted(cli_dsn, operator):
     """round_trips() of a command as the operator, with its workspace."""

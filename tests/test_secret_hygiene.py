@@ -6,7 +6,6 @@ import json
 from psycopg.conninfo import make_conninfo
 
 from tests import support
-from tests.test_reliability import HeldLock, waiting_backend
 
 PASSWORD = "Db-Pa55word-Xyz-77"
 
@@ -51,11 +50,11 @@ def test_no_secret_leaks_anywhere(db, kan, cli, cli_dsn, database, operator, tmp
     runs.append(cli("list", *w, env=env, dsn=make_conninfo(dsn, port="9", host="127.0.0.1")))
 
     # A running tool, waiting on a lock: its command line and what it prints when it gives up.
-    lock = HeldLock(database, operator.workspace["id"], "hygiene")
+    lock = support.HeldLock(database, operator.workspace["id"], "hygiene")
     try:
         process = support.start_cli(
             ["revoke", *w, "--slug", "hygiene", "--lock-timeout", "5", "--confirm", "--json"], dsn, env)
-        waiting_backend(db)
+        support.waiting_backend(db)
         cmdline = open(f"/proc/{process.pid}/cmdline", "rb").read().decode()
         db.execute("""SELECT pg_terminate_backend(pid) FROM pg_stat_activity
                       WHERE application_name = 'agent-identity' AND datname = current_database()""")

@@ -1,6 +1,7 @@
 """The operator's view across a workspace and across workspaces: --workspace by slug,
 `workspaces`, `expiring`, and list's warnings for the whole workspace."""
 
+import psycopg
 
 from tests import support
 
@@ -222,18 +223,49 @@ def test_revoke_all_revokes_every_token_too(db, operator):
 
 
 def test_a_held_lock_on_one_identity_stops_the_whole_batch(db, database, operator):
-    from tests.test_reliability import HeldLock
 
     for slug in ("batch-a", "batch-b"):
         operator.create(slug)
     before = support.snapshot(db)
-    lock = HeldLock(database, operator.workspace["id"], "batch-b")
+    lock = support.HeldLock(database, operator.workspace["id"], "batch-b")
     try:
         result = operator("pause", "--all", "--lock-timeout", "1", "--confirm")
     finally:
         lock.release()
     assert result.code == 5
     assert support.snapshot(db) == before, "nothing written"
+
+
+def test_a_batch_locks_its_identities_in_ascending_id_order(db, database, cli_dsn, operator):
+    """Two batches (or a batch and anything else) take their locks in the same order, so
+    they cannot wait on each other in a circle: with the middle identity held, a batch
+    waiting for it holds the first (locked FOR UPDATE, as read) and not yet the last."""
+    for slug in ("order-a", "order-b", "order-c"):
+        operator.create(slug)
+    lock = support.HeldLock(database, operator.workspace["id"], "order-b")
+    try:
+        process = support.start_cli(["pause", "--workspace-public-id", operator.workspace["publicId"], "--all",
+                                     "--lock-timeout", "30", "--confirm"], cli_dsn,
+                                    {"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
+        support.waiting_backend(db)
+        with psycopg.connect(database) as probe:
+            def free(slug: str) -> bool:
+                try:
+                    probe.execute("""SELECT id FROM agent_identity WHERE "workspaceId" = %s AND slug = %s
+                                     FOR UPDATE NOWAIT""", (operator.workspace["id"], slug))
+                    return True
+                except psycopg.errors.LockNotAvailable:
+                    return False
+                finally:
+                    probe.rollback()
+
+            assert (free("order-a"), free("order-c")) == (False, True)
+    finally:
+        lock.release()
+    assert process.wait(timeout=60) == 0, process.stderr.read()
+    statuses = db.execute("""SELECT status::text FROM agent_identity WHERE "workspaceId" = %s AND slug LIKE 'order-%%'""",
+                          (operator.workspace["id"],)).fetchall()
+    assert statuses == [("paused",)] * 3
 
 
 def test_bulk_refusal_is_audited(db, kan, cli, operator):
