@@ -62,11 +62,13 @@ class Bench:
 
     def __init__(self, dsn: str, workspace: dict, email: str, folder: Path, python: Path):
         self.dsn, self.workspace, self.email, self.folder, self.python = dsn, workspace, email, folder, python
-        # Two ways to start the tool: the installed console script (its module's bytecode
-        # is cached), and the file itself as the Kan monorepo's pnpm script runs it
-        # (Python compiles a script's source on every run; no cache for __main__).
-        self.invocations = {"": [str(python.parent / "agent-identity")], " (script)": [str(python), str(support.SCRIPT)]}
-        self.env = bench_env(dsn, AGENT_IDENTITY_ADMIN_EMAIL=email)
+        # Two ways to start the tool: the installed console script, and what the Kan
+        # monorepo's pnpm script runs — `python3 -m agent_identity_admin` with the file's
+        # folder on PYTHONPATH — both from bytecode Python caches (pnpm itself, a Node
+        # process of its own, is left out: it costs the same whatever it starts).
+        self.invocations = {"": [str(python.parent / "agent-identity")],
+                            " (pnpm)": [str(python), "-m", "agent_identity_admin"]}
+        self.env = bench_env(dsn, AGENT_IDENTITY_ADMIN_EMAIL=email, PYTHONPATH=str(REPO))
         self.w = ["--workspace-public-id", workspace["publicId"]]
         self.counter = 0
         created = self.cli(["create", *self.w, "--slug", "bench", "--display-name", "Bench", "--token-name", "t",
@@ -190,13 +192,15 @@ TARGETS = {  # command: (floor, highest ratio)
     "revoke": ("psycopg connect + select 1", 1.15), "verify": ("psycopg connect + select 1", 1.15),
     "create": ("psycopg connect + select 1", 1.15), "rotate": ("psycopg connect + select 1", 1.15),
 }
-INVOCATION_SUFFIXES = ("", " (script)")
+INVOCATION_SUFFIXES = ("", " (pnpm)")
+# The pnpm path against the installed tool: the same work, started the documented other way.
+PNPM_TARGET = 1.10
 
 
 def report(medians: dict[str, float], trips: dict[str, int], argon2: float, title: str) -> int:
     print(f"\n{title}")
     print(f"{'':<28}{'median ms':>10}  {'floor':<28}{'ratio':>7}  {'target':>6}  {'round trips':>11}")
-    for name in [n for n in medians if n.removesuffix(" (script)") not in TARGETS]:
+    for name in [n for n in medians if n.removesuffix(" (pnpm)") not in TARGETS]:
         print(f"{name:<28}{medians[name]:>10.1f}  {'(floor)':<28}")
     print(f"{'one argon2 hash (in-process)':<28}{argon2:>10.1f}  {'(floor)':<28}")
     missed = 0
@@ -209,6 +213,12 @@ def report(medians: dict[str, float], trips: dict[str, int], argon2: float, titl
             mark = "ok" if ratio <= target else "over"
             print(f"{name + suffix:<28}{medians[name + suffix]:>10.1f}  {floor:<28}{ratio:>7.2f}  {target:>5.2f}x  "
                   f"{trips.get(name, '-'):>11}  {mark}")
+    print(f"\nthe pnpm script's command against the installed tool (target {PNPM_TARGET:.2f}x)")
+    for name in [n for n in TARGETS if n + " (pnpm)" in medians]:
+        ratio = medians[name + " (pnpm)"] / medians[name]
+        missed += ratio > PNPM_TARGET
+        print(f"{name + ' (pnpm)':<28}{medians[name + ' (pnpm)']:>10.1f}  {name:<28}{ratio:>7.2f}  "
+              f"{PNPM_TARGET:>5.2f}x  {'':>11}  {'ok' if ratio <= PNPM_TARGET else 'over'}")
     return missed
 
 
@@ -246,15 +256,8 @@ def bulk(bench: Bench, dsn: str) -> int:
         workspace = kan.workspace()
         kan.member(workspace, {"id": conn.execute('SELECT id FROM "user" WHERE email = %s', (bench.email,))
                                .fetchone()[0], "email": bench.email})
-        # Ids of their own ('B…', 'K…'), apart from what --scale seeds.
-        conn.execute("""INSERT INTO agent_identity ("publicId", "workspaceId", slug, "displayName")
-                        SELECT 'B' || lpad(to_hex(g), 11, '0'), %s, 'bulk-' || g, 'Bulk ' || g
-                        FROM generate_series(1, 1000) AS g""", (workspace["id"],))
-        conn.execute("""INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt")
-                        SELECT 'K' || substr(i."publicId", 2), i.id, 't', %s, '{boards:read}',
-                               timezone('utc', now()) + interval '90 days'
-                        FROM agent_identity i WHERE i."workspaceId" = %s""",
-                     (tool.hash_token("bulk"), workspace["id"]))
+        # Made as the tool makes them (each created with its token, audited and chained).
+        support.seed_scale(conn, workspace["id"], identities=1000, tokens=1000, events=1000)
     print("\nbulk actions on 1,000 identities, one transaction each")
     missed = 0
     for command in ("pause", "resume"):
@@ -281,7 +284,7 @@ def scale(bench: Bench, dsn: str, workspace: dict, empty: dict[str, float], args
     missed = 0
     for name in [n + suffix for n in names for suffix in INVOCATION_SUFFIXES]:
         ratio = seeded[name] / empty[name]
-        missed += ratio > 1.2 and not name.endswith(" (script)")
+        missed += ratio > 1.2
         print(f"{name:<28}{empty[name]:>10.1f}{seeded[name]:>11.1f}{ratio:>8.2f}  1.20x  "
               f"{'ok' if ratio <= 1.2 else 'MISSED'}")
     return missed + verify_chain(bench, sizes["events"]) + upgrade(bench, dsn, sizes["events"])
@@ -304,15 +307,15 @@ def verify_chain(bench: Bench, events: int) -> int:
 
 
 def upgrade(bench: Bench, dsn: str, events: int) -> int:
-    """The upgrade to the chain: schema applied, in one transaction, to a database whose
-    1,000,000 events were written before it (version 0.2.0's tables); then applied again."""
+    """The upgrade to the chain: schema applied to a database whose 1,000,000 events were
+    written before it (version 0.2.0's tables); then applied again."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(support.WITHOUT_CHAIN_SQL)
     ddl = bench.cli(["schema"]).stdout
     times = []
     for _ in range(2):
         started = time.perf_counter()
-        with psycopg.connect(dsn) as conn:  # one transaction, as psql --single-transaction applies it
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the DDL is one transaction of its own
             conn.execute(ddl)
         times.append(time.perf_counter() - started)
     done = bench.cli(["audit", "verify", *bench.w])

@@ -193,6 +193,42 @@ def test_a_deleted_event_is_a_gap(db, operator, history):
     assert report["events"] == 5
 
 
+# Every field of the encoding, changed past the triggers, is a changed event: no field can
+# fall out of the encoding (in Python and SQL alike) unseen, with or without Node.
+FIELDS = {
+    "workspacePublicId": "'Zz99Zz99Zz99'", "publicId": "'Zz99Zz99Zz98'", "action": "'identity.resumed'",
+    "identityPublicId": "'Zz99Zz99Zz97'", "identitySlug": "'someone-else'", "tokenPublicId": "'Zz99Zz99Zz96'",
+    "actorUserUuid": "gen_random_uuid()", "actorEmail": "'someone@example.com'", "reason": "'another reason'",
+    "metadata": """metadata || '{"forged": true}'""", "createdAt": """"createdAt" + interval '1 microsecond'""",
+}
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
+def test_a_change_to_any_field_of_the_encoding_is_a_changed_event(db, operator, history, field):
+    tamper(db, f"""UPDATE agent_audit_event SET "{field}" = {FIELDS[field]}
+                   WHERE "workspaceId" = %s AND "sequence" = 3""", (operator.workspace["id"],))
+    run, report = verified(operator)
+    assert run.code == 10
+    assert (report["break"]["kind"], report["break"]["sequence"]) == ("changed", 3), report["breaks"]
+
+
+def test_times_never_run_backwards_along_a_chain(db, database, operator):
+    """A transaction that began first but wrote second gets the time of the event before
+    it, not its own earlier one: along a chain, times only go forward."""
+    with psycopg.connect(database) as early:
+        began = early.execute("SELECT timezone('utc', now())").fetchone()[0]  # the transaction's clock starts
+        time.sleep(0.05)
+        operator.create("meanwhile")
+        early.execute("""INSERT INTO agent_audit_event ("publicId", "workspaceId", action, "actorEmail")
+                         VALUES ('LateWriter01', %s, 'access.denied', 'late@example.com')""",
+                      (operator.workspace["id"],))
+        early.commit()
+    events = chain(db, operator.workspace)
+    assert [e["publicId"] for e in events][-1] == "LateWriter01"
+    assert events[-1]["createdAt"] >= events[-2]["createdAt"] > began
+    assert verified(operator)[0].code == 0
+
+
 @pytest.mark.parametrize("swap", ["sequence", "createdAt"])
 def test_swapped_events_are_reordered(db, operator, history, swap):
     events = chain(db, operator.workspace)

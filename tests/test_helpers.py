@@ -271,3 +271,9 @@ def test_from_iso_reads_back_what_iso_writes():
 ])
 def test_a_target_is_named_as_libpq_reaches_it(host, port, said):
     assert tool.describe_target({"host": host, "port": port, "database": "kan", "role": "ops"}) == said
+
+
+def test_did_you_mean_takes_the_nearest_of_several_that_begin_alike():
+    """--d begins --database-url, --db-schema and --debug: the nearest, not the first, is named."""
+    assert tool.did_you_mean("--d", ["--database-url", "--db-schema", "--debug"]) == " (did you mean --debug?)"
+    assert tool.did_you_mean("--con", ["--confirm", "--database-url"]) == " (did you mean --confirm?)"

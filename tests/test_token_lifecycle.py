@@ -448,6 +448,18 @@ def test_a_token_from_before_lifetimes_were_recorded_keeps_its_span(db, operator
     assert operator("rotate", "--slug", "old-span", "--confirm").json["token"]["expiresIn"] == "10d"
 
 
+def test_that_span_is_from_the_tokens_creation_not_from_now(db, operator):
+    """A token from before lifetimes were recorded, made 5 days ago to live 10: its span is
+    10 days (expiry less creation), not the 5 it has left."""
+    created = operator.create("aged-span", "--expires-in", "10d").json["token"]
+    support.outside_the_tool(db, """UPDATE agent_token SET "createdAt" = "createdAt" - interval '5 days',
+                                                          "expiresAt" = "expiresAt" - interval '5 days'
+                                    WHERE "publicId" = %s""", (created["publicId"],))
+    support.outside_the_tool(db, """UPDATE agent_audit_event SET metadata = metadata - 'expiresIn'
+                                    WHERE "tokenPublicId" = %s""", (created["publicId"],))
+    assert operator("rotate", "--slug", "aged-span", "--confirm").json["token"]["expiresIn"] == "10d"
+
+
 def test_rotate_with_scopes_issues_them_and_audits_old_and_new(db, operator):
     operator.create("rescoped", scopes="boards:read")
     result = operator("rotate", "--slug", "rescoped", "--scopes", "cards:read,cards:write", "--confirm")
