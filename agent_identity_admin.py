@@ -649,6 +649,15 @@ def hash_token(token: str) -> str:
     return token_hasher().hash(token)
 
 
+def hash_digest(token_hash: str) -> str:
+    """SHA-256, as hex, of a token's stored hash: what its issuing event records, so that a
+    hash swapped in the table (a secret of someone's choosing) disagrees with the chain.
+    It reveals nothing the stored hash does not."""
+    import hashlib
+
+    return hashlib.sha256(token_hash.encode("utf-8")).hexdigest()
+
+
 # --- Pure helpers: the audit chain -------------------------------------------
 #
 # What the database's trigger computes in SQL when it writes an event, computed
@@ -722,17 +731,21 @@ CHAIN_BREAKS = {
     "reordered": "events swapped places (their links or times say so)",
     "unchained": "an event has no place in the chain (written past the trigger)",
     "head_mismatch": "the event at a pinned sequence is not the pinned one, or the chain ends before it",
+    "backdated": "an event is dated before the event before it, or after the time it was checked",
+    "impossible": "an event undoes an end (a revoked identity changed, a revoked token issued or graced again) or "
+                  "issues something twice",
     "mismatch": "the tables say otherwise than the chain's latest event about an identity or token",
 }
 
 
-def check_chain(events, expect: Head | None = None) -> dict:
+def check_chain(events, expect: Head | None = None, now: datetime | None = None) -> dict:
     """Walk a workspace's events in sequence order (an iterable of rows, read as it goes)
     and report every break in it (CHAIN_BREAKS), in order: after each, the walk goes on
     from the hashes the events record, so one break hides no later one. A pinned head
-    (expect) is checked on its own, whatever came before it. Returns how many chained
-    events were checked, the head (the last one's SEQUENCE:HASH), whether the chain is
-    intact, its first break and all of them."""
+    (expect) is checked on its own, whatever came before it; times must never run
+    backwards along the chain, nor past now (the time of checking). Returns how many
+    chained events were checked, the head (the last one's SEQUENCE:HASH), whether the
+    chain is intact, its first break and all of them."""
     accepted, before_previous, expected = {CHAIN_START}, None, 1  # accepted: what the next may link to
     previous, checked, head, pinned_seen, skip = None, 0, None, False, False
     breaks: list[dict] = []
@@ -753,7 +766,7 @@ def check_chain(events, expect: Head | None = None) -> dict:
             broken("inserted", sequence, event, f"two events have sequence {sequence}")
         else:
             # A reordered pair is named once, at its first event: its partner is not checked again.
-            partner, skip = skip, False
+            partner, skip, found = skip, False, len(breaks)
             checked += 1
             if sequence > expected:
                 missing = str(expected) if sequence == expected + 1 else f"{expected} to {sequence - 1}"
@@ -782,6 +795,13 @@ def check_chain(events, expect: Head | None = None) -> dict:
                 else:
                     broken("changed", sequence, event, f"event {sequence} was changed: it no longer hashes to its "
                                                        "recorded hash")
+            if len(breaks) == found and not partner:  # whole and linked: is it where it says it is in time?
+                if previous is not None and event["createdAt"] < previous["createdAt"]:
+                    broken("backdated", sequence, event, f"event {sequence} is dated {chain_time(event['createdAt'])}, "
+                                                         f"before the event before it")
+                elif now is not None and event["createdAt"] > now:
+                    broken("backdated", sequence, event, f"event {sequence} is dated {chain_time(event['createdAt'])}, "
+                                                         "after the time it was checked")
             if expect is not None and sequence == expect.sequence:
                 pinned_seen = True
                 if event["hash"] != expect.hash:
@@ -813,12 +833,16 @@ STATUS_AFTER = {"identity.created": "active", "identity.paused": "paused", "iden
 class ChainState:
     """What a workspace's audit chain says of its identities and tokens, by the latest
     event about each, gathered as the chain is walked (memory grows with identities and
-    tokens, never with events): each identity's status, and each token's issue, expiry
-    and revocation. compare() then holds the tables to it."""
+    tokens, never with events): each identity's status, and each token's identity,
+    scopes, name, hash, expiry and revocation. An event that undoes an end — a revoked
+    identity's later status event, a revoked token issued or graced again, anything
+    issued twice — is a break of kind impossible (an event forged to make a change past
+    the triggers look made). compare() then holds the tables to it."""
 
     def __init__(self):
         self.identities: dict[str, tuple[str, dict]] = {}
         self.tokens: dict[str, dict] = {}
+        self.breaks: list[dict] = []
 
     def watch(self, events):
         """The events, unchanged, each one noted as it goes by."""
@@ -827,28 +851,46 @@ class ChainState:
                 self.note(event)
             yield event
 
+    def impossible(self, said: dict, message: str) -> None:
+        self.breaks.append({"kind": "impossible", "sequence": said["sequence"], "eventPublicId": said["eventPublicId"],
+                            "message": f"event {said['sequence']} {message}"})
+
     def note(self, event: dict) -> None:
         import json
 
-        action = event["action"]
+        action, identity = event["action"], event["identityPublicId"]
         said = {"sequence": event["sequence"], "eventPublicId": event["publicId"]}
-        if action in STATUS_AFTER and event["identityPublicId"]:
-            self.identities[event["identityPublicId"]] = (STATUS_AFTER[action], said)
+        if action in STATUS_AFTER and identity:
+            before, then = self.identities.get(identity, (None, None))
+            if before == "revoked" or (action == "identity.created" and before is not None):
+                self.impossible(said, f"{'creates' if before != 'revoked' else 'changes'} agent identity {identity}, "
+                                      f"which event {then['sequence']} {'created' if before != 'revoked' else 'revoked'}")
+            self.identities[identity] = (STATUS_AFTER[action], said)
         if action not in ("identity.created", "identity.token_rotated", "identity.revoked", "identity.token_revoked"):
             return
         metadata = json.loads(event["metadata"])
-        if action in ("identity.created", "identity.token_rotated") and metadata.get("tokenPublicId"):
-            self.tokens[metadata["tokenPublicId"]] = {"issued": said, "expiresAt": metadata.get("expiresAt"),
-                                                      "revoked": None, "said": said}
+        issued = metadata.get("tokenPublicId") if action in ("identity.created", "identity.token_rotated") else None
+        if issued:
+            if issued in self.tokens:
+                self.impossible(said, f"issues token {issued} again")
+            self.tokens[issued] = {"issued": said, "identity": identity, "scopes": metadata.get("scopes"),
+                                   "name": metadata.get("tokenName"), "digest": metadata.get("tokenHashDigest"),
+                                   "expiresAt": metadata.get("expiresAt"), "revoked": None, "said": said}
         for public_id in metadata.get("revokedTokenPublicIds") or ():
-            self.tokens.setdefault(public_id, {"issued": None, "expiresAt": None}).update(revoked=said, said=said)
+            token = self.tokens.setdefault(public_id, {"issued": None})
+            if token.get("revoked"):
+                self.impossible(said, f"revokes token {public_id} again")
+            token.update(revoked=said, said=said)
         for graced in metadata.get("gracedTokens") or ():
-            self.tokens.setdefault(graced["publicId"], {"issued": None, "revoked": None}).update(
-                expiresAt=graced["expiresAt"], said=said)
+            token = self.tokens.setdefault(graced["publicId"], {"issued": None, "revoked": None})
+            if token.get("revoked"):
+                self.impossible(said, f"gives token {graced['publicId']} a grace after it was revoked")
+            token.update(expiresAt=graced["expiresAt"], said=said)
 
     def compare(self, rows) -> list[dict]:
         """Breaks of kind mismatch for each identity or token (rows: identity, status,
-        token, expiresAt, revokedAt; a row per token) the chain says otherwise of."""
+        token, expiresAt, revokedAt, scopes, name, hashDigest; a row per token) the chain
+        says otherwise of."""
         found = []
 
         def mismatch(said: dict | None, message: str) -> None:
@@ -866,21 +908,30 @@ class ChainState:
                 elif status != row["status"]:
                     mismatch(said, f"agent identity {identity} is {row['status']}, but event {said['sequence']} "
                                    f"made it {status}")
-            if token is None:
-                continue
-            chain = self.tokens.get(token)
-            if chain is None or chain["issued"] is None:
-                mismatch(chain and chain["said"], f"token {token} has no event that issued it")
-                continue
-            if row["revokedAt"] is None and chain["revoked"]:
-                mismatch(chain["revoked"], f"token {token} is not revoked, but event "
-                                           f"{chain['revoked']['sequence']} revoked it")
-            elif row["revokedAt"] is not None and not chain["revoked"]:
-                mismatch(chain["said"], f"token {token} is revoked, but no event revoked it")
-            if iso(row["expiresAt"]) != chain["expiresAt"]:
-                mismatch(chain["said"], f"token {token} expires {iso(row['expiresAt']) or 'never'}, but event "
-                                        f"{chain['said']['sequence']} says {chain['expiresAt'] or 'never'}")
+            if token is not None:
+                self.compare_token(row, self.tokens.get(token), mismatch)
         return found
+
+    @staticmethod
+    def compare_token(row: dict, chain: dict | None, mismatch) -> None:
+        token = row["token"]
+        if chain is None or chain["issued"] is None:
+            mismatch(chain and chain["said"], f"token {token} has no event that issued it")
+            return
+        issued = chain["issued"]["sequence"]
+        recorded = {"identity": (row["identity"], chain["identity"]), "scopes": (list(row["scopes"]), chain["scopes"]),
+                    "name": (row["name"], chain["name"]), "hash": (row["hashDigest"], chain["digest"])}
+        for what, (table, event) in recorded.items():
+            if event is not None and table != event:  # (0.3.0's events record no hash digest)
+                mismatch(chain["issued"], f"token {token}'s {what} is not the one event {issued} issued it with")
+        if row["revokedAt"] is None and chain["revoked"]:
+            mismatch(chain["revoked"], f"token {token} is not revoked, but event {chain['revoked']['sequence']} "
+                                       "revoked it")
+        elif row["revokedAt"] is not None and not chain["revoked"]:
+            mismatch(chain["said"], f"token {token} is revoked, but no event revoked it")
+        if iso(row["expiresAt"]) != chain["expiresAt"]:
+            mismatch(chain["said"], f"token {token} expires {iso(row['expiresAt']) or 'never'}, but event "
+                                    f"{chain['said']['sequence']} says {chain['expiresAt'] or 'never'}")
 
 
 # --- Pure helpers: configuration and output values --------------------------
@@ -1132,6 +1183,7 @@ CREATE INDEX IF NOT EXISTS "agent_audit_event_token_public_idx"
 CREATE TABLE IF NOT EXISTS {schema}.agent_token_use (
     "agentTokenId" bigint PRIMARY KEY REFERENCES {schema}.agent_token("id") ON DELETE CASCADE,
     "lastUsedAt" timestamp NOT NULL
+        CONSTRAINT "agent_token_use_time" CHECK ("lastUsedAt" >= '0001-01-01' AND "lastUsedAt" < '10000-01-01')
 );
 
 -- One row per workspace that has been changed: its row lock is the workspace's turn.
@@ -1299,18 +1351,14 @@ END
     # along a chain). An event about an identity or token of another workspace is refused.
     # One exception: the tables' owner restoring a backup (pg_restore --data-only with the
     # triggers on) brings events already linked, and those that hash to what they say are
-    # kept as they are, so a restore gives back the same chain.
+    # kept as they are, so a restore gives back the same chain; a restore takes no turn
+    # (the turns' own table is restored with the rest). A head whose time the tool cannot
+    # stand behind (infinite, or over a day ahead: written past the safeguards) is not
+    # followed: the next event is dated now, and audit verify names the head.
     SchemaFunction("agent_audit_event_chain", "", "", "trigger", "plpgsql", "VOLATILE", True, False, """
 DECLARE
     head record;
 BEGIN
-    PERFORM {schema}.agent_lock_workspace(NEW."workspaceId");
-    IF NEW."sequence" IS NOT NULL AND NEW."previousHash" IS NOT NULL AND NEW."hash" IS NOT NULL
-       AND {schema}.agent_time_ok(NEW."createdAt")
-       AND pg_has_role(session_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE')
-       AND {schema}.agent_audit_event_hash(NEW) = NEW."hash" THEN
-        RETURN NEW;
-    END IF;
     IF EXISTS (SELECT 1 FROM {schema}.agent_identity i
                WHERE i."id" = NEW."agentIdentityId" AND i."workspaceId" <> NEW."workspaceId")
        OR EXISTS (SELECT 1 FROM {schema}.agent_token t JOIN {schema}.agent_identity i ON i."id" = t."agentIdentityId"
@@ -1318,8 +1366,18 @@ BEGIN
         RAISE EXCEPTION 'audit event % is about an identity or token of another workspace', NEW."publicId"
             USING ERRCODE = 'check_violation';
     END IF;
+    IF NEW."sequence" IS NOT NULL AND NEW."previousHash" IS NOT NULL AND NEW."hash" IS NOT NULL
+       AND {schema}.agent_time_ok(NEW."createdAt")
+       AND pg_has_role(session_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE')
+       AND {schema}.agent_audit_event_hash(NEW) = NEW."hash" THEN
+        RETURN NEW;
+    END IF;
+    PERFORM {schema}.agent_lock_workspace(NEW."workspaceId");
     SELECT * INTO head FROM {schema}.agent_audit_chain_head(NEW."workspaceId");
-    NEW."createdAt" := GREATEST(timezone('UTC', now()), head."createdAt");
+    NEW."createdAt" := GREATEST(timezone('UTC', now()),
+                                CASE WHEN {schema}.agent_time_ok(head."createdAt")
+                                          AND head."createdAt" <= timezone('UTC', now()) + interval '1 day'
+                                     THEN head."createdAt" END);
     RETURN {schema}.agent_audit_event_link(NEW, coalesce(head."sequence", 0), coalesce(head."hash", repeat('0', 64)));
 END
 """),
@@ -1366,9 +1424,27 @@ BEGIN
 END
 """),
     # What ends stays ended, for every role, the owner included: a revoked token is never
-    # un-revoked and its expiry only moves earlier; a revoked identity stays revoked.
+    # un-revoked and its expiry only moves earlier; a revoked identity stays revoked. And
+    # what a token or an identity is never changes at all: only its end, its status and
+    # the times that go with them (and, where a cascade empties one, a foreign key whose
+    # row is gone).
     SchemaFunction("agent_token_only_ends", "", "", "trigger", "plpgsql", "VOLATILE", False, False, """
 BEGIN
+    IF NEW."id" IS DISTINCT FROM OLD."id" OR NEW."publicId" IS DISTINCT FROM OLD."publicId"
+       OR NEW."agentIdentityId" IS DISTINCT FROM OLD."agentIdentityId" OR NEW.name IS DISTINCT FROM OLD.name
+       OR NEW."tokenHash" IS DISTINCT FROM OLD."tokenHash" OR NEW.scopes IS DISTINCT FROM OLD.scopes
+       OR NEW."createdAt" IS DISTINCT FROM OLD."createdAt"
+       OR NEW."createdBy" IS DISTINCT FROM OLD."createdBy"
+          AND NOT (NEW."createdBy" IS NULL AND NOT EXISTS (SELECT FROM {schema}."user" u WHERE u."id" = OLD."createdBy"))
+       OR NEW."rotatedFromId" IS DISTINCT FROM OLD."rotatedFromId"
+          AND NOT (NEW."rotatedFromId" IS NULL
+                   AND NOT EXISTS (SELECT FROM {schema}.agent_token s WHERE s."id" = OLD."rotatedFromId"))
+       OR NEW."revokedBy" IS DISTINCT FROM OLD."revokedBy" AND NEW."revokedAt" IS NOT DISTINCT FROM OLD."revokedAt"
+          AND NOT (NEW."revokedBy" IS NULL AND NOT EXISTS (SELECT FROM {schema}."user" u WHERE u."id" = OLD."revokedBy"))
+    THEN
+        RAISE EXCEPTION 'token %: only its end may change (its revocation, an earlier expiry)', OLD."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
     IF OLD."revokedAt" IS NOT NULL AND NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" THEN
         RAISE EXCEPTION 'token % is revoked, and revocation is final', OLD."publicId"
             USING ERRCODE = 'check_violation';
@@ -1382,6 +1458,17 @@ END
 """),
     SchemaFunction("agent_identity_revocation_is_final", "", "", "trigger", "plpgsql", "VOLATILE", False, False, """
 BEGIN
+    IF NEW."id" IS DISTINCT FROM OLD."id" OR NEW."publicId" IS DISTINCT FROM OLD."publicId"
+       OR NEW."workspaceId" IS DISTINCT FROM OLD."workspaceId" OR NEW.slug IS DISTINCT FROM OLD.slug
+       OR NEW."displayName" IS DISTINCT FROM OLD."displayName" OR NEW."createdAt" IS DISTINCT FROM OLD."createdAt"
+       OR NEW."createdBy" IS DISTINCT FROM OLD."createdBy"
+          AND NOT (NEW."createdBy" IS NULL AND NOT EXISTS (SELECT FROM {schema}."user" u WHERE u."id" = OLD."createdBy"))
+       OR NEW."pausedAt" IS DISTINCT FROM OLD."pausedAt" AND NEW.status IS NOT DISTINCT FROM OLD.status
+       OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" AND NEW.status::text <> 'revoked'
+    THEN
+        RAISE EXCEPTION 'agent identity %: only its status, and the times that go with it, may change',
+            OLD."publicId" USING ERRCODE = 'check_violation';
+    END IF;
     IF OLD.status::text = 'revoked'
        AND (NEW.status::text <> 'revoked' OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt") THEN
         RAISE EXCEPTION 'agent identity % is revoked, and revocation is final', OLD."publicId"
@@ -1409,9 +1496,10 @@ END
 BEGIN
     IF NEW."lastUsedAt" IS DISTINCT FROM OLD."lastUsedAt" AND NOT {schema}.agent_time_ok(NEW."lastUsedAt")
        OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt" AND NOT {schema}.agent_time_ok(NEW."revokedAt")
+       OR NEW."createdAt" IS DISTINCT FROM OLD."createdAt" AND NOT {schema}.agent_time_ok(NEW."createdAt")
        OR (NEW."createdAt" IS DISTINCT FROM OLD."createdAt" OR NEW."expiresAt" IS DISTINCT FROM OLD."expiresAt")
-          AND (NOT {schema}.agent_time_ok(NEW."createdAt") OR NOT {schema}.agent_time_ok(NEW."expiresAt")
-               OR NEW."expiresAt" <= NEW."createdAt") THEN
+          AND (NOT {schema}.agent_time_ok(NEW."expiresAt")
+               OR {schema}.agent_time_ok(NEW."createdAt") AND NEW."expiresAt" <= NEW."createdAt") THEN
         RAISE EXCEPTION 'token %: its times must be finite, in the years 1 to 9999, and it must expire after it '
                         'was made', NEW."publicId" USING ERRCODE = 'check_violation';
     END IF;
@@ -1458,7 +1546,7 @@ BEGIN
         WHERE e."agentIdentityId" = NEW."agentIdentityId" AND e.xmin = pg_current_xact_id()::xid
           AND e.action IN ('identity.revoked', 'identity.token_revoked', 'identity.token_rotated')
           AND e.metadata -> 'revokedTokenPublicIds' ? NEW."publicId") THEN
-        RAISE EXCEPTION 'token % was revoked without its audit event', NEW."publicId"
+        RAISE EXCEPTION 'token % had its revocation changed without its audit event', NEW."publicId"
             USING ERRCODE = 'check_violation';
     END IF;
     IF NEW."expiresAt" IS DISTINCT FROM OLD."expiresAt" AND NOT EXISTS (
@@ -1528,6 +1616,21 @@ SCHEMA_TRIGGERS = (
     SchemaTrigger("agent_audit_event_no_truncate", "agent_audit_event", "BEFORE", "TRUNCATE", (),
                   "agent_audit_event_no_truncate", False),
 )
+# The constraints the tables above are made with (checks, keys and foreign keys, by name:
+# a constraint added, such as a CHECK that refuses access.denied events, or one taken
+# away, is a safeguard changed).
+SCHEMA_CONSTRAINTS = {
+    "agent_identity": ("agent_identity_createdBy_fkey", "agent_identity_pkey", "agent_identity_publicId_unique",
+                       "agent_identity_slug_format", "agent_identity_workspaceId_fkey",
+                       "agent_identity_workspace_slug_unique"),
+    "agent_token": ("agent_token_agentIdentityId_fkey", "agent_token_createdBy_fkey", "agent_token_pkey",
+                    "agent_token_publicId_unique", "agent_token_revokedBy_fkey", "agent_token_rotatedFromId_fkey"),
+    "agent_audit_event": ("agent_audit_event_actorUserId_fkey", "agent_audit_event_agentIdentityId_fkey",
+                          "agent_audit_event_agentTokenId_fkey", "agent_audit_event_pkey",
+                          "agent_audit_event_publicId_unique", "agent_audit_event_workspaceId_fkey"),
+    "agent_token_use": ("agent_token_use_agentTokenId_fkey", "agent_token_use_pkey", "agent_token_use_time"),
+    "agent_workspace_lock": ("agent_workspace_lock_pkey", "agent_workspace_lock_workspaceId_fkey"),
+}
 # The tables whose triggers, rules and policies doctor holds to the records above; and
 # the one only the functions above read and write (no role of the tool's needs to).
 AGENT_TABLES = ("agent_identity", "agent_token", "agent_audit_event", "agent_token_use", "agent_workspace_lock")
@@ -1744,9 +1847,11 @@ def target_of(conn) -> dict:
     return {"host": info.host, "port": str(info.port), "database": info.dbname, "role": info.user}
 
 
-class Session(collections.namedtuple("Session", "schema path")):
+class Session(collections.namedtuple("Session", "schema path now kan_schemas")):
     """What a transaction learned as it began: the schema that holds Kan's tables (every
-    statement names its tables with it), and the search_path the session came with."""
+    statement names its tables with it), the search_path the session came with, the
+    transaction's clock (UTC), and every schema of the database that holds a table named
+    workspace (more than one: a copy of Kan's tables, which the search_path could pick)."""
 
     __slots__ = ()
 
@@ -1767,7 +1872,13 @@ SELECT (SELECT n.nspname::pg_catalog.text
                         AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[]))
         ORDER BY p.position
         LIMIT 1) AS schema,
-       pg_catalog.current_schemas(true)::pg_catalog.text[] AS path
+       pg_catalog.current_schemas(true)::pg_catalog.text[] AS path,
+       pg_catalog.timezone('UTC', pg_catalog.now()) AS now,
+       ARRAY(SELECT n.nspname::pg_catalog.text
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+             WHERE c.relname OPERATOR(pg_catalog.=) 'workspace' AND c.relpersistence OPERATOR(pg_catalog.<>) 't'
+               AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
+             ORDER BY 1) AS kan_schemas
 """
 
 
@@ -1795,12 +1906,18 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: s
         begin, *settings, sql.SQL(DISCOVER_SQL), sql.SQL(f"SET LOCAL search_path = {SAFE_SEARCH_PATH}")]))
     while cursor.description is None:  # past BEGIN and the limits, to what the look for Kan's schema found
         cursor.nextset()
-    found, path = cursor.fetchone()
+    found, path, now, kan_schemas = cursor.fetchone()
     try:
         if require_schema and not (schema or found):
             raise AdminError(EXIT_DATABASE, f"{describe_target(target_of(conn))} does not look like a Kan database "
                                             f"(no table workspace in its search_path, {', '.join(path)})")
-        yield Session(schema or found, path)
+        if require_schema and not schema and len(kan_schemas) > 1:
+            # A copy of Kan's tables, which a role's own search_path could make the tool act on.
+            raise AdminError(EXIT_DATABASE, f"Kan's tables are in more than one schema of "
+                                            f"{describe_target(target_of(conn))} ({', '.join(kan_schemas)}): name the "
+                                            "one Kan uses with --db-schema or AGENT_IDENTITY_DB_SCHEMA, and run "
+                                            "`agent-identity doctor`")
+        yield Session(schema or found, path, now, kan_schemas)
     except BaseException:
         if not conn.closed:
             with contextlib.suppress(psycopg.Error):
@@ -1856,7 +1973,7 @@ def database_error(exc: Exception, lock_timeout: float, target: dict, holders: s
     if isinstance(exc, (errors.LockNotAvailable, errors.DeadlockDetected)):
         return AdminError(
             EXIT_CONFLICT,
-            f"the identity is busy: another session is changing it{holders} (waited {lock_timeout:g} s for its "
+            f"busy: another session is changing this workspace{holders} (waited {lock_timeout:g} s for its "
             "lock); nothing was written: try again, or wait longer with --lock-timeout",
         )
     if isinstance(exc, errors.QueryCanceled):
@@ -1875,6 +1992,12 @@ def database_error(exc: Exception, lock_timeout: float, target: dict, holders: s
                 "`agent-identity schema` there as their owner",
             )
         return AdminError(EXIT_DATABASE, f"{describe_target(target)} does not look like a Kan database ({missing})")
+    if isinstance(exc, (errors.FeatureNotSupported, errors.CheckViolation)):
+        return AdminError(
+            EXIT_DATABASE,
+            f"the database refused the tool's statement ({exc.diag.message_primary}): a rule, trigger or constraint "
+            "on the agent tables is in the way, and nothing was written; run `agent-identity doctor`",
+        )
     if isinstance(exc, errors.InsufficientPrivilege):
         return AdminError(
             EXIT_DATABASE,
@@ -2296,6 +2419,12 @@ SELECT %(audit_public_id)s, %(workspace_id)s,
 RETURNING "id"
 """
 
+# Whether an event is there (after writing a refusal, which no statement of the change
+# itself looks for again).
+EVENT_EXISTS_SQL = """
+SELECT EXISTS (SELECT FROM {s}.agent_audit_event WHERE "publicId" = %(public_id)s)
+"""
+
 REVOKE_TOKEN_SQL = RETIRE_TOKENS + TOUCH_IDENTITY + """,
 subject AS (
     SELECT %(identity_id)s::bigint AS identity_id, %(token_id)s::bigint AS token_id
@@ -2357,6 +2486,14 @@ AUDIT_DETAIL = """(
         FROM {s}.agent_audit_event
         WHERE "workspaceId" = (SELECT "id" FROM ws) AND "publicId" = %(after)s
     ),
+    -- The identity --slug names: its row, or, once Kan has deleted it, the public id the
+    -- chain kept (slugs are never reused in a workspace).
+    named AS (
+        SELECT coalesce((SELECT "publicId" FROM target),
+                        (SELECT x."identityPublicId" FROM {s}.agent_audit_event x
+                         WHERE x."workspaceId" = (SELECT "id" FROM ws) AND x."identitySlug" = %(slug)s
+                         ORDER BY x."id" LIMIT 1)) AS "publicId"
+    ),
     page AS (
         SELECT e."id", e."publicId", e."createdAt", e.action, e."actorEmail", e.reason, e.metadata,
                e."identityPublicId", e."identitySlug" AS slug, e."tokenPublicId", e."sequence", e."hash"
@@ -2366,7 +2503,7 @@ AUDIT_DETAIL = """(
                                         timezone('utc', now()) - %(since_ago)s::interval, '-infinity')
           AND e."createdAt" < coalesce(%(until_at)s::timestamp,
                                        timezone('utc', now()) - %(until_ago)s::interval, 'infinity')
-          AND (%(slug)s::text IS NULL OR e."identityPublicId" = (SELECT "publicId" FROM target))
+          AND (%(slug)s::text IS NULL OR e."identityPublicId" = (SELECT "publicId" FROM named))
           AND (%(token_filter)s::text IS NULL OR e."tokenPublicId" = %(token_filter)s::text)
           AND (%(actor)s::text IS NULL OR lower(e."actorEmail") = lower(%(actor)s))
           AND (%(actions)s::text[] IS NULL OR e.action = ANY(%(actions)s))
@@ -2377,6 +2514,10 @@ AUDIT_DETAIL = """(
     )
     SELECT jsonb_build_object(
         'cursorFound', %(after)s::text IS NULL OR EXISTS (SELECT 1 FROM after),
+        'identityKnown', %(slug)s::text IS NULL OR (SELECT "publicId" FROM named) IS NOT NULL,
+        'tokenKnown', %(token_filter)s::text IS NULL OR EXISTS (
+            SELECT FROM {s}.agent_audit_event x
+            WHERE x."tokenPublicId" = %(token_filter)s::text AND x."workspaceId" = (SELECT "id" FROM ws)),
         'events', coalesce((SELECT jsonb_agg(to_jsonb(page) ORDER BY page."createdAt" DESC, page."id" DESC)
                             FROM page), '[]'::jsonb))
 )"""
@@ -2451,7 +2592,8 @@ def chain_events(conn, schema: str, workspace_id: int):
 # A workspace's identities and their tokens as the tables hold them, a row per token
 # (or per identity without one): what the chain's account of them is held to.
 STATE_ROWS_SQL = """
-SELECT i."publicId" AS identity, i.status::text AS status, t."publicId" AS token, t."expiresAt", t."revokedAt"
+SELECT i."publicId" AS identity, i.status::text AS status, t."publicId" AS token, t."expiresAt", t."revokedAt",
+       t.scopes, t.name, encode(sha256(convert_to(t."tokenHash", 'UTF8')), 'hex') AS "hashDigest"
 FROM {s}.agent_identity i
 LEFT JOIN {s}.agent_token t ON t."agentIdentityId" = i."id"
 WHERE i."workspaceId" = %(workspace_id)s
@@ -2459,15 +2601,17 @@ ORDER BY i."id", t."id"
 """
 
 
-def verify_workspace(conn, schema: str, workspace_id: int, expect: Head | None = None) -> dict:
+def verify_workspace(conn, schema: str, workspace_id: int, expect: Head | None = None,
+                     now: datetime | None = None) -> dict:
     """check_chain of a workspace's events, and then its tables held to what the chain
     says of them (breaks of kind mismatch): one streamed pass over each."""
     from psycopg.rows import dict_row
 
     state = ChainState()
     with contextlib.closing(chain_events(conn, schema, workspace_id)) as events:
-        report = check_chain(state.watch(events), expect)
+        report = check_chain(state.watch(events), expect, now)
     if report["events"] or not report["breaks"]:  # a chain not yet begun has nothing to say of the tables
+        report["breaks"] += state.breaks
         with conn.cursor(name="agent_state", row_factory=dict_row) as cursor:
             cursor.itersize = CHAIN_FETCH_ROWS
             cursor.execute(compose(STATE_ROWS_SQL, schema), {"workspace_id": workspace_id})
@@ -2674,10 +2818,16 @@ def record_denial(db: "Database", args: argparse.Namespace, denied: AccessDenied
     try:
         with db.transaction(commit=True) as session:
             written = db.conn.execute(compose(ACCESS_DENIED_SQL, session.schema), params).rowcount
-            if written != 1:
-                raise dropped_events(1, written)
+            # A rule can take the row elsewhere and still say it was written: look for it.
+            landed = db.conn.execute(compose(EVENT_EXISTS_SQL, session.schema),
+                                     {"public_id": params["audit_public_id"]}).fetchone()[0]
+            if written != 1 or not landed:
+                raise dropped_events(1, int(landed))
     except psycopg.Error as exc:
-        denied.message += f" (this refusal could not be audited: {exc.diag.message_primary or type(exc).__name__})"
+        raise AdminError(EXIT_DATABASE, f"{denied.message}; and this refusal could not be audited "
+                                        f"({exc.diag.message_primary or type(exc).__name__}): a trigger, rule or "
+                                        "constraint on agent_audit_event is in the way; run `agent-identity "
+                                        "doctor`") from None
     except AdminError as lost:
         raise AdminError(EXIT_DATABASE, f"{denied.message}; and {lost.message}") from None
 
@@ -2744,6 +2894,11 @@ ORDER BY 1, 2
 # the schemas up to the tables' own in which PUBLIC may create.
 CREATE_RIGHTS_SQL = """
 SELECT has_database_privilege(current_database(), 'TEMPORARY') AS temporary, current_database() AS database,
+       ARRAY(SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END
+             FROM pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) AS a
+             WHERE d.datname = current_database() AND a.privilege_type = 'TEMPORARY'
+               AND (a.grantee = 0 OR pg_has_role(a.grantee, 'MEMBER'))
+               AND NOT pg_has_role(d.datdba, 'MEMBER')) AS temporary_from,
        ARRAY(SELECT n.nspname::text
              FROM pg_namespace n
              LEFT JOIN unnest(%(path)s::text[]) WITH ORDINALITY AS p(name, position) ON p.name = n.nspname
@@ -2807,7 +2962,8 @@ SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)
 # policies on the agent tables, and whether row level security is on for each.
 FUNCTIONS_SQL = """
 SELECT p.proname::text AS name, p.prosrc AS body, l.lanname::text AS language, p.provolatile::text AS volatility,
-       p.prosecdef AS definer, coalesce(p.proconfig, '{}') AS config,
+       p.prosecdef AS definer, coalesce(p.proconfig, '{}') AS config, p.proisstrict AS strict,
+       p.proretset AS returns_set, p.pronargs::int AS arguments, p.proleakproof AS leakproof,
        EXISTS (SELECT FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) AS a
                WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE') AS public_execute
 FROM pg_proc p
@@ -2834,9 +2990,15 @@ SELECT tablename::text AS table, rulename::text AS name FROM pg_rules
 WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
 """
 POLICIES_SQL = """
-SELECT tablename::text AS table, policyname::text AS name, permissive, cmd, qual, with_check
+SELECT tablename::text AS table, policyname::text AS name, permissive, cmd, qual, with_check,
+       'public' = ANY(roles) AS everyone
 FROM pg_policies
 WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
+"""
+CONSTRAINTS_SQL = """
+SELECT c.relname::text AS table, k.conname::text AS name
+FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s) AND k.contype IN ('c', 'f', 'p', 'u', 'x')
 """
 SECURED_SQL = """
 SELECT c.relname::text AS table, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced
@@ -3175,6 +3337,7 @@ def cmd_create(db: Database, args: argparse.Namespace) -> dict:
                     "displayName": args.display_name,
                     "scopes": args.scopes,
                     "tokenPublicId": issued and issued.public_id,
+                    "tokenHashDigest": issued and hash_digest(issued.hash),
                     "tokenName": args.token_name,
                     "expiresIn": args.expires_in.text,
                     "expiresAt": iso(expires),
@@ -3246,6 +3409,7 @@ def cmd_rotate(db: Database, args: argparse.Namespace) -> dict:
                 "scopes": scopes,
                 "previousScopes": previous_scopes,
                 "tokenPublicId": issued and issued.public_id,
+                "tokenHashDigest": issued and hash_digest(issued.hash),
                 "tokenName": token_name,
                 "expiresIn": lifetime.text,
                 "lifetimeKeptFromRotatedToken": args.expires_in is None,
@@ -3547,9 +3711,16 @@ def audit_page(db: Database, args: argparse.Namespace, after: str | None, limit:
                for bound in ("since", "until") for part in ("ago", "at")}
     params = dict(moments, after=after, limit=limit + 1, token_filter=args.token, actor=args.actor,
                   actions=args.action)
+    ref = Ref.of(args)
+    if ref.workspace:  # a token is a filter there, which the chain answers even once Kan has deleted the token
+        ref = ref._replace(token=None)
     with db.transaction(read_only=True) as session:
-        access = access_of(db, session, args, detail=AUDIT_DETAIL, params=params)
+        access = access_of(db, session, args, ref, detail=AUDIT_DETAIL, params=params, must_exist=False)
     workspace = access["workspace_public_id"]
+    if not access["detail"]["identityKnown"]:
+        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {args.slug} in workspace {workspace}")
+    if not access["detail"]["tokenKnown"]:
+        raise AdminError(EXIT_NOT_FOUND, f"no token {args.token} in workspace {workspace}")
     events, next_cursor = keyset_page(access["detail"], "events", limit,
                                       f"no audit event {after} in workspace {workspace}")
     return {"now": access["now"], "workspacePublicId": workspace,
@@ -3629,7 +3800,7 @@ def cmd_audit_verify(db: Database, args: argparse.Namespace) -> dict:
     reports = []
     with db.transaction(read_only=True) as session:
         for workspace in chain_workspaces(db, session, args):
-            report = verify_workspace(db.conn, session.schema, workspace["id"], args.expect_head)
+            report = verify_workspace(db.conn, session.schema, workspace["id"], args.expect_head, session.now)
             reports.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], **report})
     return {"ok": True, "command": "audit verify", "intact": all(r["intact"] for r in reports),
             "expectHead": args.expect_head and str(args.expect_head), "workspaces": reports}
@@ -3774,14 +3945,18 @@ def doctor_names(conn, session: Session, checks: Checks, found: dict) -> None:
     planted = [f"{'a temporary ' + row['table'] + ' (' + row['schema'] + ')' if row['temporary'] else row['schema'] + '.' + row['table']}"
                for row in cursor.execute(LOOKALIKES_SQL, params)]
     rights = cursor.execute(CREATE_RIGHTS_SQL, params).fetchone()
-    could = ([f"role {target_of(conn)['role']} may create temporary tables"] if rights["temporary"] else []) + \
+    could = ([f"role {target_of(conn)['role']} may create temporary tables"] if rights["temporary_from"] else []) + \
         [f"PUBLIC may create in schema {schema}" for schema in rights["public_create"]]
-    fixes = ([f"REVOKE TEMPORARY ON DATABASE {quote_identifier(rights['database'])} FROM PUBLIC (a pooled "
-              "connection keeps a session's temporary tables for its next client)"] if rights["temporary"] else []) + \
+    fixes = ([f"REVOKE TEMPORARY ON DATABASE {quote_identifier(rights['database'])} FROM "
+              f"{', '.join(rights['temporary_from'])} (a pooled connection keeps a session's temporary tables "
+              "for its next client)"] if rights["temporary_from"] else []) + \
         [f"REVOKE CREATE ON SCHEMA {quote_identifier(schema)} FROM PUBLIC" for schema in rights["public_create"]]
+    copies = [schema for schema in session.kan_schemas if schema != session.schema]
+    if copies:
+        planted.append(f"copies of Kan's tables in schema {', '.join(copies)}")
     if planted:
-        checks.add("names", False, f"found ahead of schema {session.schema}'s own tables: {', '.join(planted)}; Kan's "
-                                   "unqualified queries would read those",
+        checks.add("names", False, f"found beside schema {session.schema}'s own tables: {', '.join(planted)}; a "
+                                   "search_path (Kan's, or a role's own) could read those",
                    "drop them, and find who made them (a temporary table lives as long as its session: end it, "
                    "or DISCARD TEMP on a pooler's server connections); " + "; ".join(fixes or ["then run doctor again"]))
     else:
@@ -3856,6 +4031,8 @@ def safeguard_faults(conn, schema: str) -> tuple[list[str], dict]:
             "body": wanted.body.format(schema=quote_identifier(schema)), "language": wanted.language,
             "volatility": wanted.volatility[0].lower(), "definer": wanted.definer,
             "config": [] if wanted.inlined else [f"search_path={SAFE_SEARCH_PATH}"], "public_execute": not wanted.private,
+            "strict": False, "returns_set": wanted.returns.startswith("TABLE"), "leakproof": False,
+            "arguments": len(wanted.signature.split(", ")) if wanted.signature else 0,
         }
         different = [key for key, value in expected.items() if row[key] != value]
         if different:
@@ -3868,8 +4045,9 @@ def safeguard_faults(conn, schema: str) -> tuple[list[str], dict]:
             continue
         replica = row["replication_role"] == "replica"
         if row["enabled"] == "D" or (row["enabled"] == "O" and replica) or (row["enabled"] == "R" and not replica):
-            faults.append(f"trigger {wanted.name} does not fire here"
-                          + (" (this role's session_replication_role is replica)" if replica else " (disabled)"))
+            why = ("this role's session_replication_role is replica" if replica and row["enabled"] == "O"
+                   else "it fires only for replicas" if row["enabled"] == "R" else "disabled")
+            faults.append(f"trigger {wanted.name} does not fire here ({why})")
         expected = {"function_schema": schema, "function": wanted.function, "type": trigger_type(wanted),
                     "deferrable": wanted.deferred, "deferred": wanted.deferred, "conditional": False,
                     "arguments": 0, "columns": sorted(wanted.columns)}
@@ -3880,8 +4058,12 @@ def safeguard_faults(conn, schema: str) -> tuple[list[str], dict]:
     faults += [f"rule {row['name']} on {row['table']} is extra" for row in cursor.execute(RULES_SQL, params)]
     policies = cursor.execute(POLICIES_SQL, params).fetchall()
     faults += [f"policy {row['name']} on {row['table']} is extra" for row in policies
-               if row["permissive"] != "PERMISSIVE"
+               if row["permissive"] != "PERMISSIVE" or row["everyone"]
                or (row["table"], row["cmd"], row["qual"], row["with_check"]) not in EXPECTED_POLICIES]
+    constraints = {(row["table"], row["name"]) for row in cursor.execute(CONSTRAINTS_SQL, params)}
+    wanted_constraints = {(table, name) for table, names in SCHEMA_CONSTRAINTS.items() for name in names}
+    faults += [f"constraint {name} on {table} is missing" for table, name in sorted(wanted_constraints - constraints)]
+    faults += [f"constraint {name} on {table} is extra" for table, name in sorted(constraints - wanted_constraints)]
     for row in cursor.execute(SECURED_SQL, params):
         if not row["enabled"] or row["forced"]:
             faults.append(f"row level security on {row['table']} is {'forced' if row['forced'] else 'off'}")
@@ -3923,7 +4105,7 @@ def chain_health(conn, session: Session) -> list[dict]:
 
     health = []
     for workspace in conn.cursor(row_factory=dict_row).execute(compose(AUDITED_WORKSPACES_SQL, session.schema)):
-        report = verify_workspace(conn, session.schema, workspace["id"])
+        report = verify_workspace(conn, session.schema, workspace["id"], now=session.now)
         waiting = not report["events"] and all(b["kind"] == "unchained" for b in report["breaks"])
         state = "intact" if report["intact"] else "not_chained" if waiting else "broken"
         health.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], "state": state,
@@ -4486,13 +4668,26 @@ class Output:
 
     @staticmethod
     def _write(stream, text: str) -> None:
-        """One write and a flush, so a failure shows here, not at exit."""
+        """One write and a flush, so a failure shows here, not at exit. A real stream gets
+        the bytes, a short write at a time if need be: an unbuffered one (PYTHONUNBUFFERED)
+        that a signal interrupts part-way would otherwise drop the rest unseen."""
         if stream is None:  # the descriptor was closed when the tool started (>&-)
             import errno
 
             raise OSError(errno.EBADF, "the stream is closed")
-        stream.write(text)
+        raw = getattr(stream, "buffer", None)
+        if raw is None:
+            stream.write(text)
+            stream.flush()
+            return
         stream.flush()
+        data = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+        while data:
+            written = raw.write(data)
+            if written is None:  # a non-blocking stream that would block: say so, as a failed write
+                raise BlockingIOError("the output would block")
+            data = data[written:]
+        raw.flush()
 
 
 # --- Command line -----------------------------------------------------------

@@ -85,9 +85,9 @@ def main() -> int:
                                                                        args.concurrency))]
         with psycopg.connect(dsn, autocommit=True) as conn:
             hasher = PasswordHasher()
-            for token in tokens:
-                conn.execute('UPDATE agent_token SET "tokenHash" = %s WHERE "publicId" = %s',
-                             (hasher.hash(token), token[10:22]))
+            for token in tokens:  # as 0.1 wrote them: past the triggers (what a token is never changes)
+                support.outside_the_tool(conn, 'UPDATE agent_token SET "tokenHash" = %s WHERE "publicId" = %s',
+                                         (hasher.hash(token), token[10:22]))
         rows.append((f"argon2id t={hasher.time_cost} m={hasher.memory_cost} KiB p={hasher.parallelism} "
                      "(before 0.2)", throughput(dsn, token_file, args.seconds, args.concurrency)))
         for name, figures in rows:

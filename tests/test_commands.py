@@ -62,6 +62,8 @@ def test_create_writes_identity_token_and_audit_event(db, operator):
         "displayName": "Agent release-bot", "scopes": ["boards:read", "cards:write"],
         "tokenPublicId": token["publicId"], "tokenName": "primary", "toolVersion": tool.__version__,
         "expiresIn": "90d", "expiresAt": tool.iso(token["expiresAt"]),
+        # what a swapped hash in the table would disagree with (not the hash itself)
+        "tokenHashDigest": tool.hash_digest(token["tokenHash"]),
     }
     assert token["expiresAt"] - token["createdAt"] == timedelta(days=90)
 

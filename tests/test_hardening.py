@@ -223,8 +223,9 @@ def test_a_display_name_cannot_forge_the_summary_line(operator):
 
 def test_stored_escapes_from_another_writer_are_shown_escaped(db, operator):
     operator.create("stored")
-    db.execute("""UPDATE agent_identity SET "displayName" = %s WHERE slug = 'stored' AND "workspaceId" = %s""",
-               (f"Evil {OSC8} \u202eteg", operator.workspace["id"]))
+    support.outside_the_tool(db, """UPDATE agent_identity SET "displayName" = %s
+                                    WHERE slug = 'stored' AND "workspaceId" = %s""",
+                             (f"Evil {OSC8} \u202eteg", operator.workspace["id"]))
     for command in (["inspect", "--slug", "stored"], ["list"]):
         result = operator(*command, json=False)
         assert result.code == 0

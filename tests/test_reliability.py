@@ -59,7 +59,7 @@ def test_a_held_lock_makes_the_tool_give_up_after_the_lock_timeout(db, database,
     assert process.returncode == 5
     # It names who holds the lock: the pid, role and application of the session to chase.
     assert json.loads(stdout)["error"]["message"] == (
-        f"the identity is busy: another session is changing it, held by pid {lock.pid} (role {lock.role}, "
+        f"busy: another session is changing this workspace, held by pid {lock.pid} (role {lock.role}, "
         'application "another-operator") (waited 1 s for its lock); nothing was written: try again, or wait '
         "longer with --lock-timeout")
     assert 0.8 <= elapsed < 3, elapsed

@@ -127,7 +127,9 @@ def test_a_hash_made_the_old_way_still_verifies_and_doctor_counts_it(db, cli, op
     created = operator.create("old-hash").json["token"]
     old_hash = PasswordHasher().hash(created["secret"])
     assert old_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
-    db.execute('UPDATE agent_token SET "tokenHash" = %s WHERE "publicId" = %s', (old_hash, created["publicId"]))
+    # As 0.1 wrote it (what a token is never changes now: this is a hand, past the triggers).
+    support.outside_the_tool(db, 'UPDATE agent_token SET "tokenHash" = %s WHERE "publicId" = %s',
+                             (old_hash, created["publicId"]))
 
     assert operator.verify(created["secret"]).json["valid"] is True
     assert node_verdicts(node_bin, database, [created["secret"]])[0]["valid"] is True
