@@ -25,7 +25,13 @@ def database(server_dsn):
     """The DSN of this run's throwaway database, with Kan's tables and the agent tables."""
     dsn = support.create_database(server_dsn)
     yield dsn
+    # Tests that change rows or safeguards behind the tool's back keep to a database of
+    # their own (support.own_database); one that forgot would fail another test's doctor
+    # only when the order of the run puts it first. Here it fails every run, named.
+    doctor = support.run_cli(["doctor", "--json"], dsn)
     support.drop_database(server_dsn, dsn)
+    failed = [check for check in doctor.json["checks"] if not check["ok"]]
+    assert doctor.code == 0 and not failed, f"the shared test database was left unhealthy: {failed}"
 
 
 LEAST_PRIVILEGE = os.environ.get("AGENT_IDENTITY_TEST_AS") == "least-privilege"
@@ -94,3 +100,4 @@ def node_bin() -> Path:
                                        text=True, timeout=600)
             assert installed.returncode == 0, f"npm ci in server/ failed: {installed.stderr[-2000:]}"
     return support.SERVER / "node_modules" / ".bin"
+
