@@ -35,7 +35,7 @@ import unicodedata
 import zlib
 from datetime import datetime, timedelta, timezone
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 PROG = "agent-identity"
 APPLICATION_NAME = "agent-identity"
@@ -87,6 +87,22 @@ EXPIRES_MAX = timedelta(days=365)
 GRACE_MAX = timedelta(days=7)
 EXPIRING_SOON = timedelta(days=7)
 EXPIRING_WITHIN_DEFAULT = "7d"
+
+# What an access review (review) flags, each with what deals with it: an identity with a
+# live token that never expires; one none of whose tokens was used within --idle (and
+# older than that); one whose newest live token is older than --max-age; one that nobody
+# who still manages the workspace made or issued a live token of (its maker left).
+ROTATE_ACTION = "--grace 1h --token-file -"  # the old token runs an hour more; the new one goes to a pipe
+REVIEW_FINDINGS = {  # finding: (its command, what more it takes, what it means)
+    "never-expires": ("rotate", "--expires-in 90d " + ROTATE_ACTION, "holds a live token that never expires (or not within a "
+                                                         "year): rotate it into the secret manager with an expiry"),
+    "unused": ("pause", "", "no token of it was used within --idle: pause it (revoke it if it is paused already)"),
+    "stale": ("rotate", ROTATE_ACTION, "its newest live token is older than --max-age: rotate it into the secret manager"),
+    "orphaned": ("rotate", ROTATE_ACTION, "nobody who still manages the workspace made it or issued its live token: a "
+                                    "maintainer who does takes it over by rotating it, or revokes it"),
+}
+REVIEW_IDLE_DEFAULT = "30d"
+REVIEW_MAX_AGE_DEFAULT = "90d"
 DURATION_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 DURATION_RE = re.compile(r"(?P<count>[0-9]{1,6})(?P<unit>[mhdw])")
 
@@ -179,6 +195,7 @@ EXIT_INVALID_TOKEN = 7
 EXIT_UNDELIVERED = 8
 EXIT_EXPIRING = 9  # expiring: live tokens expire within the window (for cron and CI)
 EXIT_CHAIN_BROKEN = 10  # audit verify: an audit chain is broken, or does not extend the pinned head
+EXIT_FINDINGS = 11  # review: an identity has a finding (for cron, as expiring's 9)
 EXIT_HANGUP = 129  # 128 + the signal's number, as shells report it
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
@@ -198,21 +215,26 @@ EXIT_CODES = (
     ExitCode((EXIT_USAGE,), "usage", "usage or validation error, found before connecting to the database"),
     ExitCode((EXIT_NOT_FOUND,), "not_found", "workspace or identity not found"),
     ExitCode((EXIT_FORBIDDEN,), "forbidden",
-             "actor not allowed (not a Kan user, not an active member, or lacks `workspace:manage`)"),
+             "actor not allowed (not a Kan user, not an active member, or lacks `workspace:manage`); for a check "
+             "across workspaces, the actor manages none: nothing was checked"),
     ExitCode((EXIT_CONFLICT,), "conflict",
              "conflict or invalid state (slug taken, identity revoked, the identity busy, ...)"),
     ExitCode((EXIT_DATABASE,), "database",
              "database unreachable or not set up (not a Kan database, the agent tables missing or out of date, a "
-             "grant missing: run `agent-identity doctor`), or audit events dropped by a trigger or rule (nothing "
-             "committed); for `doctor`, a check failed"),
+             "grant missing: run `agent-identity doctor`), a pooler's queue full past the connect limit, or audit "
+             "events dropped by a trigger or rule (nothing committed); for `doctor`, a check failed"),
     ExitCode((EXIT_INVALID_TOKEN,), "invalid_token", "`verify`: the token is not valid (the output says why)"),
     ExitCode((EXIT_UNDELIVERED,), "undelivered",
              "the output or the token file could not be written (stdout closed or full, a file size limit); after "
              "a change, stderr says it was committed and what to do (rotate for a token)"),
-    ExitCode((EXIT_EXPIRING,), "expiring", "`expiring`: live tokens expire within the window (the list says which)"),
+    ExitCode((EXIT_EXPIRING,), "expiring", "`expiring`: live tokens expire within the window, or active identities "
+                                           "have no live token (the list says which)"),
     ExitCode((EXIT_CHAIN_BROKEN,), "chain_broken",
-             "`audit verify`: an audit chain is broken, disagrees with its tables, or no longer extends the pinned "
-             "head (the output says where and how)"),
+             "`audit verify`: an audit chain (or an export) is broken, disagrees with its tables or an earlier "
+             "export, or no longer holds a pinned head (the output says where and how)"),
+    ExitCode((EXIT_FINDINGS,), "findings",
+             "`review`: an identity has a finding (never-expires, unused, stale, orphaned: the list says which, "
+             "and the command that deals with it)"),
     ExitCode((EXIT_HANGUP, EXIT_INTERRUPTED, EXIT_TERMINATED), "interrupted",
              "hangup, Ctrl-C, terminated (SIGHUP, SIGINT, SIGTERM); a transaction not yet committed was rolled back "
              "and an unfilled token file removed; after a commit, stderr says so"),
@@ -264,19 +286,57 @@ class Signals:
     """Ctrl-C (SIGINT), SIGTERM and SIGHUP end a command alike: as Interrupted, a
     KeyboardInterrupt raised where the program is (so psycopg cancels a running query,
     and transactions roll back). While output that must stay whole is written (a line of
-    audit --jsonl), the first signal waits for the write to end; a second acts at once."""
+    audit --jsonl), the first signal waits for the write to end; a second acts at once.
+
+    A wait the server cannot cut short (a pooler's queue ignores a cancel) must not hold
+    a signal up: if the program is still waiting ACT_WITHIN seconds after one, the signal
+    is raised again, and psycopg's wait for its cancel ends there. The same alarm
+    (SIGALRM) bounds a wait that deadline() limits."""
 
     NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+    ACT_WITHIN = 0.25  # seconds: with the exit that follows, within the second Ctrl-C is promised to act in
+    WRITE_WITHIN = 0.5  # seconds a line being written gets to end whole (a stalled reader gets no more)
 
     def __init__(self):
         self.holding = False
         self.pending: int | None = None
+        self.alarm: BaseException | None = None  # what SIGALRM raises, while armed
+        self.active = False
+        self.committed = False  # the command's change was committed: an interrupt from now on says so
 
     def interrupt(self, signum: int, frame) -> None:
-        if self.holding and self.pending is None:
+        if self.holding and self.pending is None:  # the write gets a moment to end whole, not for ever
             self.pending = signum
+            self.arm(self.WRITE_WITHIN, Interrupted(signum))
             return
+        self.arm(self.ACT_WITHIN, Interrupted(signum))
         raise Interrupted(signum)
+
+    def arm(self, seconds: float, error: BaseException | None) -> None:
+        """Raise error in seconds (None, 0: disarm); only while installed, in the main thread."""
+        import signal
+
+        if self.active:
+            self.alarm = error
+            signal.setitimer(signal.ITIMER_REAL, seconds if error is not None else 0)
+
+    def ring(self, signum: int, frame) -> None:
+        error, self.alarm = self.alarm, None
+        if error is not None:
+            raise error
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float, error: BaseException):
+        """The block is cut short by error if it has not ended within seconds (0: no limit)."""
+        if not seconds:
+            yield
+            return
+        self.arm(seconds, error)
+        try:
+            yield
+        finally:
+            if self.alarm is error:  # not a signal's follow-up, which stays armed
+                self.arm(0, None)
 
     @contextlib.contextmanager
     def installed(self):
@@ -284,12 +344,16 @@ class Signals:
         import signal
 
         previous = {}
-        for name in self.NAMES:
+        for name in (*self.NAMES, "SIGALRM"):
+            handler = self.ring if name == "SIGALRM" else self.interrupt
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                previous[getattr(signal, name)] = signal.signal(getattr(signal, name), self.interrupt)
+                previous[getattr(signal, name)] = signal.signal(getattr(signal, name), handler)
+        self.active, self.committed, self.pending = signal.SIGALRM in previous, False, None
         try:
             yield self
         finally:
+            self.arm(0, None)
+            self.active = False
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -302,7 +366,11 @@ class Signals:
         finally:
             self.holding = False
         if self.pending is not None:
+            self.arm(0, None)
             raise Interrupted(self.pending)
+
+
+SIGNALS = Signals()  # the process's: main() installs it, transaction() bounds a pooler's wait with it
 
 
 def forbid_core_dumps() -> None:
@@ -677,13 +745,81 @@ class Head(collections.namedtuple("Head", "sequence hash")):
         return f"{self.sequence}:{self.hash}"
 
 
-def parse_head(value: str) -> Head:
-    """audit verify --expect-head SEQ:HASH, as audit head printed it."""
-    match = HEAD_RE.fullmatch(value.strip().lower()) if value.isascii() else None
+# A pinned head, as audit head prints it: the workspace's public id, the sequence and the
+# hash (the workspace may be left out where one workspace is verified).
+PIN_RE = re.compile(r"(?<![0-9A-Za-z])(?:(?P<workspace>[0-9A-Za-z]{12}):)?" + HEAD_RE.pattern + "(?![0-9a-f])")
+
+
+class Pin(collections.namedtuple("Pin", "workspace head")):
+    """A head pinned somewhere the database's writers cannot reach: the workspace's public
+    id (None: the one workspace verified) and the Head."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return f"{self.workspace}:{self.head}" if self.workspace else str(self.head)
+
+
+def parse_pin(value: str) -> Pin:
+    """audit verify --expect-head WORKSPACE:SEQ:HASH (or SEQ:HASH), as audit head prints it."""
+    before, colon, digest = value.strip().rpartition(":")  # the hash may come in capitals
+    match = PIN_RE.fullmatch(before + colon + digest.lower()) if value.isascii() else None
     if match is None:
-        raise argparse.ArgumentTypeError("must be SEQUENCE:HASH as `agent-identity audit head` prints it "
-                                         "(a number, a colon, 64 hexadecimal digits)")
-    return Head(int(match["sequence"]), match["hash"])
+        raise argparse.ArgumentTypeError("must be WORKSPACE:SEQUENCE:HASH as `agent-identity audit head` prints it "
+                                         "(a public id, a number, 64 hexadecimal digits, with colons between)")
+    return Pin(match["workspace"], Head(int(match["sequence"]), match["hash"]))
+
+
+def read_pins(path: str) -> list[Pin]:
+    """Every pin a file keeps, as audit head writes them: its lines (`…: head PIN (…)`),
+    its --json lines (each workspace's "pin"), or a pin alone on a line. Nothing else on
+    a line is read as one (a stored name that looks like a pin is not)."""
+    import json
+
+    def pins_in(line: str) -> list[str]:
+        text = line.strip()
+        if text.startswith("{"):
+            try:
+                found = json.loads(text)
+            except ValueError:
+                return []
+            listed = found.get("workspaces") if isinstance(found, dict) else None
+            return [w.get("pin") for w in listed if isinstance(w, dict)] if isinstance(listed, list) else []
+        marked = re.search(r": head (\S+) \([^()]*\)(?:; [0-9]+ events not yet chained)?$", text)
+        return [marked[1] if marked else text]
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as kept:
+            texts = [text for line in kept for text in pins_in(line) if isinstance(text, str)]
+    except OSError as exc:
+        raise AdminError(EXIT_USAGE, f"cannot read pinned heads from {quote(path)}: {exc.strerror}") from None
+    found = []
+    for text in texts:
+        with contextlib.suppress(argparse.ArgumentTypeError):
+            pin = parse_pin(text)
+            if pin.workspace:
+                found.append(pin)
+    return found
+
+
+class Position(collections.namedtuple("Position", "workspace sequence")):
+    """Where an export stopped: a workspace's public id (None: the one listed) and the
+    last sequence number shipped."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return f"{self.workspace}:{self.sequence}" if self.workspace else str(self.sequence)
+
+
+def parse_position(value: str) -> Position:
+    """audit --after-sequence [WORKSPACE:]N."""
+    match = re.fullmatch(r"(?:(?P<workspace>[0-9A-Za-z]{12}):)?(?P<sequence>[0-9]{1,18})", value.strip()) \
+        if value.isascii() else None
+    if match is None:
+        raise argparse.ArgumentTypeError("must be a sequence number, or WORKSPACE:SEQUENCE as a previous page's "
+                                         "`more:` note gives it")
+    return Position(match["workspace"], int(match["sequence"]))
 
 
 def chain_field(value: str | None) -> bytes:
@@ -738,16 +874,18 @@ CHAIN_BREAKS = {
 }
 
 
-def check_chain(events, expect: Head | None = None, now: datetime | None = None) -> dict:
-    """Walk a workspace's events in sequence order (an iterable of rows, read as it goes)
-    and report every break in it (CHAIN_BREAKS), in order: after each, the walk goes on
-    from the hashes the events record, so one break hides no later one. A pinned head
-    (expect) is checked on its own, whatever came before it; times must never run
-    backwards along the chain, nor past now (the time of checking). Returns how many
-    chained events were checked, the head (the last one's SEQUENCE:HASH), whether the
-    chain is intact, its first break and all of them."""
+def check_chain(events, expect: tuple[Head, ...] = (), now: datetime | None = None, resume: bool = False) -> dict:
+    """Walk a workspace's events in sequence order (an iterable, read as it goes) and
+    report every break (CHAIN_BREAKS) in order: after each, the walk goes on from the
+    hashes the events record. Each pinned head (expect) is checked on its own; times
+    never run backwards, nor past now. With resume (an export starting part-way), the
+    first event is taken as it links. Returns how many chained events were checked, the
+    head (SEQUENCE:HASH), whether the chain is intact, its first break and all of them."""
     accepted, before_previous, expected = {CHAIN_START}, None, 1  # accepted: what the next may link to
-    previous, checked, head, pinned_seen, skip = None, 0, None, False, False
+    previous, checked, head, skip, trusted = None, 0, None, False, None  # trusted: the last whole event's time
+    pinned: dict[int, list[Head]] = {}  # every pin at each sequence: two that differ cannot both hold
+    for pin in expect:
+        pinned.setdefault(pin.sequence, []).append(pin)
     breaks: list[dict] = []
 
     def broken(kind: str, sequence: int | None, event: dict | None, message: str) -> None:
@@ -765,6 +903,8 @@ def check_chain(events, expect: Head | None = None, now: datetime | None = None)
         elif sequence < expected:
             broken("inserted", sequence, event, f"two events have sequence {sequence}")
         else:
+            if resume and previous is None and sequence > 1:  # an export from part-way: taken as it links
+                accepted, expected = {event["previousHash"]}, sequence
             # A reordered pair is named once, at its first event: its partner is not checked again.
             partner, skip, found = skip, False, len(breaks)
             checked += 1
@@ -773,22 +913,16 @@ def check_chain(events, expect: Head | None = None, now: datetime | None = None)
                 broken("gap", expected, event, f"event {missing} is missing: the chain goes from {expected - 1} "
                                                f"to {sequence}")
             elif not partner and event["previousHash"] not in accepted:
-                if event["previousHash"] == before_previous:
-                    broken("inserted", sequence - 1, previous,
-                           f"event {sequence - 1} was inserted: event {sequence} links to the event before it")
-                elif following is not None and following["hash"] == event["previousHash"]:
-                    broken("reordered", sequence, event, f"events {sequence} and {sequence + 1} swapped places: "
-                                                         f"{sequence} links to {sequence + 1}")
-                    skip = True
-                else:
-                    broken("changed", sequence - 1, previous, f"event {sequence - 1} was changed and its hash "
-                                                              f"recomputed: event {sequence} links to a hash it no "
-                                                              "longer has")
+                kind, at, about, message = misliked(event, previous, following, before_previous)
+                broken(kind, at, about, message)
+                skip = kind == "reordered"
             if not (partner or skip) and chain_hash(event["previousHash"], event) != event["hash"]:
                 out_of_order = (previous is not None and event["createdAt"] < previous["createdAt"]) or \
                     (following is not None and following["sequence"] is not None
                      and event["createdAt"] > following["createdAt"])
-                if out_of_order:
+                # An event the next one still links to was changed where it stands, unless their times swapped.
+                if out_of_order and (following is None or following["previousHash"] != event["hash"]
+                                     or times_swapped(event, following)):
                     broken("reordered", sequence, event,
                            f"event {sequence} is out of order: its time does not fall between its neighbours'")
                     skip = True
@@ -796,28 +930,69 @@ def check_chain(events, expect: Head | None = None, now: datetime | None = None)
                     broken("changed", sequence, event, f"event {sequence} was changed: it no longer hashes to its "
                                                        "recorded hash")
             if len(breaks) == found and not partner:  # whole and linked: is it where it says it is in time?
-                if previous is not None and event["createdAt"] < previous["createdAt"]:
-                    broken("backdated", sequence, event, f"event {sequence} is dated {chain_time(event['createdAt'])}, "
-                                                         f"before the event before it")
-                elif now is not None and event["createdAt"] > now:
-                    broken("backdated", sequence, event, f"event {sequence} is dated {chain_time(event['createdAt'])}, "
-                                                         "after the time it was checked")
-            if expect is not None and sequence == expect.sequence:
-                pinned_seen = True
-                if event["hash"] != expect.hash:
-                    broken("head_mismatch", sequence, event,
-                           pinned_message(expect, f"event {sequence} is not the one pinned"))
+                late = misdated(event, trusted, now)
+                trusted = trusted if late else event["createdAt"]
+                if late:
+                    broken("backdated", sequence, event, late)
+            for pin in pinned.pop(sequence, ()):
+                if event["hash"] != pin.hash:
+                    broken("head_mismatch", sequence, event, pinned_message(pin, f"event {sequence} is not the one "
+                                                                                 "pinned"))
             # After a reordered pair, the next event may link to either of its two.
             accepted = {event["hash"], previous["hash"]} if partner else {event["hash"]}
             before_previous, previous = event["previousHash"], event
             expected, head = sequence + 1, str(Head(sequence, event["hash"]))
         event = following
-    if expect is not None and not pinned_seen:
-        broken("head_mismatch", expect.sequence, None, pinned_message(
-            expect, f"the chain ends at {expected - 1}, before the pinned head" if expected <= expect.sequence
-            else f"event {expect.sequence} is missing"))
+    breaks += [unreached(pin, expected) for pins in pinned.values() for pin in pins]
     return {"events": checked, "head": head, "intact": not breaks, "break": breaks[0] if breaks else None,
             "breaks": breaks}
+
+
+def misliked(event: dict, previous: dict | None, following: dict | None, before_previous: str | None) -> tuple:
+    """The break of an event that does not link to the one before it: (kind, at which
+    sequence, which event, what happened)."""
+    sequence = event["sequence"]
+    if previous is None:
+        return ("changed", sequence, event, f"event {sequence} begins the chain, yet links to a hash: events before "
+                                            "it were removed, or it was changed")
+    if event["previousHash"] == before_previous:
+        return ("inserted", sequence - 1, previous,
+                f"event {sequence - 1} was inserted: event {sequence} links to the event before it")
+    if following is not None and following["hash"] == event["previousHash"]:
+        return ("reordered", sequence, event, f"events {sequence} and {sequence + 1} swapped places: {sequence} "
+                                              f"links to {sequence + 1}")
+    return ("changed", sequence - 1, previous, f"event {sequence - 1} was changed and its hash recomputed: event "
+                                               f"{sequence} links to a hash it no longer has")
+
+
+def times_swapped(event: dict, following: dict) -> bool:
+    """Whether an event would hash to its recorded hash with the next event's time."""
+    return chain_hash(event["previousHash"], {**event, "createdAt": following["createdAt"]}) == event["hash"]
+
+
+# How far past the reading transaction's start an event may be dated and still not be "after
+# the time it was checked": one that committed in the instant between that start and the
+# snapshot the read took.
+CLOCK_SLACK = timedelta(seconds=1)
+
+
+def misdated(event: dict, after: datetime | None, now: datetime | None) -> str | None:
+    """Why a whole event's time cannot be when it was written: before after (the time of
+    the last whole event before it), or past now (when the chain is checked)."""
+    when = chain_time(event["createdAt"])
+    if after is not None and event["createdAt"] < after:
+        return f"event {event['sequence']} is dated {when}, before the event before it"
+    if now is not None and event["createdAt"] > now:
+        return f"event {event['sequence']} is dated {when}, after the time it was checked"
+    return None
+
+
+def unreached(pin: Head, expected: int) -> dict:
+    """The break of a pin the walk never reached: the chain ended, or skipped it."""
+    what = (f"the chain ends at {expected - 1}, before the pinned head" if expected <= pin.sequence
+            else f"event {pin.sequence} is missing")
+    return {"kind": "head_mismatch", "sequence": pin.sequence, "eventPublicId": None,
+            "message": pinned_message(pin, what)}
 
 
 def pinned_message(expect: Head, what: str) -> str:
@@ -843,6 +1018,7 @@ class ChainState:
         self.identities: dict[str, tuple[str, dict]] = {}
         self.tokens: dict[str, dict] = {}
         self.breaks: list[dict] = []
+        self.compared: set[str] = set()  # the identities compare() held to the chain
 
     def watch(self, events):
         """The events, unchanged, each one noted as it goes by."""
@@ -897,7 +1073,7 @@ class ChainState:
             found.append({"kind": "mismatch", "sequence": said and said["sequence"],
                           "eventPublicId": said and said["eventPublicId"], "message": message})
 
-        seen = set()
+        seen = self.compared
         for row in rows:
             identity, token = row["identity"], row["token"]
             if identity not in seen:
@@ -1101,6 +1277,8 @@ CREATE TABLE IF NOT EXISTS {schema}.agent_identity (
 );
 CREATE INDEX IF NOT EXISTS "agent_identity_workspace_created_idx"
     ON {schema}.agent_identity ("workspaceId", "createdAt" DESC, "id" DESC);
+-- A workspace's identities by status (expiring's down ones, the counts of what was checked).
+CREATE INDEX IF NOT EXISTS "agent_identity_workspace_status_idx" ON {schema}.agent_identity ("workspaceId", status);
 
 CREATE TABLE IF NOT EXISTS {schema}.agent_token (
     "id" bigserial PRIMARY KEY,
@@ -1327,6 +1505,36 @@ BEGIN
     RETURN e;
 END
 """),
+    # Kan's rule, once: the workspaces this Kan user may manage now. On an active membership
+    # there, an override of workspace:manage decides; else a custom role of that workspace
+    # must grant it; else only the legacy admin role does — and an explicit deny on any
+    # of their active memberships there wins (Kan's hasPermission). The access check of
+    # every command runs it, and review asks it of each identity's maker.
+    SchemaFunction("agent_managed_workspaces", "user_id uuid", "uuid", "SETOF bigint", "sql", "STABLE", False, False,
+                   """
+    SELECT m."workspaceId"
+    FROM {schema}.workspace_members m
+    LEFT JOIN {schema}.workspace_member_permissions o
+        ON o."workspaceMemberId" OPERATOR(pg_catalog.=) m."id"
+       AND o.permission::pg_catalog.text OPERATOR(pg_catalog.=) 'workspace:manage'
+    WHERE m."userId" OPERATOR(pg_catalog.=) user_id
+      AND m.status::pg_catalog.text OPERATOR(pg_catalog.=) 'active' AND m."deletedAt" IS NULL
+      AND CASE WHEN o."workspaceMemberId" IS NOT NULL THEN o.granted
+               WHEN m."roleId" IS NOT NULL THEN EXISTS (
+                   SELECT FROM {schema}.workspace_roles r
+                   JOIN {schema}.workspace_role_permissions g ON g."workspaceRoleId" OPERATOR(pg_catalog.=) r."id"
+                   WHERE r."id" OPERATOR(pg_catalog.=) m."roleId"
+                     AND r."workspaceId" OPERATOR(pg_catalog.=) m."workspaceId"
+                     AND g.permission::pg_catalog.text OPERATOR(pg_catalog.=) 'workspace:manage' AND g.granted)
+               ELSE m.role::pg_catalog.text OPERATOR(pg_catalog.=) 'admin' END
+      AND NOT EXISTS (
+          SELECT FROM {schema}.workspace_members d
+          JOIN {schema}.workspace_member_permissions od ON od."workspaceMemberId" OPERATOR(pg_catalog.=) d."id"
+          WHERE d."userId" OPERATOR(pg_catalog.=) user_id AND d."workspaceId" OPERATOR(pg_catalog.=) m."workspaceId"
+            AND d.status::pg_catalog.text OPERATOR(pg_catalog.=) 'active' AND d."deletedAt" IS NULL
+            AND od.permission::pg_catalog.text OPERATOR(pg_catalog.=) 'workspace:manage' AND NOT od.granted)
+    GROUP BY m."workspaceId"
+"""),
     # A time the tool can stand behind: finite, and within the years 1 to 9999 (what
     # every reader of these tables can hold: Python's datetime, JavaScript's Date).
     SchemaFunction("agent_time_ok", "t timestamp without time zone", "timestamp without time zone", "boolean", "sql",
@@ -1489,6 +1697,22 @@ BEGIN
         RAISE EXCEPTION 'agent identity %: its times must be finite, in the years 1 to 9999', NEW."publicId"
             USING ERRCODE = 'check_violation';
     END IF;
+    -- A change is dated when it is made: the transaction's own time, which its event carries too.
+    IF TG_OP = 'UPDATE' AND (NEW."updatedAt" IS DISTINCT FROM OLD."updatedAt"
+                             AND (NEW."updatedAt" IS NULL OR NEW."updatedAt" <> timezone('utc', now()))
+                             OR NEW."pausedAt" IS DISTINCT FROM OLD."pausedAt" AND NEW."pausedAt" IS NOT NULL
+                             AND NEW."pausedAt" <> timezone('utc', now())
+                             OR NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt"
+                             AND NEW."revokedAt" <> timezone('utc', now())) THEN
+        RAISE EXCEPTION 'agent identity %: a change is dated when it is made (now), not another time',
+            NEW."publicId" USING ERRCODE = 'check_violation';
+    END IF;
+    -- So is an identity made, but by the tables' owner restoring one (docs/schema.md).
+    IF TG_OP = 'INSERT' AND NEW."createdAt" <> timezone('utc', now())
+       AND NOT pg_has_role(session_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE') THEN
+        RAISE EXCEPTION 'agent identity %: a change is dated when it is made (now), not another time',
+            NEW."publicId" USING ERRCODE = 'check_violation';
+    END IF;
     RETURN NEW;
 END
 """),
@@ -1502,6 +1726,20 @@ BEGIN
                OR {schema}.agent_time_ok(NEW."createdAt") AND NEW."expiresAt" <= NEW."createdAt") THEN
         RAISE EXCEPTION 'token %: its times must be finite, in the years 1 to 9999, and it must expire after it '
                         'was made', NEW."publicId" USING ERRCODE = 'check_violation';
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW."revokedAt" IS DISTINCT FROM OLD."revokedAt"
+       AND NEW."revokedAt" <> timezone('utc', now()) THEN
+        RAISE EXCEPTION 'token %: a revocation is dated when it is made (now), not another time', NEW."publicId"
+            USING ERRCODE = 'check_violation';
+    END IF;
+    -- A token is issued now, unused, live, for at most a year (or, asked for, for ever): as
+    -- the tool issues one; but by the tables' owner restoring one (docs/schema.md).
+    IF TG_OP = 'INSERT'
+       AND (NEW."createdAt" <> timezone('utc', now()) OR NEW."lastUsedAt" IS NOT NULL
+            OR NEW."revokedAt" IS NOT NULL OR NEW."expiresAt" > timezone('utc', now()) + interval '365 days')
+       AND NOT pg_has_role(session_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = TG_RELID), 'USAGE') THEN
+        RAISE EXCEPTION 'token %: a token is issued now, unused and live, for at most 365 days', NEW."publicId"
+            USING ERRCODE = 'check_violation';
     END IF;
     RETURN NEW;
 END
@@ -1757,6 +1995,9 @@ def session_limits(lock_timeout: float) -> dict[str, str]:
         "lock_timeout": f"{round(lock_timeout * 1000)}ms",
         "statement_timeout": f"{statement_timeout_ms(lock_timeout)}ms",
         "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_TIMEOUT_MS}ms",
+        # Compiling a plan costs more than any statement of the tool runs (half a second for
+        # review of 10,000 identities, to save nothing): never.
+        "jit": "off",
     }
 
 
@@ -1882,9 +2123,28 @@ SELECT (SELECT n.nspname::pg_catalog.text
 """
 
 
+def connect_limit(conn) -> float:
+    """The connection's connect_timeout in seconds, as libpq reads it: 0 or less (or not a
+    number) is no limit; less than 2 is 2."""
+    try:
+        seconds = float(conn.info.get_parameters().get("connect_timeout") or 0)
+    except ValueError:
+        return 0
+    return 0 if seconds <= 0 else max(seconds, 2)
+
+
+def pooler_wait(conn, seconds: float) -> AdminError:
+    """The error of a transaction whose first statement was not answered within the
+    connect limit: a pooler (PgBouncer) queues a client until a server connection is
+    free, and neither the connect limit nor a cancel reaches that queue."""
+    return AdminError(EXIT_DATABASE, f"{describe_target(target_of(conn))} did not begin a transaction within "
+                                     f"{seconds:g} s (the connect limit): a connection pooler's queue is full, or the "
+                                     "server is not answering; nothing was written")
+
+
 @contextlib.contextmanager
 def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: str | None = None,
-                require_schema: bool = True, commit: bool = True):
+                require_schema: bool = True, commit: bool = True, the_change: bool = False):
     """One transaction under the tool's limits and a safe search_path, whatever sits between
     the tool and the server; yields its Session.
 
@@ -1901,9 +2161,13 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: s
 
     settings = [sql.SQL("SET LOCAL {} = {}").format(sql.SQL(name), sql.Literal(value))
                 for name, value in session_limits(lock_timeout).items()]
-    begin = sql.SQL("BEGIN READ ONLY" if read_only else "BEGIN")
-    cursor = conn.execute(sql.SQL("; ").join([
-        begin, *settings, sql.SQL(DISCOVER_SQL), sql.SQL(f"SET LOCAL search_path = {SAFE_SEARCH_PATH}")]))
+    # A read sees one snapshot from its first statement on (a chain and the tables it is held
+    # to, read by two statements, agree as of one moment; nothing committed meanwhile shows).
+    begin = sql.SQL("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ" if read_only else "BEGIN")
+    limit = connect_limit(conn)
+    with SIGNALS.deadline(limit, pooler_wait(conn, limit)):  # a pooler queues this until a server is free
+        cursor = conn.execute(sql.SQL("; ").join([
+            begin, *settings, sql.SQL(DISCOVER_SQL), sql.SQL(f"SET LOCAL search_path = {SAFE_SEARCH_PATH}")]))
     while cursor.description is None:  # past BEGIN and the limits, to what the look for Kan's schema found
         cursor.nextset()
     found, path, now, kan_schemas = cursor.fetchone()
@@ -1928,6 +2192,12 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: s
         return
     try:
         conn.execute("COMMIT")
+        SIGNALS.committed = SIGNALS.committed or the_change  # the command's own change, not a refusal's event
+    except KeyboardInterrupt as exc:
+        if read_only:
+            raise
+        raise AdminError(exit_code_of_interrupt(exc), "interrupted while committing: the change may or may not "
+                                                      "have been made; check with inspect before trying again") from None
     except psycopg.OperationalError as exc:
         if read_only:
             raise
@@ -1952,7 +2222,8 @@ class Database:
 
     def transaction(self, *, read_only: bool = False, commit: bool | None = None):
         return transaction(self.conn, self.lock_timeout, read_only=read_only, schema=self.schema,
-                           commit=not self.dry_run if commit is None else commit)
+                           commit=not self.dry_run if commit is None else commit,
+                           the_change=commit is None and not read_only and not self.dry_run)
 
 
 def compose(template: str, schema: str, **parts):
@@ -2062,12 +2333,12 @@ def lock_holders(conn, exc: Exception, schema: str | None) -> str:
     return f", held by {' or '.join(said)}" if said else ""
 
 
-# Kan's rule for workspace:manage, as CTEs that the access check (one workspace) and
-# the commands across workspaces (workspaces, expiring, audit head and verify) share:
-# the actor; their active memberships ({scope} narrows them to one workspace); the
-# workspaces where an override denies the permission on any of them, which wins over
-# every other membership (as an explicit Deny wins in AWS IAM); and the workspaces they
-# manage.
+# The actor and what Kan's rule lets them manage, as CTEs that the access check (one
+# workspace) and the commands across workspaces (workspaces, expiring, review, audit
+# head and verify) share: the actor; their active memberships ({scope} narrows them to
+# one workspace: whether they are a member at all, for the refusal's words); and the
+# workspaces they manage, by agent_managed_workspaces — the rule itself, defined once in
+# the schema (an explicit deny on any membership wins, as in AWS IAM).
 MANAGER_CTES = """
 actor AS (
     SELECT "id", email
@@ -2082,33 +2353,20 @@ membership AS (
     JOIN actor ON m."userId" = actor."id"
     WHERE m.status::text = 'active' AND m."deletedAt" IS NULL {scope}
 ),
-denied AS (
-    SELECT membership."workspaceId"
-    FROM membership
-    JOIN {s}.workspace_member_permissions override
-        ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
-    WHERE NOT override.granted
-),
 manager AS (
-    SELECT DISTINCT membership."workspaceId"
-    FROM membership
-    LEFT JOIN {s}.workspace_member_permissions override
-        ON override."workspaceMemberId" = membership."id" AND override.permission = %(permission)s
-    WHERE membership."workspaceId" NOT IN (SELECT "workspaceId" FROM denied) AND CASE
-        WHEN override."workspaceMemberId" IS NOT NULL THEN override.granted
-        WHEN membership."roleId" IS NOT NULL THEN EXISTS (
-            SELECT 1
-            FROM {s}.workspace_roles r
-            JOIN {s}.workspace_role_permissions grant_ ON grant_."workspaceRoleId" = r."id"
-            WHERE r."id" = membership."roleId"
-              AND r."workspaceId" = membership."workspaceId"
-              AND grant_.permission = %(permission)s
-              AND grant_.granted)
-        ELSE membership.role = 'admin'
-    END
+    SELECT managed AS "workspaceId"
+    FROM actor
+    CROSS JOIN LATERAL {s}.agent_managed_workspaces(actor."id") AS managed
+    WHERE true {manager_scope}
 )"""
 EVERY_WORKSPACE = ""
 ONE_WORKSPACE = 'AND m."workspaceId" = (SELECT "id" FROM ws)'
+
+
+def manager_ctes(scope: str) -> str:
+    """MANAGER_CTES for every workspace (EVERY_WORKSPACE) or the one ws names (ONE_WORKSPACE)."""
+    return MANAGER_CTES.replace("{scope}", scope).replace(
+        "{manager_scope}", scope.replace('m."workspaceId"', "managed"))
 
 # The check that precedes every workspace command, in one query: does the
 # workspace exist, is the actor a Kan user, an active member, and a manager by
@@ -2123,7 +2381,7 @@ WITH ws AS (
     SELECT "id", "publicId", "deletedAt" IS NOT NULL AS deleted, {turn}
     FROM {s}.workspace
     WHERE {workspace}
-),""" + MANAGER_CTES.replace("{scope}", ONE_WORKSPACE) + """,
+),""" + manager_ctes(ONE_WORKSPACE) + """,
 target AS (
     SELECT i."id", i."publicId", i.slug, i."displayName", i.status::text AS status,
            i."createdAt", i."updatedAt", i."pausedAt", i."revokedAt", i.xmin::text AS version
@@ -2223,11 +2481,15 @@ EVENTS_DETAIL = """(
 # first, in the workspaces the actor manages (in the access check, the one
 # workspace checked): for expiring, and for list's warnings about the whole
 # workspace, not only the page shown.
+# A superseded token: a newer live one of its identity exists (a rotation with --grace
+# left it to run out: its expiry is meant).
+SUPERSEDED = """EXISTS (SELECT FROM {s}.agent_token n WHERE n."agentIdentityId" = t."agentIdentityId" AND n."id" > t."id"
+                      AND """ + LIVE.replace("{t}", "n") + ")"
 EXPIRING_TOKENS = """(
     SELECT coalesce(jsonb_agg(to_jsonb(x) ORDER BY x."expiresAt", x."id"), '[]'::jsonb)
     FROM (
         SELECT t."id", t."publicId", t.name, t."expiresAt", i.slug, i."publicId" AS "identityPublicId",
-               w."publicId" AS "workspacePublicId", w.slug AS "workspaceSlug"
+               w."publicId" AS "workspacePublicId", w.slug AS "workspaceSlug", """ + SUPERSEDED + """ AS superseded
         FROM manager
         JOIN {s}.workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
         JOIN {s}.agent_identity i ON i."workspaceId" = w."id" AND i.status::text <> 'revoked'
@@ -2235,8 +2497,37 @@ EXPIRING_TOKENS = """(
         WHERE t."revokedAt" IS NULL
           AND t."expiresAt" > timezone('utc', now())
           AND t."expiresAt" <= timezone('utc', now()) + %(within)s
+          AND (%(superseded)s OR NOT """ + SUPERSEDED + """)
     ) AS x
 )"""
+# Active identities of the managed workspaces with no live token: their agents cannot
+# reach Kan (every token expired, or revoked one by one). lastExpiredAt: when the last
+# one it had ran out, if one did.
+DOWN_IDENTITIES = """(
+    SELECT coalesce(jsonb_agg(to_jsonb(d) ORDER BY d."workspaceSlug", d.slug), '[]'::jsonb)
+    FROM (
+        SELECT i."publicId" AS "identityPublicId", i.slug, w."publicId" AS "workspacePublicId",
+               w.slug AS "workspaceSlug",
+               (SELECT max(t."expiresAt") FROM {s}.agent_token t
+                WHERE t."agentIdentityId" = i."id" AND t."revokedAt" IS NULL) AS "lastExpiredAt"
+        FROM manager
+        JOIN {s}.workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+        CROSS JOIN LATERAL (SELECT * FROM {s}.agent_identity a  -- by its index, workspace by workspace
+                            WHERE a."workspaceId" = w."id" AND a.status = 'active' OFFSET 0) AS i
+        WHERE NOT EXISTS (SELECT FROM {s}.agent_token t WHERE t."agentIdentityId" = i."id" AND """ + \
+    LIVE.replace("{t}", "t") + """)
+    ) AS d
+)"""
+# What expiring checks (in the workspaces the actor manages, or in the one the access
+# check found): the tokens, the down identities, and how many of each it looked at.
+EXPIRING_DETAIL = """jsonb_build_object(
+    'tokens', """ + EXPIRING_TOKENS + """,
+    'down', """ + DOWN_IDENTITIES + """,
+    'workspaces', (SELECT count(*) FROM manager JOIN {s}.workspace w ON w."id" = manager."workspaceId"
+                   AND w."deletedAt" IS NULL),
+    'identities', (SELECT coalesce(sum(c.n), 0) FROM manager CROSS JOIN LATERAL (
+                       SELECT count(*) AS n FROM {s}.agent_identity i
+                       WHERE i."workspaceId" = manager."workspaceId" AND i.status::text <> 'revoked') AS c))"""
 
 # list: one page of the workspace's identities, newest first, starting just
 # after the identity named by --after (and whether that one exists).
@@ -2384,11 +2675,28 @@ BULK_TARGETS = """(
         FROM {s}.agent_identity i
         WHERE i."workspaceId" = {workspace_id}
           AND i.status::text = ANY(%(from_statuses)s)
+          -- resume --batch: those the batch paused, whose latest pause or resume is still its own
+          AND (%(batch)s::text IS NULL OR EXISTS (
+              SELECT FROM {s}.agent_audit_event e
+              WHERE e."identityPublicId" = i."publicId" AND e."workspaceId" = i."workspaceId"
+                AND e.action = 'identity.paused' AND e.metadata->>'batchId' = %(batch)s
+                AND NOT EXISTS (SELECT FROM {s}.agent_audit_event later
+                                WHERE later."identityPublicId" = e."identityPublicId"
+                                  AND later."workspaceId" = e."workspaceId"
+                                  AND later.action IN ('identity.paused', 'identity.resumed')
+                                  AND later."id" > e."id")))
         ORDER BY i."id"
         FOR UPDATE OF i
     ) AS x
 )"""
 BULK_TARGETS_SQL = "SELECT " + BULK_TARGETS
+
+# resume --batch that found nothing to resume: was there such a batch at all?
+BATCH_EXISTS_SQL = """
+SELECT EXISTS (SELECT FROM {s}.agent_audit_event
+               WHERE "workspaceId" = %(workspace_id)s AND action = 'identity.paused'
+                 AND metadata->>'batchId' = %(batch)s)
+"""
 
 # ... then the move of them all, their tokens retired (revoke), and one audit
 # event each, in one statement.
@@ -2430,12 +2738,79 @@ subject AS (
     SELECT %(identity_id)s::bigint AS identity_id, %(token_id)s::bigint AS token_id
 )""" + AUDIT_INSERT
 
-EXPIRING_SQL = "WITH" + MANAGER_CTES.replace("{scope}", EVERY_WORKSPACE) + "\nSELECT " + EXPIRING_TOKENS + \
-    ", timezone('utc', now())"
+EXPIRING_SQL = "WITH" + manager_ctes(EVERY_WORKSPACE) + "\nSELECT " + EXPIRING_DETAIL + \
+    """, timezone('utc', now()), EXISTS (SELECT FROM actor)"""
+
+# A time as the tool writes one (iso()): UTC, to the second, with a Z; an infinite one as
+# PostgreSQL writes it.
+REVIEW_TIME = """CASE WHEN isfinite({t}) THEN to_char({t}, 'YYYY-MM-DD"T"HH24:MI:SS"Z"') ELSE {t}::text END"""
+
+# review: every identity of the managed workspaces (of the one the access check found),
+# newest workspace first, then slug, with what an access review asks of it, in one
+# statement: its live tokens (count, newest issue, soonest expiry, whether one never
+# expires, their scopes and issuers), its tokens' last use, who made it, and whether
+# anyone who may manage the workspace now (holders: Kan's rule, agent_managed_workspaces,
+# asked once per member of each managed workspace) made it or issued a live token of it.
+# Each workspace's identities are read by its index, each identity's tokens by theirs.
+REVIEW_DETAIL = """json_build_object(  -- json, not jsonb: text, as it is sent, at a fraction of the cost
+    'identities', (
+    WITH holders AS MATERIALIZED (
+        SELECT DISTINCT m."userId", m."workspaceId"
+        FROM manager
+        JOIN {s}.workspace_members m ON m."workspaceId" = manager."workspaceId"
+        WHERE m."workspaceId" IN (SELECT {s}.agent_managed_workspaces(m."userId"))
+    )
+    SELECT coalesce(json_agg(json_build_array(
+               r."workspacePublicId", r."workspaceSlug", r.slug, r."publicId", r.status, r."createdAt", r."createdBy",
+               r."liveTokens", r.scopes, r."newestTokenAt", r."nextExpiry", r."lastUsedAt", r.findings)
+               ORDER BY r."workspaceCreatedAt" DESC, r."workspacePublicId", r.slug), '[]'::json)
+    FROM (
+        SELECT w."publicId" AS "workspacePublicId", w.slug AS "workspaceSlug", w."createdAt" AS "workspaceCreatedAt",
+               i."publicId", i.slug, i.status::text AS status, """ + REVIEW_TIME.format(t='i."createdAt"') + """ AS "createdAt",
+               maker.email AS "createdBy", tokens."liveTokens", tokens.scopes,
+               """ + REVIEW_TIME.format(t='tokens."newestTokenAt"') + """ AS "newestTokenAt",
+               """ + REVIEW_TIME.format(t='tokens."nextExpiry"') + """ AS "nextExpiry",
+               """ + REVIEW_TIME.format(t='tokens."lastUsedAt"') + """ AS "lastUsedAt",
+               -- The findings, judged by the transaction's clock; none for a revoked identity.
+               CASE WHEN i.status::text = 'revoked' THEN ARRAY[]::text[] ELSE array_remove(ARRAY[
+                   CASE WHEN tokens."neverExpires" THEN 'never-expires' END,
+                   CASE WHEN i."createdAt" < timezone('utc', now()) - %(idle)s
+                             AND coalesce(tokens."lastUsedAt" < timezone('utc', now()) - %(idle)s, true)
+                        THEN 'unused' END,
+                   CASE WHEN tokens."newestTokenAt" < timezone('utc', now()) - %(max_age)s THEN 'stale' END,
+                   CASE WHEN NOT EXISTS (SELECT FROM holders h
+                                         WHERE h."workspaceId" = w."id"
+                                           AND (h."userId" = i."createdBy" OR h."userId" = ANY (tokens.issuers)))
+                        THEN 'orphaned' END], NULL) END AS findings
+        FROM manager
+        JOIN {s}.workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+        CROSS JOIN LATERAL (SELECT * FROM {s}.agent_identity a
+                            WHERE a."workspaceId" = w."id" AND a.status = ANY(%(statuses)s::{s}.agent_identity_status[])
+                            OFFSET 0) AS i  -- not flattened: read workspace by workspace, by its index
+        LEFT JOIN {s}."user" maker ON maker."id" = i."createdBy"
+        CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE t.live) AS "liveTokens",
+                   max(t."createdAt") FILTER (WHERE t.live) AS "newestTokenAt",
+                   min(t."expiresAt") FILTER (WHERE t.live) AS "nextExpiry",
+                   coalesce(bool_or(t.live AND (t."expiresAt" IS NULL
+                                                OR t."expiresAt" > t."createdAt" + %(longest)s)), false)
+                       AS "neverExpires",
+                   max(t."lastUsedAt") AS "lastUsedAt",
+                   string_agg(array_to_string(t.scopes, ','), ',') FILTER (WHERE t.live) AS scopes,
+                   array_agg(t."createdBy") FILTER (WHERE t.live AND t."createdBy" IS NOT NULL) AS issuers
+            FROM (SELECT t."createdAt", t."expiresAt", t.scopes, t."createdBy", """ + LAST_USED + """,
+                         """ + LIVE.replace("{t}", "t") + """ AS live
+                  FROM {s}.agent_token t WHERE t."agentIdentityId" = i."id") AS t
+        ) AS tokens
+    ) AS r),
+    'workspaces', (SELECT count(*) FROM manager JOIN {s}.workspace w ON w."id" = manager."workspaceId"
+                   AND w."deletedAt" IS NULL))"""
+REVIEW_SQL = "WITH" + manager_ctes(EVERY_WORKSPACE) + "\nSELECT " + REVIEW_DETAIL + \
+    """, timezone('utc', now()), EXISTS (SELECT FROM actor)"""
 
 # The workspaces the actor may manage, by the access check's own rule, with
 # what each holds.
-WORKSPACES_SQL = "WITH" + MANAGER_CTES.replace("{scope}", EVERY_WORKSPACE) + """
+WORKSPACES_SQL = "WITH" + manager_ctes(EVERY_WORKSPACE) + """
 SELECT w."publicId", w.slug, w.name,
        identities.active, identities.paused, identities.revoked,
        tokens.live AS "liveTokens", tokens.next AS "nextExpiresAt"
@@ -2474,6 +2849,35 @@ VERIFY_DETAIL = """(
     ) AS v
 )"""
 
+# An audit event as audit shows it: every value of the chain's encoding (the
+# metadata also as the jsonb's text, which the hash covers), so that an export can be
+# verified with no database.
+EVENT_COLUMNS = """e."publicId", e."sequence", e."workspacePublicId", e.action, e."identityPublicId",
+               e."identitySlug", e."tokenPublicId", e."actorUserUuid", e."actorEmail", e.reason, e.metadata,
+               e.metadata::text AS "metadataText", e."createdAt", e."previousHash",
+               e."hash" """
+
+# audit --after-sequence, and the export of every workspace: a page of the
+# workspace's chain, oldest first, after the sequence given; and the events that have no
+# place in the chain (written past its trigger), which the last page carries too, so
+# that an export verified on its own shows them.
+CHAIN_PAGE_DETAIL = """(
+    SELECT jsonb_build_object(
+        'cursorFound', true,
+        'events', coalesce(jsonb_agg(to_jsonb(page) ORDER BY page."sequence"), '[]'::jsonb),
+        'unchained', (SELECT coalesce(jsonb_agg(to_jsonb(u) ORDER BY u."publicId"), '[]'::jsonb)
+                      FROM (SELECT e."id", """ + EVENT_COLUMNS + """
+                            FROM {s}.agent_audit_event e
+                            WHERE e."workspaceId" = (SELECT "id" FROM ws) AND e."sequence" IS NULL) AS u))
+    FROM (
+        SELECT e."id", """ + EVENT_COLUMNS + """
+        FROM {s}.agent_audit_event e
+        WHERE e."workspaceId" = (SELECT "id" FROM ws) AND e."sequence" > %(after_sequence)s
+        ORDER BY e."sequence"
+        LIMIT %(limit)s
+    ) AS page
+)"""
+
 # audit: one page of the workspace's events, newest first, starting just after
 # the event named by --after (and whether that one exists), within the window
 # and filters given. The columns are UTC timestamps; the window's bounds are
@@ -2495,8 +2899,7 @@ AUDIT_DETAIL = """(
                          ORDER BY x."id" LIMIT 1)) AS "publicId"
     ),
     page AS (
-        SELECT e."id", e."publicId", e."createdAt", e.action, e."actorEmail", e.reason, e.metadata,
-               e."identityPublicId", e."identitySlug" AS slug, e."tokenPublicId", e."sequence", e."hash"
+        SELECT e."id", """ + EVENT_COLUMNS + """
         FROM {s}.agent_audit_event e
         WHERE e."workspaceId" = (SELECT "id" FROM ws)
           AND e."createdAt" >= coalesce(%(since_at)s::timestamp,
@@ -2528,18 +2931,22 @@ CHAIN_HEAD = """(
     SELECT jsonb_build_object(
         'sequence', head."sequence", 'hash', head."hash", 'createdAt', head."createdAt",
         'unchained', (SELECT count(*) FROM {s}.agent_audit_event u
-                      WHERE u."workspaceId" = {workspace} AND u."sequence" IS NULL))
+                      WHERE u."workspaceId" = {workspace} AND u."sequence" IS NULL),
+        'identities', (SELECT count(*) FROM {s}.agent_identity i WHERE i."workspaceId" = {workspace}))
     FROM (SELECT) AS one
     LEFT JOIN LATERAL {s}.agent_audit_chain_head({workspace}) AS head ON true
 )"""
 
-# audit head and audit verify without a workspace: every workspace the actor
-# manages, with its chain's head.
-MANAGED_HEADS_SQL = "WITH" + MANAGER_CTES.replace("{scope}", EVERY_WORKSPACE) + """
-SELECT w."id", w."publicId", w.slug, """ + CHAIN_HEAD.replace("{workspace}", 'w."id"') + """ AS head
-FROM manager
-JOIN {s}.workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
-ORDER BY w.slug, w."publicId"
+# audit head, audit verify and the audit export without a workspace: every workspace the actor
+# manages, with its chain's head (and whether the actor is a Kan user at all).
+MANAGED_HEADS_SQL = "WITH" + manager_ctes(EVERY_WORKSPACE) + """
+SELECT EXISTS (SELECT FROM actor) AS known, coalesce((
+    SELECT jsonb_agg(jsonb_build_object('id', w."id", 'publicId', w."publicId", 'slug', w.slug,
+                                        'head', """ + CHAIN_HEAD.replace("{workspace}", 'w."id"') + """)
+                     ORDER BY w.slug, w."publicId")
+    FROM manager
+    JOIN {s}.workspace w ON w."id" = manager."workspaceId" AND w."deletedAt" IS NULL
+), '[]'::jsonb) AS workspaces
 """
 # audit head and audit verify of one workspace: its slug and head, beside the access check.
 ONE_HEAD_DETAIL = """jsonb_build_object('slug', (SELECT w.slug FROM {s}.workspace w WHERE w."id" = ws."id"),
@@ -2601,10 +3008,11 @@ ORDER BY i."id", t."id"
 """
 
 
-def verify_workspace(conn, schema: str, workspace_id: int, expect: Head | None = None,
+def verify_workspace(conn, schema: str, workspace_id: int, expect: tuple[Head, ...] = (),
                      now: datetime | None = None) -> dict:
-    """check_chain of a workspace's events, and then its tables held to what the chain
-    says of them (breaks of kind mismatch): one streamed pass over each."""
+    """check_chain of a workspace's events (each pin of expect checked), and then its
+    tables held to what the chain says of them (breaks of kind mismatch): one streamed
+    pass over each. identities: how many the tables hold that were compared."""
     from psycopg.rows import dict_row
 
     state = ChainState()
@@ -2616,8 +3024,18 @@ def verify_workspace(conn, schema: str, workspace_id: int, expect: Head | None =
             cursor.itersize = CHAIN_FETCH_ROWS
             cursor.execute(compose(STATE_ROWS_SQL, schema), {"workspace_id": workspace_id})
             report["breaks"] += state.compare(cursor)
-    report.update(intact=not report["breaks"], **{"break": report["breaks"][0] if report["breaks"] else None})
+    report.update(intact=not report["breaks"], **{"break": report["breaks"][0] if report["breaks"] else None},
+                  identities=len(state.compared))
     return report
+
+
+# An unknown slug's neighbours, for "did you mean" (only ever read for a slug not found).
+SLUGS_SQL = """SELECT slug FROM {s}.agent_identity WHERE "workspaceId" = %(workspace_id)s"""
+
+
+def slugs_in(conn, session: "Session", workspace_id: int) -> list[str]:
+    """The slugs of a workspace's identities."""
+    return [slug for (slug,) in conn.execute(compose(SLUGS_SQL, session.schema), {"workspace_id": workspace_id})]
 
 
 def managed_names(conn, schema: str, email: str) -> list[str]:
@@ -2697,7 +3115,8 @@ def check_access(conn, session: Session, ref: Ref, email: str, *, lock: bool = F
     if ref.by_token and identity is None:
         raise AdminError(EXIT_NOT_FOUND, f"no token {ref.token} in workspace {workspace}")
     if ref.slug is not None and identity is None and must_exist:
-        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {ref.slug} in workspace {workspace}")
+        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {ref.slug} in workspace {workspace}"
+                         + did_you_mean(ref.slug, slugs_in(conn, session, row["workspace_id"])))
     token_list = row["tokens"]
     if tokens and identity is not None and identity["version"] != row["seen_version"]:
         # We waited for the lock while another session changed the identity (every
@@ -2733,7 +3152,8 @@ def rls_hint(conn, session: Session, table: str) -> str:
     return f" (row level security may hide rows of {table} from role {row['role']}: run agent-identity doctor)"
 
 
-JSON_TIMES = ("createdAt", "updatedAt", "pausedAt", "revokedAt", "expiresAt", "lastUsedAt", "nextExpiresAt")
+JSON_TIMES = ("createdAt", "updatedAt", "pausedAt", "revokedAt", "expiresAt", "lastUsedAt", "nextExpiresAt",
+              "lastExpiredAt", "newestTokenAt", "nextExpiry")
 
 
 def from_database_time(text: str | None) -> datetime | None:
@@ -3119,25 +3539,27 @@ def cmd_schema(args: argparse.Namespace) -> dict:
 
 def completion_spec(parser) -> dict[str, dict[str, tuple[str, ...] | None]]:
     """Every command's long options, from the parser itself: an option maps to the values
-    it takes (choices, scopes), () for a value to type (a file for PATH), None for a flag."""
+    it takes (choices, COMPLETED_VALUES), () for a value to type (a file for PATH), None
+    for a flag; a positional's words (help's: the commands) are offered as flags are."""
     spec = {}
     for name, sub in parser.commands.items():
         options: dict[str, tuple[str, ...] | None] = {}
         for action in sub._actions:
             if not action.option_strings:  # a positional: offer its choices as words
-                options.update(dict.fromkeys(action.choices or (), None))
+                words = COMMANDS if action.metavar == "COMMAND" else action.choices or ()
+                options.update(dict.fromkeys(words, None))
             for option in (o for o in action.option_strings if o.startswith("--")):
                 if action.nargs == 0:
                     options[option] = None
-                elif option == "--scopes":
-                    options[option] = SCOPES
                 else:
-                    options[option] = tuple(action.choices or ())
+                    options[option] = tuple(COMPLETED_VALUES.get(option) or action.choices or ())
         spec[name] = options
     return spec
 
 
-FILE_OPTIONS = ("--token-file",)
+# The values completion offers where the parser checks them itself rather than by choices.
+COMPLETED_VALUES = {"--scopes": SCOPES, "--action": AUDIT_ACTIONS}
+FILE_OPTIONS = ("--token-file", "--expect-heads", "--file")
 
 BASH_COMPLETION = """\
 # agent-identity {version}: bash completion, made from its own parser.
@@ -3493,7 +3915,8 @@ def cmd_set_status_all(db: Database, args: argparse.Namespace) -> dict:
     from psycopg.types.json import Jsonb
 
     new_status, allowed_from, action = TRANSITIONS[args.command]
-    params = {"from_statuses": list(allowed_from)}
+    undoes = getattr(args, "batch", None)
+    params = {"from_statuses": list(allowed_from), "batch": undoes}
     with db.transaction() as session:
         access = access_of(db, session, args, lock=True, params=params, detail=compose(
             BULK_TARGETS, session.schema, workspace_id='(SELECT "id" FROM ws WHERE NOT deleted)'))
@@ -3503,9 +3926,9 @@ def cmd_set_status_all(db: Database, args: argparse.Namespace) -> dict:
             targets = db.conn.execute(compose(BULK_TARGETS_SQL, session.schema, workspace_id="%(workspace_id)s"),
                                    dict(params, workspace_id=access["workspace_id"])).fetchone()[0]
         if not targets:
-            return mutation_result(args, False, identities=[], message=(
-                f"no agent identity in workspace {workspace} is {' or '.join(allowed_from)}; nothing to change"))
-        batch = {"batchId": None if args.dry_run else new_public_id(), "batchCount": len(targets)}
+            return nothing_to_move(db, session, args, access, allowed_from)
+        batch = {"batchId": None if args.dry_run else new_public_id(), "batchCount": len(targets),
+                 **({"undoesBatchId": undoes} if undoes else {})}
         events = [{
             "publicId": new_public_id(),
             "identityId": target["id"],
@@ -3534,9 +3957,26 @@ def cmd_set_status_all(db: Database, args: argparse.Namespace) -> dict:
     )
 
 
+def nothing_to_move(db: Database, session: Session, args: argparse.Namespace, access: dict,
+                    allowed_from: tuple[str, ...]) -> dict:
+    """--all or --batch found no identity to move: nothing to change, or (--batch) exit 3
+    for a batch that never was."""
+    workspace = access["workspace_public_id"]
+    batch = getattr(args, "batch", None)
+    if batch is None:
+        return mutation_result(args, False, identities=[], message=(
+            f"no agent identity in workspace {workspace} is {' or '.join(allowed_from)}; nothing to change"))
+    if not db.conn.execute(compose(BATCH_EXISTS_SQL, session.schema),
+                           {"workspace_id": access["workspace_id"], "batch": batch}).fetchone()[0]:
+        raise AdminError(EXIT_NOT_FOUND, f"no pause --all batch {batch} in workspace {workspace}")
+    return mutation_result(args, False, identities=[], message=(
+        f"no identity batch {batch} paused is still paused by it in workspace {workspace}; nothing to change"))
+
+
 def cmd_set_status(db: Database, args: argparse.Namespace) -> dict:
-    """pause, resume and revoke: move an identity to another status (or, with --all, every one)."""
-    if args.all:
+    """pause, resume and revoke: move an identity to another status (or, with --all or
+    resume's --batch, every one that move applies to)."""
+    if args.all or getattr(args, "batch", None):
         return cmd_set_status_all(db, args)
     new_status, allowed_from, action = TRANSITIONS[args.command]
     with db.transaction() as session:
@@ -3600,11 +4040,17 @@ def cmd_inspect(db: Database, args: argparse.Namespace) -> dict:
         }
         for e in map(json_times, access["detail"])
     ]
+    view["down"] = identity["status"] == "active" and not any(is_live(t, now) for t in tokens)
     warnings = [
         expiry_warning(t["publicId"], identity["slug"], t["expiresAt"], now)
         for t in tokens if is_live(t, now) and expiring_soon(t["expiresAt"], now)
-    ]
+    ] + ([down_warning(identity["slug"])] if view["down"] else [])
     return {"ok": True, "command": "inspect", "now": iso(now), "identity": view, "warnings": warnings}
+
+
+def down_warning(slug: str) -> str:
+    """An active identity with no live token: its agent cannot reach Kan, and nothing fails loudly."""
+    return f"warning: agent identity {slug} is active with no live token: its agent cannot reach Kan; rotate it"
 
 
 def keyset_page(detail: dict, key: str, limit: int, missing_cursor: str) -> tuple[list[dict], str | None]:
@@ -3622,6 +4068,7 @@ def cmd_list(db: Database, args: argparse.Namespace) -> dict:
     with db.transaction(read_only=True) as session:
         access = access_of(db, session, args, detail=LIST_DETAIL, params={
             "status": args.status, "limit": args.limit + 1, "after": args.after, "within": EXPIRING_SOON,
+            "superseded": False,
         })
     page, workspace = access["detail"], access["workspace_public_id"]
     rows, next_cursor = keyset_page(page, "identities", args.limit,
@@ -3634,6 +4081,7 @@ def cmd_list(db: Database, args: argparse.Namespace) -> dict:
             nextExpiresAt=iso(row["nextExpiresAt"]),
             expiringSoon=expiring_soon(row["nextExpiresAt"], now),
             lastUsedAt=iso(row["lastUsedAt"]),
+            down=row["status"] == "active" and not row["liveTokens"],
         )
         for row in rows
     ]
@@ -3644,7 +4092,7 @@ def cmd_list(db: Database, args: argparse.Namespace) -> dict:
     warnings = [
         f"warning: agent identity {slug} has a live token that expires {relative(expires, now)} ({iso(expires)})"
         for slug, expires in soonest.items()
-    ]
+    ] + [down_warning(i["slug"]) for i in identities if i["down"]]
     return {
         "ok": True, "command": "list", "now": iso(now), "workspacePublicId": workspace,
         "identities": identities, "nextCursor": next_cursor, "warnings": warnings,
@@ -3668,76 +4116,163 @@ def cmd_workspaces(db: Database, args: argparse.Namespace) -> dict:
 
 
 def cmd_expiring(db: Database, args: argparse.Namespace) -> dict:
-    """Live tokens expiring within --within, in every workspace the actor manages (or one)."""
-    params = {"email": db.actor, "permission": MANAGE_PERMISSION, "within": args.within.delta}
+    """Live tokens expiring within --within, and active identities with no live token, in
+    every workspace the actor manages (or one). Checking nothing is never success: an
+    actor who is no Kan user, or manages no workspace, is refused."""
+    params = {"email": db.actor, "permission": MANAGE_PERMISSION, "within": args.within.delta,
+              "superseded": args.include_superseded}
     with db.transaction(read_only=True) as session:
         if Ref.of(args).workspace:
-            access = access_of(db, session, args, detail=EXPIRING_TOKENS, params=params)
+            access = access_of(db, session, args, detail=EXPIRING_DETAIL, params=params)
             found, now = access["detail"], access["now"]
         else:
-            found, now = db.conn.execute(compose(EXPIRING_SQL, session.schema), params).fetchone()
-    tokens = [json_times(token) for token in found]
+            found, now, known = db.conn.execute(compose(EXPIRING_SQL, session.schema), params).fetchone()
+            refuse_unchecked(db.actor, known, found["workspaces"])
     return {"ok": True, "command": "expiring", "now": iso(now), "within": args.within.text, "tokens": [
         {"workspacePublicId": t["workspacePublicId"], "workspaceSlug": t["workspaceSlug"], "slug": t["slug"],
          "identityPublicId": t["identityPublicId"], "publicId": t["publicId"], "name": t["name"],
-         "expiresAt": iso(t["expiresAt"])}
-        for t in tokens
-    ]}
+         "expiresAt": iso(t["expiresAt"]), "superseded": t["superseded"]}
+        for t in map(json_times, found["tokens"])
+    ], "down": [
+        {"workspacePublicId": d["workspacePublicId"], "workspaceSlug": d["workspaceSlug"], "slug": d["slug"],
+         "identityPublicId": d["identityPublicId"], "lastExpiredAt": iso(d["lastExpiredAt"])}
+        for d in map(json_times, found["down"])
+    ], "checked": {"workspaces": found["workspaces"], "identities": found["identities"]}}
 
 
-def event_view(event: dict, workspace_public_id: str) -> dict:
-    """An audit event as audit prints it (and --jsonl streams it: each line whole)."""
+def refuse_unchecked(actor: str, known: bool, workspaces: int) -> None:
+    """A judgement across the workspaces an actor manages, for an actor who is no Kan user
+    or manages none, would check nothing: exit 4, never a green "nothing found" (a
+    mistyped AGENT_IDENTITY_ADMIN_EMAIL in a cron job). There is no workspace whose audit
+    log could record it."""
+    if not known:
+        raise AdminError(EXIT_FORBIDDEN, f"no Kan user has the email {quote(actor)}: nothing was checked")
+    if not workspaces:
+        raise AdminError(EXIT_FORBIDDEN, f"{quote(actor)} manages no workspace: nothing was checked")
+
+
+def cmd_review(db: Database, args: argparse.Namespace) -> dict:
+    """An access review: every active or paused identity (with --include-revoked, every
+    one) of the workspaces the actor manages (or one), what it holds, who made it, when
+    it was used, and its findings, each with the command that deals with it. It judges,
+    so it fails closed as expiring does."""
+    params = {"email": db.actor, "permission": MANAGE_PERMISSION, "longest": EXPIRES_MAX,
+              "idle": args.idle.delta, "max_age": args.max_age.delta,
+              "statuses": list(STATUSES) if args.include_revoked else ["active", "paused"]}
+    with db.transaction(read_only=True) as session:
+        if Ref.of(args).workspace:
+            access = access_of(db, session, args, detail=REVIEW_DETAIL, params=params)
+            found, now = access["detail"], access["now"]
+        else:
+            found, now, known = db.conn.execute(compose(REVIEW_SQL, session.schema), params).fetchone()
+            refuse_unchecked(db.actor, known, found["workspaces"])
+    identities = [review_view(row) for row in found["identities"]]
+    return {"ok": True, "command": "review", "now": iso(now), "idle": args.idle.text, "maxAge": args.max_age.text,
+            "identities": identities,
+            "checked": {"workspaces": found["workspaces"], "identities": len(identities)}}
+
+
+# What REVIEW_DETAIL says of each identity, in its order (an array a row: half the
+# bytes of an object to build, send and parse, at 10,000 identities).
+REVIEW_COLUMNS = ("workspacePublicId", "workspaceSlug", "slug", "publicId", "status", "createdAt", "createdBy",
+                  "liveTokens", "scopes", "newestTokenAt", "nextExpiry", "lastUsedAt", "findings")
+
+
+def review_view(values: list) -> dict:
+    """One identity of review as it prints it, with the command for each finding the query judged."""
+    row = dict(zip(REVIEW_COLUMNS, values))
+    row["scopes"] = sorted(set(row["scopes"].split(","))) if row["scopes"] else []  # its live tokens', joined
+    row["actions"] = [review_action(finding, row["workspacePublicId"], row["slug"], row["status"])
+                      for finding in row["findings"]]
+    return row
+
+
+def review_action(finding: str, workspace: str, slug: str, status: str) -> str:
+    """The command that deals with a finding, by the workspace's public id and the identity's
+    slug, quoted for a shell whatever a hand stored in them; a rotation writes its token to
+    standard output, for a pipe into the secret manager."""
+    import shlex
+
+    command, extra, _ = REVIEW_FINDINGS[finding]
+    if finding == "unused" and status == "paused":
+        command = "revoke"
+    return (f"{PROG} {command} --workspace-public-id {shlex.quote(workspace)} --slug {shlex.quote(slug)}"
+            f"{' ' + extra if extra else ''} "
+            f"--reason \"access review: {finding}\" --confirm")
+
+
+def event_view(event: dict, workspace: str) -> dict:
+    """An audit event as audit prints it (and --jsonl streams it: each line whole), with
+    every value its chain hash covers, as stored: its time to the microsecond, the stable
+    public ids, and the metadata's text (metadataText) beside the metadata itself. An
+    export of them is verified with no database: audit verify --file."""
     return {
         "publicId": event["publicId"],
-        "createdAt": iso(event["createdAt"]),
-        "workspacePublicId": workspace_public_id,
+        "createdAt": event["createdAt"] and chain_time(event["createdAt"]),
+        "workspacePublicId": event["workspacePublicId"] or workspace,  # (an unchained event has no copy of its own)
         "action": event["action"],
         "actorEmail": event["actorEmail"],
+        "actorUserUuid": event["actorUserUuid"],
         "identityPublicId": event["identityPublicId"],
-        "slug": event["slug"],
+        "slug": event["identitySlug"],
         "tokenPublicId": event["tokenPublicId"],
         "reason": event["reason"],
         "metadata": event["metadata"],
-        "sequence": event["sequence"],  # its place in the workspace's audit chain, and its hash there
+        "metadataText": event["metadataText"],
+        "sequence": event["sequence"],  # its place in the workspace's audit chain, the hash it links to, its hash
+        "previousHash": event["previousHash"],
         "hash": event["hash"],
     }
 
 
-def audit_page(db: Database, args: argparse.Namespace, after: str | None, limit: int) -> dict:
-    """One page of audit's events, newest first, after the event named by after, in a
-    read-only transaction of its own: the access check and the page in one query. A
-    --token names the workspace when none is given, and stays a filter on that token."""
-    moments = {f"{bound}_{part}": getattr(getattr(args, bound), part, None)
-               for bound in ("since", "until") for part in ("ago", "at")}
-    params = dict(moments, after=after, limit=limit + 1, token_filter=args.token, actor=args.actor,
-                  actions=args.action)
-    ref = Ref.of(args)
-    if ref.workspace:  # a token is a filter there, which the chain answers even once Kan has deleted the token
-        ref = ref._replace(token=None)
+def audit_page(db: Database, args: argparse.Namespace, after, limit: int, ref: Ref | None = None) -> dict:
+    """One page of audit's events after the one named by after, in a read-only
+    transaction of its own: the access check and the page in one query. Newest first,
+    after an event's public id; or, in chain order (--after-sequence, an export), after a
+    sequence number. A --token names the workspace when none is given, and stays a
+    filter on that token."""
+    ref = ref or Ref.of(args)
+    if in_chain_order(args):
+        detail, params = CHAIN_PAGE_DETAIL, {"after_sequence": after or 0, "limit": limit + 1}
+    else:
+        moments = {f"{bound}_{part}": getattr(getattr(args, bound), part, None)
+                   for bound in ("since", "until") for part in ("ago", "at")}
+        detail, params = AUDIT_DETAIL, dict(moments, after=after, limit=limit + 1, token_filter=args.token,
+                                            actor=args.actor, actions=args.action)
+        if ref.workspace:  # a token is a filter there, which the chain answers even once Kan deleted the token
+            ref = ref._replace(token=None)
     with db.transaction(read_only=True) as session:
-        access = access_of(db, session, args, ref, detail=AUDIT_DETAIL, params=params, must_exist=False)
-    workspace = access["workspace_public_id"]
-    if not access["detail"]["identityKnown"]:
-        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {args.slug} in workspace {workspace}")
-    if not access["detail"]["tokenKnown"]:
+        access = access_of(db, session, args, ref, detail=detail, params=params, must_exist=False)
+    workspace, found = access["workspace_public_id"], access["detail"]
+    if not found.get("identityKnown", True):
+        with db.transaction(read_only=True) as session:
+            hint = did_you_mean(args.slug, slugs_in(db.conn, session, access["workspace_id"]))
+        raise AdminError(EXIT_NOT_FOUND, f"no agent identity {args.slug} in workspace {workspace}{hint}")
+    if not found.get("tokenKnown", True):
         raise AdminError(EXIT_NOT_FOUND, f"no token {args.token} in workspace {workspace}")
-    events, next_cursor = keyset_page(access["detail"], "events", limit,
-                                      f"no audit event {after} in workspace {workspace}")
+    events, next_cursor = keyset_page(found, "events", limit, f"no audit event {after} in workspace {workspace}")
+    if detail is CHAIN_PAGE_DETAIL and next_cursor:
+        next_cursor = f"{workspace}:{events[-1]['sequence']}"
+    elif detail is CHAIN_PAGE_DETAIL:  # the chain's end: then what has no place in it
+        events += [json_times(event) for event in found["unchained"]]
     return {"now": access["now"], "workspacePublicId": workspace,
             "events": [event_view(event, workspace) for event in events], "nextCursor": next_cursor}
 
 
-def later_pages(db: Database, args: argparse.Namespace, cursor: str | None, limit: int):
-    """audit --all: the pages after the first, each in a transaction of its own (so a slow
-    reader holds no snapshot, lock or idle transaction open), until the last; then it
-    closes the connection, which it owns from the first page on."""
+def in_chain_order(args: argparse.Namespace) -> bool:
+    """Whether audit lists in chain order, oldest first (--after-sequence, or the export
+    of every workspace), rather than newest first."""
+    return args.after_sequence is not None or not (Ref.of(args).workspace or args.token)
+
+
+def later_pages(db: Database, args: argparse.Namespace, pages):
+    """audit --all: the pages after the first (pages yields them, each read in a
+    transaction of its own, so a slow reader holds no snapshot, lock or idle transaction
+    open); then it closes the connection, which it owns from the first page on."""
     import psycopg
 
     try:
-        while cursor:
-            page = audit_page(db, args, cursor, limit)
-            yield page["events"]
-            cursor = page["nextCursor"]
+        yield from pages
     except AccessDenied as denied:  # the actor lost workspace:manage mid-way
         record_denial(db, args, denied)
         raise
@@ -3747,63 +4282,289 @@ def later_pages(db: Database, args: argparse.Namespace, cursor: str | None, limi
         db.conn.close()
 
 
+def pages_after(db: Database, args: argparse.Namespace, page: dict, limit: int, ref: Ref | None = None):
+    """The events of the pages after page, a page at a time."""
+    while page["nextCursor"]:
+        cursor = page["nextCursor"]
+        page = audit_page(db, args, int(cursor.rpartition(":")[2]) if ":" in cursor else cursor, limit, ref)
+        yield page["events"]
+
+
+def exported_pages(db: Database, args: argparse.Namespace, workspaces: list[dict], limit: int):
+    """audit --jsonl --all with no workspace: every workspace's chain in turn, oldest
+    event first, each from the sequence --after-sequence gives it."""
+    starts = {position.workspace: position.sequence for position in args.after_sequence or ()}
+    for workspace in workspaces:
+        ref = Ref(workspace["publicId"], False, None, None)
+        page = audit_page(db, args, starts.get(workspace["publicId"], 0), limit, ref)
+        yield page["events"]
+        yield from pages_after(db, args, page, limit, ref)
+
+
 def cmd_audit(db: Database, args: argparse.Namespace) -> dict:
-    """The workspace's audit events, newest first, a page at a time; with --all (and
-    --jsonl), every page, streamed as it is read. audit head and audit verify: its chain."""
+    """The workspace's audit events, newest first (or, with --after-sequence, in chain
+    order), a page at a time; with --all (and --jsonl), every page, streamed as it is
+    read; with no workspace, every chain the actor manages. audit head and audit verify:
+    its chains."""
     if args.mode:
         return {"head": cmd_audit_head, "verify": cmd_audit_verify}[args.mode](db, args)
     limit = args.limit or (LIST_LIMIT_MAX if args.all else LIST_LIMIT_DEFAULT)
-    page = audit_page(db, args, args.after, limit)
+    if not (Ref.of(args).workspace or args.token):  # the export of every workspace the actor manages
+        with db.transaction(read_only=True) as session:
+            workspaces, now = chain_workspaces(db, session, args), session.now
+        strays = {p.workspace for p in args.after_sequence or ()} - {w["publicId"] for w in workspaces}
+        if strays:  # a shipper's position for a workspace not exported would silently start it over
+            raise AdminError(EXIT_USAGE, f"--after-sequence names {', '.join(sorted(strays))}, not a workspace you "
+                                         "manage: nothing of it is exported")
+        return {"ok": True, "command": "audit", "now": iso(now), "workspacePublicId": None, "events": [],
+                "nextCursor": None, "later": later_pages(db, args, exported_pages(db, args, workspaces, limit)),
+                "checked": checked(workspaces)}
+    position = args.after_sequence[0] if args.after_sequence else None
+    page = audit_page(db, args, position.sequence if position else args.after, limit)
+    if position and position.workspace not in (None, page["workspacePublicId"]):
+        raise AdminError(EXIT_USAGE, f"--after-sequence {position} is of another workspace than "
+                                     f"{page['workspacePublicId']}")
     result = {"ok": True, "command": "audit", "now": iso(page["now"]), "workspacePublicId": page["workspacePublicId"],
               "events": page["events"], "nextCursor": page["nextCursor"]}
+    if position:
+        result["cursorOption"] = "--after-sequence"
     if args.all:
         result["nextCursor"] = None
         if page["nextCursor"]:
-            result["later"] = later_pages(db, args, page["nextCursor"], limit)  # run() leaves conn to it
+            result["later"] = later_pages(db, args, pages_after(db, args, page, limit))  # run() leaves conn to it
     return result
 
 
-def chain_workspaces(db: Database, session: Session, args: argparse.Namespace) -> list[dict]:
-    """What audit head and audit verify look at: the workspace given (after the access
-    check), or every one the actor manages; each with its public id, slug and chain head."""
-    from psycopg.rows import dict_row
+def checked(workspaces: list[dict]) -> dict:
+    """What a judgement across workspaces looked at: how many workspaces and identities."""
+    return {"workspaces": len(workspaces), "identities": sum(w["head"]["identities"] for w in workspaces)}
 
+
+def chain_workspaces(db: Database, session: Session, args: argparse.Namespace) -> list[dict]:
+    """What audit head, audit verify and the export look at: the workspace given (after
+    the access check), or every one the actor manages — exit 4 if that is none (checking
+    nothing is never success); each with its public id, slug and chain head."""
     if Ref.of(args).workspace:
         access = access_of(db, session, args, detail=ONE_HEAD_DETAIL)
         return [{"id": access["workspace_id"], "publicId": access["workspace_public_id"],
                  "slug": access["detail"]["slug"], "head": access["detail"]["head"]}]
-    return db.conn.cursor(row_factory=dict_row).execute(
-        compose(MANAGED_HEADS_SQL, session.schema),
-        {"email": db.actor, "permission": MANAGE_PERMISSION}).fetchall()
+    known, workspaces = db.conn.execute(compose(MANAGED_HEADS_SQL, session.schema),
+                                        {"email": db.actor, "permission": MANAGE_PERMISSION}).fetchone()
+    refuse_unchecked(db.actor, known, len(workspaces))
+    return workspaces
 
 
 def cmd_audit_head(db: Database, args: argparse.Namespace) -> dict:
-    """The head of each audit chain (SEQUENCE:HASH), to pin somewhere the database's
-    writers cannot reach; audit verify --expect-head checks the chain still extends it."""
+    """The head of each audit chain, as a pin (WORKSPACE:SEQUENCE:HASH) to keep somewhere
+    the database's writers cannot reach; audit verify --expect-head checks the chain
+    still holds it."""
     with db.transaction(read_only=True) as session:
         workspaces = chain_workspaces(db, session, args)
     heads = []
     for workspace in workspaces:
         head = json_times(workspace["head"])
+        pin = Pin(workspace["publicId"], Head(head["sequence"], head["hash"])) if head["sequence"] else None
         heads.append({
             "workspacePublicId": workspace["publicId"], "slug": workspace["slug"],
-            "sequence": head["sequence"], "hash": head["hash"],
-            "head": str(Head(head["sequence"], head["hash"])) if head["sequence"] else None,
-            "createdAt": iso(head["createdAt"]), "unchained": head["unchained"],
+            "sequence": head["sequence"], "hash": head["hash"], "head": pin and str(pin.head), "pin": pin and str(pin),
+            "createdAt": chain_time(head["createdAt"]) if head["createdAt"] else None,
+            "unchained": head["unchained"],
         })
-    return {"ok": True, "command": "audit head", "workspaces": heads}
+    return {"ok": True, "command": "audit head", "workspaces": heads, "checked": checked(workspaces)}
+
+
+def pins_for(args: argparse.Namespace, workspaces: list[str],
+             spans: dict[str, set[int]] | None = None) -> tuple[dict[str, tuple[Head, ...]], list[str]]:
+    """The pins --expect-head and --expect-heads give each workspace verified, and a note
+    for the file pins left unchecked. A pin given by hand must fall on a workspace verified
+    (one without its workspace needs the workspace named) and, for exports (spans: the
+    sequences they hold), on an event they hold; a file's pins are taken where they fall,
+    and must give at least one: a pin that is not checked is never a pass. Exit 2 else."""
+    pinned: dict[str, list[Head]] = {}
+    for pin in args.expect_head or ():
+        workspace = pin.workspace or (workspaces[0] if Ref.of(args).workspace else None)
+        if workspace is None:
+            raise AdminError(EXIT_USAGE, f"--expect-head {pin} names no workspace: give it as WORKSPACE:SEQUENCE:HASH, "
+                                         "as audit head prints it, or name one workspace (--workspace)")
+        if workspace not in workspaces:
+            raise AdminError(EXIT_USAGE, f"--expect-head {pin}: workspace {workspace} is not one verified here")
+        if spans is not None and pin.head.sequence not in spans[workspace]:
+            raise AdminError(EXIT_USAGE, f"--expect-head {pin}: no export given holds event {pin.head.sequence}")
+        pinned.setdefault(workspace, []).append(pin.head)
+    skipped: set[str] = set()
+    for path in args.expect_heads or ():
+        pins = read_pins(path)
+        usable = [pin for pin in pins if pin.workspace in workspaces
+                  and (spans is None or pin.head.sequence in spans[pin.workspace])]
+        if not usable:
+            raise AdminError(EXIT_USAGE, f"{quote(path)} pins no head of the workspace{'s' * (len(workspaces) != 1)} "
+                                         "verified: nothing would be checked against it")
+        skipped |= {pin.workspace for pin in pins if pin.workspace not in workspaces}
+        for pin in usable:
+            pinned.setdefault(pin.workspace, []).append(pin.head)
+    notes = [f"pinned heads of {len(skipped)} workspace{'s' * (len(skipped) != 1)} not verified here were not "
+             f"checked: {', '.join(sorted(skipped))}"] if skipped and not Ref.of(args).workspace else []
+    return {workspace: tuple(heads) for workspace, heads in pinned.items()}, notes
+
+
+def chain_result(reports: list[dict], **more) -> dict:
+    """audit verify's result, from its workspaces' reports (the database's or the files')."""
+    return {"ok": True, "command": "audit verify", "intact": all(r["intact"] for r in reports),
+            "pinsChecked": sum(len(r["pins"]) for r in reports), "workspaces": reports, **more}
 
 
 def cmd_audit_verify(db: Database, args: argparse.Namespace) -> dict:
     """Recompute every event's hash from the rows alone, in chain order, streamed, and say
-    per workspace whether the chain is intact, its head, and the first break."""
+    per workspace whether the chain is intact, its head, every break, and which pins were
+    checked."""
     reports = []
     with db.transaction(read_only=True) as session:
-        for workspace in chain_workspaces(db, session, args):
-            report = verify_workspace(db.conn, session.schema, workspace["id"], args.expect_head, session.now)
-            reports.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], **report})
-    return {"ok": True, "command": "audit verify", "intact": all(r["intact"] for r in reports),
-            "expectHead": args.expect_head and str(args.expect_head), "workspaces": reports}
+        workspaces = chain_workspaces(db, session, args)
+        pins, notes = pins_for(args, [w["publicId"] for w in workspaces])
+        for workspace in workspaces:
+            expect = pins.get(workspace["publicId"], ())
+            report = verify_workspace(db.conn, session.schema, workspace["id"], expect, session.now + CLOCK_SLACK)
+            reports.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], **report,
+                            "pins": [str(head) for head in expect]})
+    return chain_result(reports, warnings=notes, checked={"workspaces": len(reports),
+                                                          "identities": sum(r["identities"] for r in reports)})
+
+
+# audit verify --file: an export, verified with no database.
+
+EXPORT_FIELDS = ("publicId", "sequence", "workspacePublicId", "action", "identityPublicId", "slug", "tokenPublicId",
+                 "actorUserUuid", "actorEmail", "reason", "metadataText", "createdAt", "previousHash", "hash")
+EXPORT_TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def exported_event(line: str, where: str) -> dict:
+    """One line of an audit --jsonl export as check_chain reads an event; exit 2 for a line
+    that is not one (a field missing, or a value no export of the tool writes)."""
+    import json
+
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    missing = [field for field in EXPORT_FIELDS if field not in event] if isinstance(event, dict) else ["all"]
+    if missing:
+        raise AdminError(EXIT_USAGE, f"{where} is not an audit event of `{PROG} audit --jsonl` (no {missing[0]})")
+    texts = [field for field in EXPORT_FIELDS if field != "sequence" and not isinstance(event[field], (str, type(None)))]
+    sequence = event["sequence"]
+    if texts or not (sequence is None or (isinstance(sequence, int) and not isinstance(sequence, bool))) \
+            or not EXPORT_TIME_RE.fullmatch(event["createdAt"] or "") \
+            or not all(HASH_RE.fullmatch(event[field] or "") for field in ("previousHash", "hash") if sequence):
+        raise AdminError(EXIT_USAGE, f"{where} is not an audit event of `{PROG} audit --jsonl` (its "
+                                     f"{(texts or ['sequence, createdAt or hashes'])[0]} is not one)")
+    return {**event, "identitySlug": event["slug"], "metadata": event["metadataText"],
+            "createdAt": from_iso(event["createdAt"])}
+
+
+def read_exports(paths: list[str]) -> dict[str, list[tuple[str, list[dict]]]]:
+    """Each export's events, by workspace: for each, (file, its events in chain order, the
+    unchained last), in the order the files were given."""
+    found: dict[str, dict[str, list[dict]]] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as export:
+                for number, line in enumerate(export, 1):
+                    if line.strip():
+                        event = exported_event(line, f"{quote(path)} line {number}")
+                        found.setdefault(event["workspacePublicId"], {}).setdefault(path, []).append(event)
+        except OSError as exc:
+            raise AdminError(EXIT_USAGE, f"cannot read audit export {quote(path)}: {exc.strerror}") from None
+    if not found:
+        raise AdminError(EXIT_USAGE, f"no audit events in {', '.join(map(quote, paths))}: nothing to verify")
+
+    def order(event: dict):
+        return (event["sequence"] is None, event["sequence"] or 0)
+
+    return {workspace: [(path, sorted(events, key=order)) for path, events in files.items()]
+            for workspace, files in found.items()}
+
+
+def chained(events: list[dict]) -> dict[int, dict]:
+    return {event["sequence"]: event for event in events if event["sequence"] is not None}
+
+
+def between_exports(earlier: tuple[str, list[dict]], later: tuple[str, list[dict]]) -> list[dict]:
+    """Where a later export of a workspace disagrees with an earlier one (breaks of kind
+    diverged, the first of each way): an event they both hold that differs in any field;
+    one the earlier holds that the later, covering its place, does not (deleted); a later
+    export that ends before the earlier one did (cut off); or one that does not follow on
+    from where the earlier ended (a gap between them, or a link to another event)."""
+    before_path, after_path = earlier[0], later[0]
+    old, new = chained(earlier[1]), chained(later[1])
+    if not old or not new:
+        return []
+    found = []
+
+    def diverged(sequence: int, event: dict | None, message: str) -> None:
+        found.append({"kind": "diverged", "sequence": sequence, "eventPublicId": event and event["publicId"],
+                      "message": message})
+
+    first, last = min(new), max(new)
+    changed = sorted(n for n in old if n in new and any(old[n][f] != new[n][f] for f in EXPORT_FIELDS))
+    if changed:
+        diverged(changed[0], new[changed[0]], f"event {changed[0]} differs between {before_path} and {after_path}: "
+                                              f"the log was rewritten at or before it after {before_path} was "
+                                              "exported")
+    gone = sorted(n for n in old if first <= n <= last and n not in new)
+    if gone:
+        diverged(gone[0], old[gone[0]], f"event {gone[0]}, in {before_path}, is not in {after_path}: deleted since")
+    if first <= max(old) and last < max(old):
+        diverged(last + 1, old[max(old)], f"{after_path} ends at event {last}, before event {max(old)} that "
+                                          f"{before_path} holds: events were removed from the end")
+    if first > max(old) + 1:
+        diverged(max(old) + 1, None, f"events {max(old) + 1} to {first - 1} are in neither {before_path} nor "
+                                     f"{after_path}: nothing shows whether they were kept")
+    elif first == max(old) + 1 and new[first]["previousHash"] != old[max(old)]["hash"]:
+        diverged(first, new[first], f"event {first}, first of {after_path}, does not link to event {max(old)} of "
+                                    f"{before_path}: the log was rewritten at or before it")
+    return found
+
+
+def verify_export(workspace: str, files: list[tuple[str, list[dict]]], pins: tuple[Head, ...]) -> dict:
+    """One workspace's exports: each walked as check_chain walks the database's chain (from
+    its first event, as an export may start part-way; every pin it covers checked), and
+    each held to every export given before it."""
+    breaks, events, covered = [], set(), set()
+    for index, (path, exported) in enumerate(files):
+        sequences = chained(exported)
+        report = check_chain(exported, tuple(p for p in pins if p.sequence in sequences), resume=True)
+        breaks += [dict(b, message=f"{path}: {b['message']}") for b in report["breaks"]]
+        events |= set(sequences)
+        covered |= {p for p in pins if p.sequence in sequences}
+        for earlier in files[:index]:
+            breaks += between_exports(earlier, (path, exported))
+    breaks += [unreached(pin, max(events, default=0) + 1) for pin in pins if pin not in covered]
+    return {"workspacePublicId": workspace, "slug": None, "events": len(events), "head": report["head"],
+            "first": min(events, default=None), "intact": not breaks, "break": breaks[0] if breaks else None,
+            "breaks": breaks, "pins": [str(pin) for pin in pins]}
+
+
+def verify_exports(args: argparse.Namespace) -> dict:
+    """audit verify --file: each export's chains checked as the database's are (links,
+    hashes, order, pins), and each export held to those given before it. Runs before any
+    connection; its result is the verdict."""
+    exports = read_exports(args.file)
+    wanted = Ref.of(args).workspace
+    if wanted:
+        exports = {w: files for w, files in exports.items() if w == wanted}
+        if not exports:
+            raise AdminError(EXIT_USAGE, f"no event of workspace {wanted} in the exports given")
+    spans = {w: {e["sequence"] for _, events in files for e in events if e["sequence"] is not None}
+             for w, files in exports.items()}
+    pins, notes = pins_for(args, sorted(exports), spans)
+    reports = [verify_export(workspace, files, pins.get(workspace, ())) for workspace, files in sorted(exports.items())]
+    return {"verdict": chain_result(reports, files=list(args.file), warnings=notes,
+                                    checked={"workspaces": len(reports), "events": sum(r["events"] for r in reports)})}
+
+
+def audit_inputs(args: argparse.Namespace) -> dict:
+    """What audit reads before any connection: with --file, the exports, and the verdict."""
+    return verify_exports(args) if args.file else {}
 
 
 def read_token(args: argparse.Namespace) -> str:
@@ -4031,7 +4792,7 @@ def safeguard_faults(conn, schema: str) -> tuple[list[str], dict]:
             "body": wanted.body.format(schema=quote_identifier(schema)), "language": wanted.language,
             "volatility": wanted.volatility[0].lower(), "definer": wanted.definer,
             "config": [] if wanted.inlined else [f"search_path={SAFE_SEARCH_PATH}"], "public_execute": not wanted.private,
-            "strict": False, "returns_set": wanted.returns.startswith("TABLE"), "leakproof": False,
+            "strict": False, "returns_set": wanted.returns.startswith(("TABLE", "SETOF")), "leakproof": False,
             "arguments": len(wanted.signature.split(", ")) if wanted.signature else 0,
         }
         different = [key for key, value in expected.items() if row[key] != value]
@@ -4105,7 +4866,7 @@ def chain_health(conn, session: Session) -> list[dict]:
 
     health = []
     for workspace in conn.cursor(row_factory=dict_row).execute(compose(AUDITED_WORKSPACES_SQL, session.schema)):
-        report = verify_workspace(conn, session.schema, workspace["id"], now=session.now)
+        report = verify_workspace(conn, session.schema, workspace["id"], now=session.now + CLOCK_SLACK)
         waiting = not report["events"] and all(b["kind"] == "unchained" for b in report["breaks"])
         state = "intact" if report["intact"] else "not_chained" if waiting else "broken"
         health.append({"workspacePublicId": workspace["publicId"], "slug": workspace["slug"], "state": state,
@@ -4367,7 +5128,7 @@ def render_inspect(result: dict, width: int | None) -> list[str]:
         f"identity   {identity['slug']} ({identity['publicId']})",
         f"name       {identity['displayName']}",
         f"workspace  {identity['workspacePublicId']}",
-        f"status     {identity['status']}",
+        f"status     {identity['status']}" + " (down: no live token)" * identity["down"],
         f"created    {render_time(identity['createdAt'], now)}",
     ]
     for label, key in (("updated", "updatedAt"), ("paused", "pausedAt"), ("revoked", "revokedAt")):
@@ -4405,7 +5166,7 @@ def render_list(result: dict, width: int | None) -> list[str]:
     return fit_table(
         ["SLUG", "PUBLIC ID", "STATUS", "LIVE TOKENS", "NEXT EXPIRY", "LAST USED", "CREATED", "DISPLAY NAME"],
         lambda short: [
-            [i["slug"], i["publicId"], i["status"], str(i["liveTokens"]),
+            [i["slug"], i["publicId"], i["status"] + " (down)" * i["down"], str(i["liveTokens"]),
              render_expiry(i["nextExpiresAt"], now, short) if i["liveTokens"] else None,
              render_time(i["lastUsedAt"], now, short), render_time(i["createdAt"], now, short), i["displayName"]]
             for i in result["identities"]
@@ -4430,15 +5191,52 @@ def render_workspaces(result: dict, width: int | None) -> list[str]:
 
 
 def render_expiring(result: dict, width: int | None) -> list[str]:
-    if not result["tokens"]:
-        return [f"no live token expires within {result['within']}"]
     now = from_iso(result["now"])
-    return fit_table(
+    lines = [f"no live token expires within {result['within']}"] if not result["tokens"] else fit_table(
         ["EXPIRES", "WORKSPACE", "IDENTITY", "TOKEN", "NAME"],
         lambda short: [[render_time(t["expiresAt"], now, short), t["workspaceSlug"] or t["workspacePublicId"],
-                        t["slug"], t["publicId"], t["name"]] for t in result["tokens"]],
+                        t["slug"], t["publicId"], t["name"] + (" (superseded)" if t["superseded"] else "")]
+                       for t in result["tokens"]],
         width, drop=(), shrink=("NAME", "IDENTITY", "WORKSPACE"),
     )
+    for down in result["down"]:
+        why = (f"its last expired {render_time(down['lastExpiredAt'], now, True)}" if down["lastExpiredAt"]
+               else "every token was revoked")
+        lines.append(f"down: {down['workspaceSlug'] or down['workspacePublicId']} {down['slug']} is active with no "
+                     f"live token ({why}): its agent cannot reach Kan; rotate it")
+    return lines
+
+
+def render_review(result: dict, width: int | None) -> list[str]:
+    """The table of identities, then each finding with the command that deals with it."""
+    rows = result["identities"]
+    if not rows:
+        return [f"no agent identities in the {result['checked']['workspaces']} workspaces checked"]
+    now = from_iso(result["now"])
+    lines = fit_table(
+        ["WORKSPACE", "IDENTITY", "STATUS", "FINDINGS", "LIVE", "NEWEST TOKEN", "NEXT EXPIRY", "LAST USED",
+         "CREATED BY", "SCOPES"],
+        lambda short: [[r["workspaceSlug"] or r["workspacePublicId"], r["slug"], r["status"],
+                        ", ".join(r["findings"]) or None, str(r["liveTokens"]),
+                        render_time(r["newestTokenAt"], now, short),
+                        render_expiry(r["nextExpiry"], now, short) if r["liveTokens"] else None,
+                        render_time(r["lastUsedAt"], now, short) or ("never" if not short else None),
+                        r["createdBy"] or "(user gone)", ",".join(r["scopes"])] for r in rows],
+        width, drop=("SCOPES", "CREATED BY", "NEWEST TOKEN", "NEXT EXPIRY"), shrink=("IDENTITY", "WORKSPACE"))
+    for r in rows:
+        for finding, action in zip(r["findings"], r["actions"]):
+            lines.append(f"{r['workspaceSlug'] or r['workspacePublicId']}/{r['slug']}: {finding} "
+                         f"({REVIEW_FINDINGS[finding][2]}): {action}")
+    return lines
+
+
+def review_csv(result: dict) -> list[list]:
+    """review --csv: a header row, then one row per identity (findings and actions joined by ';')."""
+    columns = ("workspacePublicId", "workspaceSlug", "slug", "publicId", "status", "scopes", "createdAt",
+               "createdBy", "liveTokens", "newestTokenAt", "nextExpiry", "lastUsedAt", "findings", "actions")
+    joined = ("scopes", "findings", "actions")
+    return [list(columns)] + [["; ".join(row[c]) if c in joined else row[c] for c in columns]
+                              for row in result["identities"]]
 
 
 def render_audit(result: dict, width: int | None) -> list[str]:
@@ -4454,24 +5252,23 @@ def render_audit(result: dict, width: int | None) -> list[str]:
 
 
 def render_audit_head(result: dict) -> list[str]:
-    if not result["workspaces"]:
-        return ["no workspace to show"]
     lines = []
     for w in result["workspaces"]:
         name = f"{w['slug'] or w['workspacePublicId']} ({w['workspacePublicId']})"
-        head = f"head {w['head']} ({w['createdAt']})" if w["head"] else "no chained events yet"
+        head = f"head {w['pin']} ({w['createdAt']})" if w["pin"] else "no chained events yet"
         unchained = f"; {w['unchained']} events not yet chained" if w["unchained"] else ""
         lines.append(f"{name}: {head}{unchained}")
     return lines
 
 
 def render_audit_verify(result: dict) -> list[str]:
-    if not result["workspaces"]:
-        return ["no workspace to verify"]
     lines = []
     for w in result["workspaces"]:
         name = f"{w['slug'] or w['workspacePublicId']} ({w['workspacePublicId']})"
-        checked = f"{w['events']} event{'' if w['events'] == 1 else 's'}" + (f", head {w['head']}" if w["head"] else "")
+        span = f" from {w['first']}" if w.get("first", 1) != 1 else ""
+        checked = f"{w['events']} event{'' if w['events'] == 1 else 's'}{span}" + \
+            (f", head {w['head']}" if w["head"] else "") + \
+            (f", pinned {', '.join(w['pins'])} held" if w["pins"] and w["intact"] else "")
         if w["intact"]:
             lines.append(f"✓ {name}: intact, {checked}")
             continue
@@ -4518,7 +5315,8 @@ class View(collections.namedtuple("View", "lines notes summary")):
 
 def more(result: dict) -> list[str]:
     """The note that says how to read the next page, when there is one."""
-    return [f"more: add --after {result['nextCursor']}"] if result.get("nextCursor") else []
+    option = result.get("cursorOption", "--after")
+    return [f"more: add {option} {result['nextCursor']}"] if result.get("nextCursor") else []
 
 
 def view_text(result: dict, width: int | None) -> View:
@@ -4551,6 +5349,10 @@ def view_expiring(result: dict, width: int | None) -> View:
     return View(render_expiring(result, width))
 
 
+def view_review(result: dict, width: int | None) -> View:
+    return View(render_review(result, width))
+
+
 def view_audit(result: dict, width: int | None) -> View:
     """audit's events, or the chains of audit head and audit verify."""
     chains = {"audit head": render_audit_head, "audit verify": render_audit_verify}.get(result["command"])
@@ -4569,6 +5371,24 @@ def view_doctor(result: dict, width: int | None) -> View:
 MARK_COLOURS = {"✓": 32, "✗": 31, "!": 33}
 
 
+def csv_text(rows: list[list]) -> str:
+    """RFC 4180 (CRLF line ends, quoted where needed), None as empty. Each cell passes
+    visible(), as everything written for a person does (no control character reaches a
+    terminal or a cell); one a spreadsheet would run as a formula (=, +, -, @ first) is
+    prefixed with ' (OWASP's rule): a stored name cannot become a formula in an auditor's
+    spreadsheet."""
+    import csv
+    import io
+
+    def cell(value):
+        text = "" if value is None else visible(str(value))
+        return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([[cell(value) for value in row] for row in rows])
+    return buffer.getvalue()
+
+
 class Output:
     """Where results and diagnostics go: data on stdout, notes and errors on stderr.
 
@@ -4578,10 +5398,11 @@ class Output:
     """
 
     def __init__(self, stdout, stderr, as_json: bool, wide: bool = False, lines: bool = False,
-                 signals: Signals | None = None):
+                 signals: Signals | None = None, csv: bool = False):
         self.stdout = stdout
         self.stderr = stderr
-        self.signals = signals or Signals()
+        self.csv = csv  # review --csv: RFC 4180 rows
+        self.signals = signals or SIGNALS
         self.as_json = as_json
         self.lines = lines  # audit --jsonl: one JSON event per line
         # Tables fit the terminal (80 columns when stdout is not one, unless COLUMNS says
@@ -4605,6 +5426,9 @@ class Output:
         command = COMMANDS.get(result["command"].split()[0])
         if self.lines and command and command.jsonl:
             self.json_lines(result, command.jsonl)
+            return
+        if self.csv and command and command.csv:
+            self._write(self.stdout, csv_text(command.csv(result)))
             return
         if self.as_json:
             self._json(result)
@@ -4832,6 +5656,13 @@ def status_options(sub, parser) -> None:
     bulk_option(sub)
 
 
+def resume_options(sub, parser) -> None:
+    """resume: one identity, --all, or exactly those one pause --all paused."""
+    status_options(sub, parser)
+    sub.add_argument("--batch", type=parse_public_id, metavar="BATCH_ID",
+                     help="exactly the identities this pause --all paused that are still paused by it")
+
+
 def revoke_options(sub, parser) -> None:
     identity_options(sub, by_token="revoke only this token (its public id, or kan_agent_<id>), leaving the "
                                    "identity alone; it names the identity and workspace too")
@@ -4863,8 +5694,18 @@ def audit_options(sub, parser) -> None:
                      help="verify: recompute every audit chain (the workspace's, or every one you manage) and "
                           f"exit {EXIT_CHAIN_BROKEN} at a break; head: print each chain's head, SEQUENCE:HASH, "
                           "to pin")
-    sub.add_argument("--expect-head", type=parse_head, metavar="SEQ:HASH",
-                     help="with verify: also fail unless the chain still holds this head, pinned earlier")
+    sub.add_argument("--expect-head", type=parse_pin, action="append", metavar="WORKSPACE:SEQ:HASH",
+                     help="with verify: also fail unless the workspace's chain still holds this head, as audit "
+                          "head printed it earlier (repeatable)")
+    sub.add_argument("--expect-heads", type=parse_path, action="append", metavar="PATH",
+                     help="with verify: every pin in this file (audit head's output, kept over time) of a "
+                          "workspace verified")
+    sub.add_argument("--file", type=parse_path, action="append", metavar="EXPORT",
+                     help="with verify: verify an audit --jsonl export, with no database (repeatable, oldest "
+                          "first: an event two exports disagree on is a break)")
+    sub.add_argument("--after-sequence", type=parse_position, action="append", metavar="[WORKSPACE:]N",
+                     help="list in chain order, oldest first, after this sequence number: where a shipper "
+                          "stopped (with no workspace, WORKSPACE:N, repeatable)")
     sub.add_argument("--since", type=parse_moment, metavar="WHEN",
                      help="only events at or after WHEN: a duration back from now (24h, 7d) or an ISO time "
                           "(UTC unless it says otherwise)")
@@ -4882,7 +5723,8 @@ def audit_options(sub, parser) -> None:
     sub.add_argument("--after", type=parse_public_id, metavar="EVENT_ID",
                      help="start after this event: the nextCursor of the previous page")
     sub.add_argument("--jsonl", action="store_true", help="print one JSON event per line, as read (for a SIEM or jq)")
-    sub.add_argument("--all", action="store_true", help="with --jsonl: every page, streamed, not only the first")
+    sub.add_argument("--all", action="store_true", help="with --jsonl: every page, streamed, not only the first; "
+                                                        "with no workspace, every chain you manage, oldest first")
     wide_option(sub)
 
 
@@ -4890,7 +5732,23 @@ def expiring_options(sub, parser) -> None:
     workspace_options(sub, required=False, help_text="only this workspace")
     sub.add_argument("--within", type=parse_within, default=EXPIRING_WITHIN_DEFAULT, metavar="DURATION",
                      help=f"how soon: 30m, 12h, 7d, 2w ... (default {EXPIRING_WITHIN_DEFAULT}); "
-                          f"exit {EXIT_EXPIRING} when any is found")
+                          f"exit {EXIT_EXPIRING} when any is found, or an active identity has no live token")
+    sub.add_argument("--include-superseded", action="store_true",
+                     help="also tokens a rotation with --grace left to run out (their expiry is meant)")
+
+
+def review_options(sub, parser) -> None:
+    workspace_options(sub, required=False, help_text="only this workspace")
+    sub.add_argument("--idle", type=parse_within, default=parse_within(REVIEW_IDLE_DEFAULT), metavar="DURATION",
+                     help=f"unused: no token used within this long (default {REVIEW_IDLE_DEFAULT})")
+    sub.add_argument("--max-age", type=parse_within, default=parse_within(REVIEW_MAX_AGE_DEFAULT),
+                     metavar="DURATION",
+                     help=f"stale: the newest live token issued longer ago (default {REVIEW_MAX_AGE_DEFAULT})")
+    sub.add_argument("--include-revoked", action="store_true", help="also revoked identities (never a finding)")
+    formats = sub.add_mutually_exclusive_group()
+    formats.add_argument("--csv", action="store_true", help="RFC 4180 CSV, a header row, one row per identity")
+    formats.add_argument("--jsonl", action="store_true", help="one JSON identity per line")
+    wide_option(sub)
 
 
 def doctor_options(sub, parser) -> None:
@@ -4907,9 +5765,19 @@ def verify_options(sub, parser) -> None:
 
 
 def token_to_stdout_alone(args: argparse.Namespace) -> None:
-    if args.token_file == "-" and args.json:
+    """--token-file - writes the token alone to standard output, for a secret manager to
+    read: never to a screen, and never a preview's nothing in its place."""
+    if args.token_file != "-":
+        return
+    if args.json:
         raise AdminError(EXIT_USAGE, "give --json or --token-file -, not both: with --token-file -, standard "
                                      "output carries the token alone, for a secret manager to read")
+    if args.dry_run:
+        raise AdminError(EXIT_USAGE, "--token-file - with --dry-run would pipe nothing where a token is awaited: "
+                                     "preview with --dry-run alone, then run the pipeline with --confirm")
+    if sys.stdout is not None and sys.stdout.isatty():
+        raise AdminError(EXIT_USAGE, "--token-file - would print the token on this terminal: pipe standard output "
+                                     "into the secret manager, or give --token-file PATH")
 
 
 def slug_or_token(args: argparse.Namespace) -> None:
@@ -4921,42 +5789,58 @@ def slug_or_token(args: argparse.Namespace) -> None:
 def one_identity(args: argparse.Namespace) -> None:
     """--slug, --token or --all (revoke takes --slug with --token), and a workspace unless
     --token names it: what is missing is named as it is missing."""
-    chosen = [flag for flag in ("slug", "token", "all") if getattr(args, flag, None)]
+    chosen = [flag for flag in ("slug", "token", "all", "batch") if getattr(args, flag, None)]
     if len(chosen) > 1 and chosen != ["slug", "token"]:
         raise AdminError(EXIT_USAGE, f"give one of --{' or --'.join(chosen)}, not both "
                                      f"(see `{PROG} {args.command} --help`)")
     if getattr(args, "token", None):
         return
     by_token = " (or --token)" if hasattr(args, "token") else ""
+    many = "".join(f" or --{flag}" for flag in ("all", "batch") if hasattr(args, flag))
     missing = [what for what, given in (
         ("--workspace-public-id or --workspace" + by_token, Ref.of(args).workspace),
-        ("--slug" + (" or --all" if hasattr(args, "all") else "") + by_token, args.slug or getattr(args, "all", False)),
+        ("--slug" + many + by_token, chosen),
     ) if not given]
     if missing:
         raise AdminError(EXIT_USAGE, f"the following arguments are required: {'; '.join(missing)} "
                                      f"(see `{PROG} {args.command} --help`)")
 
 
+def one_format(args: argparse.Namespace) -> None:
+    """One output: --json, --jsonl or --csv."""
+    given = [flag for flag in ("json", "jsonl", "csv") if getattr(args, flag, False)]
+    if len(given) > 1:
+        raise AdminError(EXIT_USAGE, f"give one of --{' or --'.join(given)}, not both")
+
+
 def audit_arguments(args: argparse.Namespace) -> None:
     """audit lists events, or (verify, head) looks at whole chains: each takes its own options."""
     named = Ref.of(args).workspace
+    listing = [option for option, value in (
+        ("--since", args.since), ("--until", args.until), ("--actor", args.actor), ("--action", args.action),
+        ("--slug", args.slug), ("--token", args.token), ("--limit", args.limit), ("--after", args.after),
+        ("--after-sequence", args.after_sequence), ("--jsonl", args.jsonl), ("--all", args.all)) if value]
+    pinning = [option for option, value in (("--expect-head", args.expect_head), ("--expect-heads", args.expect_heads),
+                                            ("--file", args.file)) if value]
+    if args.mode and listing:
+        raise AdminError(EXIT_USAGE, f"audit {args.mode} looks at whole chains: {listing[0]} is for listing "
+                                     f"events (see `{PROG} audit --help`)")
+    if args.mode != "verify" and pinning:
+        raise AdminError(EXIT_USAGE, f"{pinning[0]} goes with audit verify (see `{PROG} audit --help`)")
     if args.mode:
-        listing = [option for option, value in (
-            ("--since", args.since), ("--until", args.until), ("--actor", args.actor), ("--action", args.action),
-            ("--slug", args.slug), ("--token", args.token), ("--limit", args.limit), ("--after", args.after),
-            ("--jsonl", args.jsonl), ("--all", args.all)) if value]
-        if listing:
-            raise AdminError(EXIT_USAGE, f"audit {args.mode} looks at whole chains: {listing[0]} is for listing "
-                                         f"events (see `{PROG} audit --help`)")
-        if args.expect_head and (args.mode != "verify" or not named):
-            raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify and one workspace "
-                                         "(--workspace or --workspace-public-id)")
         return
-    if args.expect_head:
-        raise AdminError(EXIT_USAGE, "--expect-head goes with audit verify")
-    if not (named or args.token):
-        raise AdminError(EXIT_USAGE, "the following arguments are required: --workspace-public-id or "
-                                     f"--workspace (or --token) (see `{PROG} audit --help`)")
+    if not (named or args.token or (args.jsonl and args.all)):
+        raise AdminError(EXIT_USAGE, "the following arguments are required: --workspace-public-id or --workspace "
+                                     f"(or --token, or --jsonl --all for every workspace) (see `{PROG} audit --help`)")
+    filters = [option for option in listing if option not in ("--limit", "--jsonl", "--all", "--after-sequence")]
+    if args.after_sequence is not None or not (named or args.token):
+        if filters:  # an export in chain order is whole, to be verified
+            raise AdminError(EXIT_USAGE, f"{filters[0]} filters a listing: the chain, in order, is listed whole "
+                                         "(with --after-sequence, or with no workspace)")
+        if named and (len(args.after_sequence) > 1):
+            raise AdminError(EXIT_USAGE, "give --after-sequence once for one workspace")
+        if not named and any(position.workspace is None for position in args.after_sequence or ()):
+            raise AdminError(EXIT_USAGE, "with no workspace, --after-sequence takes WORKSPACE:N")
     if args.all and not args.jsonl:
         raise AdminError(EXIT_USAGE, "--all streams every page, one event per line: give it with --jsonl")
     if args.json and args.jsonl:
@@ -4975,7 +5859,11 @@ def doctor_verdict(result: dict) -> int:
 
 
 def expiring_verdict(result: dict) -> int:
-    return EXIT_EXPIRING if result["tokens"] else EXIT_OK
+    return EXIT_EXPIRING if result["tokens"] or result["down"] else EXIT_OK
+
+
+def review_verdict(result: dict) -> int:
+    return EXIT_FINDINGS if any(identity["findings"] for identity in result["identities"]) else EXIT_OK
 
 
 def audit_verdict(result: dict) -> int:
@@ -4984,8 +5872,9 @@ def audit_verdict(result: dict) -> int:
 
 
 class Command(collections.namedtuple(
-        "Command", "name summary run view options checks verdict database changes token before jsonl marks examples",
-        defaults=((), None, True, False, False, None, None, False, ""))):
+        "Command", "name summary run view options checks verdict database changes token before jsonl marks csv "
+                   "examples",
+        defaults=((), None, True, False, False, None, None, False, None, ""))):
     """One command, and everything that makes it one: its name and one-line summary (its
     help line and description), the function that runs it and the one that shows its
     result (view), the function that adds its options, its cross-argument checks, its
@@ -4993,8 +5882,8 @@ class Command(collections.namedtuple(
     Database; else run(args)), changes (it writes: --confirm or --dry-run), token (a
     token passes through the process: no core file), before (what it reads before any
     connection, given to run: a dict, or {"verdict": result} to stop there), jsonl (the
-    key of the rows --jsonl streams), marks (its lines begin ✓, ✗ or !), and its
-    examples. The parser, help, completion, dispatch, confirmation, output and exit code
+    key of the rows --jsonl streams), marks (its lines begin ✓, ✗ or !), csv (result ->
+    the rows --csv writes, its header first), and its examples. The parser, help, completion, dispatch, confirmation, output and exit code
     all come from here."""
 
     __slots__ = ()
@@ -5046,11 +5935,13 @@ examples:
       --reason "investigating" --confirm
   agent-identity pause --workspace-public-id Ab12Cd34Ef56 --all \\
       --reason "incident" --confirm     # every active identity, one transaction"""),
-    Command("resume", "resume a paused identity", cmd_set_status, view_mutation, status_options,
+    Command("resume", "resume a paused identity", cmd_set_status, view_mutation, resume_options,
             checks=(one_identity,), changes=True, examples="""\
-example:
+examples:
   agent-identity resume --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --confirm
+  agent-identity resume --workspace acme-eng --batch Bt12Bt34Bt56 --dry-run
+      # exactly what one pause --all paused (its batch id), not others
   agent-identity resume --workspace acme-eng --all --dry-run"""),
     Command("revoke", "revoke an identity and all its tokens for good, or with --token one token", cmd_revoke,
             view_mutation, revoke_options, checks=(one_identity,), changes=True, examples="""\
@@ -5073,30 +5964,44 @@ examples:
   agent-identity list --workspace-public-id Ab12Cd34Ef56 --limit 100 \\
       --after Xy12Xy34Xy56"""),
     Command("audit", "show a workspace's audit events, newest first; verify its hash chain", cmd_audit, view_audit,
-            audit_options, checks=(audit_arguments,), verdict=audit_verdict, jsonl="events", marks=True,
-            examples="""\
+            audit_options, checks=(audit_arguments,), verdict=audit_verdict, before=audit_inputs, jsonl="events",
+            marks=True, examples="""\
 examples:
   agent-identity audit --workspace acme-eng --since 24h   # the last 24 hours
   agent-identity audit --workspace acme-eng --action access.denied --since 7d
   agent-identity audit --token Tk12Tk34Tk56   # a token's whole story
   agent-identity audit --workspace-public-id Ab12Cd34Ef56 --slug release-bot \\
       --since 2026-11-01 --until 2026-12-01 --json
-  agent-identity audit --workspace acme-eng --jsonl --all > acme-eng-audit.jsonl
+  agent-identity audit --jsonl --all > audit.jsonl   # every chain you manage
+  agent-identity audit --workspace acme-eng --jsonl --all \\
+      --after-sequence 1200 >> acme-eng-audit.jsonl   # from where it stopped
   agent-identity audit verify           # every chain you manage; 10 at a break
-  agent-identity audit head --workspace acme-eng --json >> pinned-heads.jsonl
-  agent-identity audit verify --workspace acme-eng --expect-head 42:<the hash>
+  agent-identity audit head >> pinned-heads.txt   # keep it off the database
+  agent-identity audit verify --expect-heads pinned-heads.txt
+  agent-identity audit verify --file audit.jsonl   # the export, offline
 Times are UTC; --since and --until take a duration back from now or an ISO time."""),
     Command("workspaces", "list the workspaces you may manage, with their identities and tokens", cmd_workspaces,
             view_workspaces, no_options, examples="""\
 examples:
   agent-identity workspaces
   agent-identity workspaces --json"""),
-    Command("expiring", "list live tokens that expire soon, in every workspace you manage (or one)",
+    Command("expiring", "list tokens that expire soon, and agents left with none",
             cmd_expiring, view_expiring, expiring_options, verdict=expiring_verdict, examples="""\
 examples:
   agent-identity expiring              # every workspace you manage, 7 days
   agent-identity expiring --workspace acme-eng --within 30d --json
-Exit 9 when any token expires within the window (for a cron job), 0 when none."""),
+Exit 9 when any token expires within the window, or an active identity has no
+live token left (for a cron job); 0 when none."""),
+    Command("review", "review every agent you manage: what it holds, who made it, and what to act on",
+            cmd_review, view_review, review_options, checks=(one_format,), verdict=review_verdict,
+            jsonl="identities", csv=review_csv, examples="""\
+examples:
+  agent-identity review                       # every workspace you manage
+  agent-identity review --workspace acme-eng --idle 14d --max-age 30d
+  agent-identity review --csv > access-review.csv   # for the auditor
+Findings: never-expires, unused (--idle, 30d), stale (--max-age, 90d),
+orphaned (nobody who still manages the workspace made it or issued its token).
+Exit 11 when any identity has a finding; 0 when none; 4 if you manage none."""),
     # doctor connects by itself: a connection that fails is one of its checks.
     Command("doctor", "check the connection, tables, row level security and your access", cmd_doctor,
             view_doctor, doctor_options, verdict=doctor_verdict, database=False, marks=True, examples="""\
@@ -5240,6 +6145,7 @@ def deliver(out: Output, result: dict, code: int) -> int:
         out.result(result)
         return code
     except (OSError, ValueError, KeyboardInterrupt) as exc:
+        out.signals.arm(0, None)  # a signal acted: its follow-up must not cut what is said here short
         out.quiet_stdout()
         command = COMMANDS.get(result["command"].split()[0])
         if command and command.changes and result["changed"] and not result["dryRun"]:
@@ -5271,10 +6177,19 @@ def json_help(parser: ArgumentParser, argv: list[str], out: Output) -> int:
     return deliver(out, {"command": command, "ok": True, "text": captured.getvalue()}, EXIT_OK)
 
 
+def debug_traceback(argv: list[str], out: Output) -> None:
+    """--debug: the traceback of the error being handled (and what caused it), on stderr."""
+    if "--debug" in argv:
+        import traceback
+
+        with contextlib.suppress(OSError, ValueError):
+            traceback.print_exc(file=out.stderr)
+
+
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     out = Output(sys.stdout if stdout is None else stdout, sys.stderr if stderr is None else stderr,
-                 as_json="--json" in argv, wide="--wide" in argv, lines="--jsonl" in argv)
+                 as_json="--json" in argv, wide="--wide" in argv, lines="--jsonl" in argv, csv="--csv" in argv)
     command = command_in(argv)  # named in a usage error's JSON even when argparse refuses the rest
     try:
         with out.signals.installed():
@@ -5289,9 +6204,14 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
             result["ok"] = code == EXIT_OK  # the one rule: ok is true exactly when the exit code is 0
             return deliver(out, result, code)
     except AdminError as exc:
+        debug_traceback(argv, out)
         out.error(command, exc)
         return exc.exit_code
     except KeyboardInterrupt as exc:
+        if out.signals.committed and command in COMMANDS:  # after its commit, before its result was shown
+            error = undelivered(command, "it was interrupted before its result was shown", exc)
+            out.error(command, error)
+            return error.exit_code
         code = exit_code_of_interrupt(exc)
         out.error(command, AdminError(code, "interrupted; a change not yet committed was rolled back"))
         return code
@@ -5306,11 +6226,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except Exception as exc:
-        if "--debug" in argv:
-            import traceback
-
-            with contextlib.suppress(OSError, ValueError):
-                traceback.print_exc(file=out.stderr)
+        debug_traceback(argv, out)
         out.error(command, AdminError(
             EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug)"
         ))

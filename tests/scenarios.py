@@ -273,7 +273,7 @@ def fuzz_main(dsn: str, workspace: dict, email: str, slug: str, examples: int, f
         after = fingerprint(conn)
         figures.exit_codes[code] = figures.exit_codes.get(code, 0) + 1
         problem = None
-        if "Traceback" in err.getvalue():
+        if "Traceback" in err.getvalue() and not ("--debug" in argv and code != 1):  # asked for, of an error
             figures.tracebacks += 1
             problem = "traceback"
         elif code not in DOCUMENTED_EXIT_CODES or code in (1, 130):

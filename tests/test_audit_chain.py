@@ -279,7 +279,7 @@ def test_a_rewrite_that_recomputes_every_later_hash_fails_only_the_pinned_head(d
     run, report = verified(operator, "--expect-head", pinned)
     assert run.code == 10
     assert (report["break"]["kind"], report["break"]["sequence"]) == ("head_mismatch", 6)
-    assert run.json["expectHead"] == pinned
+    assert (run.json["pinsChecked"], report["pins"]) == (1, [pinned])
 
 
 def test_a_cut_off_end_fails_the_pinned_head(db, operator, history):
@@ -338,7 +338,7 @@ def test_an_outsider_may_not_verify_and_is_audited(db, kan, cli, operator, histo
     (["verify", "--since", "24h"], "audit verify looks at whole chains: --since is for listing events"),
     (["head", "--jsonl"], "audit head looks at whole chains: --jsonl is for listing events"),
     (["--expect-head", "1:" + "a" * 64], "--expect-head goes with audit verify"),
-    (["verify", "--expect-head", "1:xyz"], "must be SEQUENCE:HASH"),
+    (["verify", "--expect-head", "1:xyz"], "must be WORKSPACE:SEQUENCE:HASH"),
 ])
 def test_chain_usage_errors(operator, args, message):
     run = operator.cli("audit", "--workspace-public-id", operator.workspace["publicId"], *args,
@@ -349,7 +349,7 @@ def test_chain_usage_errors(operator, args, message):
 def test_expect_head_needs_one_workspace(operator):
     run = operator.cli("audit", "verify", "--expect-head", "1:" + "a" * 64,
                        env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
-    assert run.code == 2 and "one workspace" in run.stderr
+    assert run.code == 2 and "names no workspace: give it as WORKSPACE:SEQUENCE:HASH" in run.stderr
 
 
 # --- concurrency: one workspace's writers take turns; other workspaces never wait ---
@@ -577,4 +577,5 @@ def test_the_encoding_of_a_field():
     assert tool.chain_field(None) == b"-,"
     assert tool.chain_field("") == b"0:,"
     assert tool.chain_field("é,1:") == b"5:\xc3\xa9,1:,"
-    assert tool.parse_head(" 12:" + "AB" * 32) == tool.Head(12, "ab" * 32)
+    assert tool.parse_pin(" 12:" + "AB" * 32) == tool.Pin(None, tool.Head(12, "ab" * 32))
+    assert tool.parse_pin("Ab12Cd34Ef56:12:" + "AB" * 32) == tool.Pin("Ab12Cd34Ef56", tool.Head(12, "ab" * 32))

@@ -175,4 +175,4 @@ def test_bad_options_are_usage_errors(operator, args, message):
 def test_a_workspace_or_token_is_needed(operator):
     run = operator.cli("audit", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
     assert run.code == 2
-    assert "--workspace-public-id or --workspace (or --token)" in run.stderr
+    assert "--workspace-public-id or --workspace (or --token, or --jsonl --all for every workspace)" in run.stderr

@@ -49,7 +49,7 @@ def test_help_for_an_unknown_command_is_a_usage_error():
     assert result.stderr == (
         "agent-identity: error: no command 'frobnicate'; commands: "
         "help, schema, completion, create, rotate, pause, resume, revoke, inspect, list, audit, workspaces, expiring, "
-        "doctor, verify\n"
+        "review, doctor, verify\n"
     )
 
 
@@ -413,6 +413,9 @@ def test_bash_completion_completes_commands_options_and_values(tmp_path):
         "agent-identity create --scopes boards:read,cards:w": "write",
         "agent-identity completion ": None,
         "agent-identity create --slug ": "",
+        "agent-identity help rot": "rotate",
+        "agent-identity audit --action identity.p": "identity.paused",
+        "agent-identity audit --action acc": "access.denied",
     }
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
     done = subprocess.run(["bash", "-c", COMPLETE, "complete", *lines], capture_output=True, text=True, env=env,

@@ -8,6 +8,8 @@ set (.ci/run sets it and installs the package).
 
 import io
 import os
+import signal
+import time
 from unittest import mock
 
 import psycopg
@@ -35,7 +37,7 @@ def as_operator(kan):
 
 # The commands the lifecycle runs (tests/test_meta.py holds every database command to it).
 COVERED = ("doctor", "create", "inspect", "list", "rotate", "verify", "pause", "resume", "revoke", "workspaces",
-           "expiring", "audit")
+           "expiring", "audit", "review")
 
 
 def lifecycle(dsn: str, workspace: dict, email: str) -> list[tuple]:
@@ -74,6 +76,8 @@ def lifecycle(dsn: str, workspace: dict, email: str) -> list[tuple]:
         steps.append(summary(f"verify after {command}", run("verify", input=second)))
     steps.append(summary("workspaces", run("workspaces")))
     steps.append(summary("expiring", run("expiring", *w, "--within", "2h")))
+    reviewed = run("review", *w)
+    steps.append(summary("review", reviewed) + ([row["findings"] for row in reviewed.json["identities"]],))
     audited = run("audit", *w)
     steps.append(summary("audit", audited) + (len(audited.json["events"]),))
     chain = run("audit", "verify", *w)
@@ -99,7 +103,7 @@ def test_the_whole_lifecycle_gives_what_it_gives_direct(pooled, cli_dsn, db, kan
     through = lifecycle(pooled, pooled_workspace, pooled_email)
     assert through == direct
     assert [code for _, code, *_ in direct] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0,
-                                                5, 3]
+                                                0, 5, 3]
     assert ("audit verify", 0, True, None, None, None, None, True, 5) in through
     assert audit_trail(db, pooled_workspace) == audit_trail(db, direct_workspace)
     assert len(audit_trail(db, pooled_workspace)) == 5
@@ -175,3 +179,49 @@ def test_doctor_through_the_pooler_names_it_and_checks_the_limits(pooled):
     port = psycopg.conninfo.conninfo_to_dict(pooled)["port"]
     assert f"at 127.0.0.1:{port} as role" in checks["connection"]["detail"]
     assert checks["session limits"]["ok"]
+
+
+@pytest.fixture
+def saturated(cli_dsn):
+    """A PgBouncer whose one server connection another client holds in a transaction:
+    every other client waits in its queue, where neither connect_timeout nor a cancel
+    reaches."""
+    if support.pgbouncer_binary() is None:
+        if os.environ.get(support.PGBOUNCER_REQUIRED):
+            pytest.fail(f"{support.PGBOUNCER_REQUIRED} is set but pgbouncer is not installed")
+        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
+    with support.pgbouncer(cli_dsn, "transaction", pool_size=1) as dsn:
+        with psycopg.connect(dsn) as holder:
+            holder.execute("SELECT 1")  # in its transaction: the pool's one server is its own
+            yield dsn
+
+
+def test_a_full_pooler_queue_ends_at_the_connect_limit(saturated, kan):
+    workspace, email = as_operator(kan)
+    started = time.monotonic()
+    # In the connection string, which wins over PGCONNECT_TIMEOUT (a test DSN may carry its own).
+    run = support.run_cli(["list", "--workspace-public-id", workspace["publicId"]],
+                          support.make_conninfo(saturated, connect_timeout=2), {"AGENT_IDENTITY_ADMIN_EMAIL": email})
+    elapsed = time.monotonic() - started
+    assert run.code == 6, run.stderr
+    assert "did not begin a transaction within 2 s (the connect limit): a connection pooler's queue is full" \
+        in run.stderr
+    assert elapsed < 5, elapsed
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_acts_within_a_second_in_a_pooler_queue(saturated, kan, signum):
+    workspace, email = as_operator(kan)
+    process = support.start_cli(["list", "--workspace-public-id", workspace["publicId"]],
+                                support.make_conninfo(saturated, connect_timeout=30),
+                                {"AGENT_IDENTITY_ADMIN_EMAIL": email})
+    time.sleep(1.5)  # started, connected, and queued behind the holder
+    assert process.poll() is None
+    sent = time.monotonic()
+    process.send_signal(signum)
+    said = process.stderr.readline()  # the tool's one line, the moment it is written
+    acted = time.monotonic() - sent
+    process.communicate(timeout=30)
+    assert said == "agent-identity: error: interrupted; a change not yet committed was rolled back\n"
+    assert acted < 1, acted
+    assert process.returncode == 128 + signum
