@@ -291,8 +291,9 @@ def scale(bench: Bench, dsn: str, workspace: dict, empty: dict[str, float], args
         kan.member(workspace, {"id": conn.execute('SELECT id FROM "user" WHERE email = %s', (bench.email,))
                                .fetchone()[0], "email": bench.email})
         support.seed_scale(conn, workspace["id"], **sizes)
-    (bench.folder / "bench.token").unlink()
-    bench = Bench(dsn, workspace, bench.email, bench.folder, bench.python)
+    folder = bench.folder / "seeded"  # token files of its own: the names above start again here
+    folder.mkdir()
+    bench = Bench(dsn, workspace, bench.email, folder, bench.python)
     print(f"\nseeded {sizes['identities']:,} identities, {sizes['tokens']:,} tokens and {sizes['events']:,} "
           f"audit events in {time.perf_counter() - started:.0f} s")
     names = ["inspect", "list", "audit", "audit head", "create", "rotate", "verify"]

@@ -34,7 +34,7 @@ def database(server_dsn):
     assert doctor.code == 0 and not failed, f"the shared test database was left unhealthy: {failed}"
 
 
-LEAST_PRIVILEGE = os.environ.get("AGENT_IDENTITY_TEST_AS") == "least-privilege"
+LEAST_PRIVILEGE = support.LEAST_PRIVILEGE
 
 
 def pytest_report_header(config):

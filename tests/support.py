@@ -31,6 +31,8 @@ SCRIPT = REPO / "agent_identity_admin.py"
 SERVER = REPO / "server"  # the Kan server's side, in Node: tests/test_server_verifier.py, test_audit_chain.py
 KAN_SCHEMA = Path(__file__).resolve().parent / "kan_schema.sql"
 TEST_DSN_VARIABLE = "AGENT_IDENTITY_TEST_DSN"
+# The CLI connects as the least-privilege role of docs/security.md (else as the owner).
+LEAST_PRIVILEGE = os.environ.get("AGENT_IDENTITY_TEST_AS") == "least-privilege"
 PG_VERSION_VARIABLE = "AGENT_IDENTITY_TEST_PG_VERSION"
 
 
@@ -296,6 +298,17 @@ class Operator:
         return result
 
 
+def owner_operator(conn: psycopg.Connection, dsn: str) -> Operator:
+    """The admin of a fresh workspace of the database dsn names (conn connects there),
+    running the CLI as dsn's role: for modules with a database of their own."""
+    workspace, admin = Kan(conn).managed_workspace()
+
+    def cli(*args: str, env: dict[str, str] | None = None, dsn: str = dsn, input: str | None = None) -> Run:
+        return run_cli(list(args), dsn, env, input=input)
+
+    return Operator(cli, workspace, admin["email"])
+
+
 # Bookkeeping rather than data: a workspace's row here is made the first time anything
 # is written in it (its turn, docs/schema.md), and never changes.
 BOOKKEEPING = ("agent_workspace_lock",)
@@ -405,6 +418,25 @@ def outside_the_tool(conn: psycopg.Connection, statement: str, params=()) -> Non
     with conn.transaction():
         conn.execute("SET LOCAL session_replication_role = replica")
         conn.execute(statement, params)
+
+
+def own_database_fixtures():
+    """A test module's database and cli_dsn fixtures, on a database of its own: for the
+    modules whose tests change rows behind the tool's back (the shared database must stay
+    as the tool left it, for doctor). In the module: `database, cli_dsn = support.own_database_fixtures()`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def database(server_dsn):
+        with own_database(server_dsn) as dsn:
+            yield dsn
+
+    @pytest.fixture(scope="module")
+    def cli_dsn(database):
+        with cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
+            yield dsn
+
+    return database, cli_dsn
 
 
 @contextlib.contextmanager
@@ -619,9 +651,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def pgbouncer(dsn: str, pool_mode: str, pool_size: int = 20):
+def pgbouncer(dsn: str, pool_mode: str = "transaction", pool_size: int = 20, users: dict[str, str] | None = None):
     """Start a real PgBouncer (Debian's package) on a free loopback port in front of the
-    server dsn names, in pool_mode; yield dsn rewritten to go through it; stop it after.
+    server dsn names, in pool_mode, with pool_size server connections per database and
+    role, for users (role name -> password; dsn's own role by default); yield dsn
+    rewritten to go through it; stop it after. Skips the test where pgbouncer is not
+    installed, or fails it where PGBOUNCER_REQUIRED says it must be.
 
     PgBouncer will not run as root, so it runs as the user that owns the server's
     socket folder (an embedded server listens on a socket only), else as nobody.
@@ -630,7 +665,13 @@ def pgbouncer(dsn: str, pool_mode: str, pool_size: int = 20):
     import socket
     import time
 
+    import pytest
+
     binary = pgbouncer_binary()
+    if binary is None:
+        if os.environ.get(PGBOUNCER_REQUIRED):
+            pytest.fail(f"{PGBOUNCER_REQUIRED} is set but pgbouncer is not installed")
+        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
     params = psycopg.conninfo.conninfo_to_dict(dsn)
     host, port = params.get("host") or "127.0.0.1", str(params.get("port") or 5432)
     owner = os.stat(host).st_uid if host.startswith("/") else 0
@@ -638,8 +679,9 @@ def pgbouncer(dsn: str, pool_mode: str, pool_size: int = 20):
     listen = free_port()
     with tempfile.TemporaryDirectory(prefix="agent-identity-pgbouncer-") as folder:
         os.chmod(folder, 0o755)
-        users = Path(folder) / "users.txt"
-        users.write_text(f'"{params.get("user", "postgres")}" "{params.get("password", "")}"\n')
+        auth = Path(folder) / "users.txt"
+        users = users or {params.get("user", "postgres"): params.get("password", "")}
+        auth.write_text("".join(f'"{name}" "{password}"\n' for name, password in users.items()))
         config = Path(folder) / "pgbouncer.ini"
         config.write_text(f"""\
 [databases]
@@ -650,12 +692,12 @@ listen_addr = 127.0.0.1
 listen_port = {listen}
 unix_socket_dir =
 auth_type = trust
-auth_file = {users}
+auth_file = {auth}
 pool_mode = {pool_mode}
 default_pool_size = {pool_size}
 max_client_conn = 200
 """)
-        for path in (users, config):
+        for path in (auth, config):
             os.chmod(path, 0o644)
         log = open(Path(folder) / "pgbouncer.log", "w+")
         process = subprocess.Popen([binary, "-u", user, str(config)], stdout=log, stderr=subprocess.STDOUT,

@@ -26,7 +26,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -166,65 +165,6 @@ def lp_admin(clean, clean_db) -> Admin:
 # --- PgBouncer, for any role and any pool size ------------------------------------------
 
 
-@contextlib.contextmanager
-def pgbouncer(dsn: str, users: dict[str, str], *, pool_mode: str = "transaction", pool_size: int = 1):
-    """A real PgBouncer in front of dsn's server with a pool of pool_size server
-    connections per database and role (users: role name -> password); yields dsn
-    rewritten to go through it (tests/support.py's, for several roles and a pool size)."""
-    import pwd
-    import socket
-
-    binary = support.pgbouncer_binary()
-    if binary is None:
-        if os.environ.get(support.PGBOUNCER_REQUIRED):
-            pytest.fail(f"{support.PGBOUNCER_REQUIRED} is set but pgbouncer is not installed")
-        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
-    params = conninfo_to_dict(dsn)
-    host, port = params.get("host") or "127.0.0.1", str(params.get("port") or 5432)
-    owner = os.stat(host).st_uid if host.startswith("/") else 0
-    user = pwd.getpwuid(owner).pw_name if owner else "nobody"
-    listen = support.free_port()
-    with tempfile.TemporaryDirectory(prefix="agent-identity-pgbouncer-") as folder:
-        os.chmod(folder, 0o755)
-        auth = Path(folder) / "users.txt"
-        auth.write_text("".join(f'"{name}" "{password}"\n' for name, password in users.items()))
-        config = Path(folder) / "pgbouncer.ini"
-        config.write_text(f"""\
-[databases]
-* = host={host} port={port}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {listen}
-unix_socket_dir =
-auth_type = trust
-auth_file = {auth}
-pool_mode = {pool_mode}
-default_pool_size = {pool_size}
-max_client_conn = 50
-""")
-        for path in (auth, config):
-            os.chmod(path, 0o644)
-        with open(Path(folder) / "pgbouncer.log", "w+") as log:
-            process = subprocess.Popen([binary, "-u", user, str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
-            try:
-                deadline = time.monotonic() + 10
-                while True:
-                    try:
-                        socket.create_connection(("127.0.0.1", listen), timeout=1).close()
-                        break
-                    except OSError:
-                        log.seek(0)
-                        assert process.poll() is None and time.monotonic() < deadline, \
-                            f"pgbouncer did not start: {log.read()[-2000:]}"
-                        time.sleep(0.05)
-                yield make_conninfo(dsn, host="127.0.0.1", port=listen)
-            finally:
-                process.terminate()
-                process.wait(timeout=10)
-
-
 def pooled_client(dsn: str) -> psycopg.Connection:
     """A client of a transaction pool: no named prepared statement, which the pool cannot keep."""
     return psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
@@ -266,8 +206,7 @@ def test_0_3_0_revoke_all_through_a_planted_pool_left_the_real_identities_live(r
         made = support.run_released(["create", *w, "--slug", slug, "--display-name", slug, "--token-name", "t",
                                      "--scopes", "boards:read", "--confirm"], released, env)
         assert made.code == 0, made.stderr
-    owner = conninfo_to_dict(released)
-    with pgbouncer(released, {owner.get("user", "postgres"): owner.get("password", "")}) as pooled:
+    with support.pgbouncer(released, pool_size=1) as pooled:
         with pooled_client(pooled) as planter:
             planter.execute("CREATE TEMP TABLE agent_identity AS SELECT * FROM public.agent_identity")
             planter.execute("CREATE TEMP TABLE agent_token AS SELECT * FROM public.agent_token")
@@ -303,7 +242,7 @@ def planted_pool(server_dsn):
         tokens["gamma"] = [admin.create("gamma")]
         for command, slug in (("pause", "beta"), ("revoke", "gamma")):
             assert admin(command, "--slug", slug, "--confirm").code == 0
-        with pgbouncer(dsn, {role.name: role.password}) as pooled:
+        with support.pgbouncer(dsn, pool_size=1, users={role.name: role.password}) as pooled:
             pooled_role = make_conninfo(pooled, user=role.name, password=role.password)
             pid = plant_look_alikes(pooled_role)
             yield {"dsn": dsn, "role": role, "pooled": pooled_role, "pid": pid, "admin": admin.at(pooled_role),

@@ -11,20 +11,10 @@ import pytest
 
 import agent_identity_admin as tool
 from tests import support
-from tests.conftest import LEAST_PRIVILEGE
 
 
-@pytest.fixture(scope="module")
-def database(server_dsn):
-    """Tests here rewrite the log past its triggers: a database of their own."""
-    with support.own_database(server_dsn) as dsn:
-        yield dsn
-
-
-@pytest.fixture(scope="module")
-def cli_dsn(database):
-    with support.cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
-        yield dsn
+# Tests here rewrite the log past its triggers: a database of their own.
+database, cli_dsn = support.own_database_fixtures()
 
 
 def exported(operator, *args: str) -> list[dict]:

@@ -16,24 +16,14 @@ import time
 import pytest
 
 from tests import support
-from tests.conftest import LEAST_PRIVILEGE
 
 ROTATE_LOST = "the new token's hash is stored but the token is lost: rotate again to get one"
 CREATE_LOST = "the identity exists and its slug is taken: rotate it to get a token"
 
 
-@pytest.fixture(scope="module")
-def database(server_dsn):
-    """A test here writes a display name past the tool, which no audit event explains: a
-    database of this module's own."""
-    with support.own_database(server_dsn) as dsn:
-        yield dsn
-
-
-@pytest.fixture(scope="module")
-def cli_dsn(database):
-    with support.cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
-        yield dsn
+# A test here writes a display name past the tool, which no audit event explains: a
+# database of this module's own.
+database, cli_dsn = support.own_database_fixtures()
 
 
 def shell(command: str, dsn: str, email: str, **kwargs) -> support.Run:

@@ -7,7 +7,6 @@ set (.ci/run sets it and installs the package).
 """
 
 import io
-import os
 import signal
 import time
 from unittest import mock
@@ -22,10 +21,6 @@ from tests import scenarios, support
 @pytest.fixture(scope="module", params=["transaction", "session"])
 def pooled(request, cli_dsn):
     """The DSN of the CLI's role, through a PgBouncer in this pool mode."""
-    if support.pgbouncer_binary() is None:
-        if os.environ.get(support.PGBOUNCER_REQUIRED):
-            pytest.fail(f"{support.PGBOUNCER_REQUIRED} is set but pgbouncer is not installed")
-        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
     with support.pgbouncer(cli_dsn, request.param) as dsn:
         yield dsn
 
@@ -186,10 +181,6 @@ def saturated(cli_dsn):
     """A PgBouncer whose one server connection another client holds in a transaction:
     every other client waits in its queue, where neither connect_timeout nor a cancel
     reaches."""
-    if support.pgbouncer_binary() is None:
-        if os.environ.get(support.PGBOUNCER_REQUIRED):
-            pytest.fail(f"{support.PGBOUNCER_REQUIRED} is set but pgbouncer is not installed")
-        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
     with support.pgbouncer(cli_dsn, "transaction", pool_size=1) as dsn:
         with psycopg.connect(dsn) as holder:
             holder.execute("SELECT 1")  # in its transaction: the pool's one server is its own

@@ -12,20 +12,10 @@ import psycopg
 import pytest
 
 from tests import support
-from tests.conftest import LEAST_PRIVILEGE
 
 
-@pytest.fixture(scope="module")
-def database(server_dsn):
-    """Times are moved back here past the triggers (an identity made 60 days ago): a database of its own."""
-    with support.own_database(server_dsn) as dsn:
-        yield dsn
-
-
-@pytest.fixture(scope="module")
-def cli_dsn(database):
-    with support.cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
-        yield dsn
+# Times are moved back here past the triggers (an identity made 60 days ago): a database of its own.
+database, cli_dsn = support.own_database_fixtures()
 
 
 def backdate(db, statement: str, params) -> None:

@@ -20,12 +20,9 @@ AGENT_IDENTITY_REQUIRE_PGBOUNCER is set).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import subprocess
-import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -82,13 +79,7 @@ def own_db(own_database):
 @pytest.fixture
 def own_operator(own_db, own_database):
     """The admin of a fresh workspace of own_database, running the CLI as the owner."""
-    workspace, admin = support.Kan(own_db).managed_workspace()
-
-    def cli(*args: str, env: dict[str, str] | None = None, dsn: str = own_database,
-            input: str | None = None) -> support.Run:
-        return support.run_cli(list(args), dsn, env, input=input)
-
-    return support.Operator(cli, workspace, admin["email"])
+    return support.owner_operator(own_db, own_database)
 
 
 class Role:
@@ -347,66 +338,6 @@ def test_a_stamp_held_open_does_not_hold_up_a_revocation(own_db, own_operator, s
 # --- (b) a temporary table planted on a pooled server connection ----------------------
 
 
-@contextlib.contextmanager
-def pgbouncer(dsn: str, users: dict[str, str], *, pool_mode: str = "transaction", pool_size: int = 1):
-    """A real PgBouncer in front of dsn's server, each database and role with a pool of
-    pool_size server connections; yields dsn rewritten to go through it (tests/support.py's
-    pgbouncer(), for other roles than dsn's and one server connection each)."""
-    import pwd
-    import socket
-
-    binary = support.pgbouncer_binary()
-    if binary is None:
-        if os.environ.get(support.PGBOUNCER_REQUIRED):
-            pytest.fail(f"{support.PGBOUNCER_REQUIRED} is set but pgbouncer is not installed")
-        pytest.skip("pgbouncer is not installed (apt-get install -y pgbouncer)")
-    params = conninfo_to_dict(dsn)
-    host, port = params.get("host") or "127.0.0.1", str(params.get("port") or 5432)
-    owner = os.stat(host).st_uid if host.startswith("/") else 0
-    user = pwd.getpwuid(owner).pw_name if owner else "nobody"
-    listen = support.free_port()
-    with tempfile.TemporaryDirectory(prefix="agent-identity-pgbouncer-") as folder:
-        os.chmod(folder, 0o755)
-        auth = Path(folder) / "users.txt"
-        auth.write_text("".join(f'"{name}" "{password}"\n' for name, password in users.items()))
-        config = Path(folder) / "pgbouncer.ini"
-        config.write_text(f"""\
-[databases]
-* = host={host} port={port}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {listen}
-unix_socket_dir =
-auth_type = trust
-auth_file = {auth}
-pool_mode = {pool_mode}
-default_pool_size = {pool_size}
-max_client_conn = 50
-""")
-        for path in (auth, config):
-            os.chmod(path, 0o644)
-        log = open(Path(folder) / "pgbouncer.log", "w+")
-        process = subprocess.Popen([binary, "-u", user, str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", listen), timeout=1).close()
-                    break
-                except OSError:
-                    log.seek(0)
-                    assert process.poll() is None and time.monotonic() < deadline, \
-                        f"pgbouncer did not start: {log.read()[-2000:]}"
-                    time.sleep(0.05)
-            yield make_conninfo(dsn, host="127.0.0.1", port=listen)
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
-            log.close()
-
-
 def test_a_planted_temporary_table_on_a_pooled_connection_answers_nothing(own_db, own_operator, server_role,
                                                                          own_database, node_bin):
     operator, db = own_operator, own_db
@@ -422,7 +353,7 @@ def test_a_planted_temporary_table_on_a_pooled_connection_answers_nothing(own_db
     db.execute(sql.SQL("GRANT TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(name),
                                                                        sql.Identifier(server_role.name)))
     try:
-        with pgbouncer(own_database, {server_role.name: server_role.password}) as pooled:
+        with support.pgbouncer(own_database, pool_size=1, users={server_role.name: server_role.password}) as pooled:
             pooled_role = make_conninfo(pooled, user=server_role.name, password=server_role.password)
             # prepare_threshold=None: no named prepared statement, which a transaction pool cannot keep.
             with psycopg.connect(pooled_role, autocommit=True, prepare_threshold=None) as planter:

@@ -45,13 +45,7 @@ def own_db(own_database):
 @pytest.fixture
 def own_operator(own_db, own_database):
     """The admin of a fresh workspace of own_database, running the CLI as the owner."""
-    workspace, admin = support.Kan(own_db).managed_workspace()
-
-    def cli(*args: str, env: dict[str, str] | None = None, dsn: str = own_database,
-            input: str | None = None) -> support.Run:
-        return support.run_cli(list(args), dsn, env, input=input)
-
-    return support.Operator(cli, workspace, admin["email"])
+    return support.owner_operator(own_db, own_database)
 
 
 def expire_behind_the_tools_back(conn: psycopg.Connection, token_public_id: str) -> None:

@@ -10,7 +10,6 @@ import pytest
 
 import agent_identity_admin as tool
 from tests import support
-from tests.conftest import LEAST_PRIVILEGE
 
 TOKEN_SQL = 'SELECT * FROM agent_token WHERE "publicId" = %s'
 
@@ -29,17 +28,8 @@ def events(db, operator, slug):
     ).fetchall()
 
 
-@pytest.fixture(scope="module")
-def database(server_dsn):
-    """This module's own database: its tests let time pass for tokens outside the tool."""
-    with support.own_database(server_dsn) as dsn:
-        yield dsn
-
-
-@pytest.fixture(scope="module")
-def cli_dsn(database):
-    with support.cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
-        yield dsn
+# This module's own database: its tests let time pass for tokens outside the tool.
+database, cli_dsn = support.own_database_fixtures()
 
 
 def expire(db, public_id):
