@@ -40,6 +40,21 @@ __version__ = "0.4.0"
 PROG = "agent-identity"
 APPLICATION_NAME = "agent-identity"
 
+
+class LazyPattern:
+    """A regular expression compiled the first time it is used, as re.compile's would be:
+    a run uses few of the tool's, and compiling all of them at import cost 3 ms of every
+    start-up. pattern is its source."""
+
+    def __init__(self, pattern: str, flags: int = 0):
+        self.pattern, self.flags, self.compiled = pattern, flags, None
+
+    def __getattr__(self, name: str):  # fullmatch, search, sub, finditer, ...: the compiled pattern's
+        if self.compiled is None:
+            self.compiled = re.compile(self.pattern, self.flags)
+        return getattr(self.compiled, name)
+
+
 # --- Vocabulary -------------------------------------------------------------
 
 SCOPES = (
@@ -104,7 +119,7 @@ REVIEW_FINDINGS = {  # finding: (its command, what more it takes, what it means)
 REVIEW_IDLE_DEFAULT = "30d"
 REVIEW_MAX_AGE_DEFAULT = "90d"
 DURATION_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
-DURATION_RE = re.compile(r"(?P<count>[0-9]{1,6})(?P<unit>[mhdw])")
+DURATION_RE = LazyPattern(r"(?P<count>[0-9]{1,6})(?P<unit>[mhdw])")
 
 # Why verify refuses a token, in the order a server checks (docs/tokens.md).
 VERIFY_REASONS = (
@@ -157,10 +172,10 @@ ARGON2_PHC_PREFIX = f"$argon2id$v=19$m={ARGON2_MEMORY_KIB},t={ARGON2_TIME_COST},
 
 # A PostgreSQL schema name as --db-schema takes it: a plain identifier, and not one of
 # PostgreSQL's own (pg_catalog, pg_temp, pg_toast, information_schema).
-DB_SCHEMA_RE = re.compile(r"(?!pg_)(?!information_schema$)[A-Za-z_][A-Za-z0-9_]{0,62}", re.IGNORECASE)
-SLUG_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
-PUBLIC_ID_RE = re.compile(r"[0-9A-Za-z]{%d}" % PUBLIC_ID_LENGTH)
-TOKEN_RE = re.compile(
+DB_SCHEMA_RE = LazyPattern(r"(?!pg_)(?!information_schema$)[A-Za-z_][A-Za-z0-9_]{0,62}", re.IGNORECASE)
+SLUG_RE = LazyPattern(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+PUBLIC_ID_RE = LazyPattern(r"[0-9A-Za-z]{%d}" % PUBLIC_ID_LENGTH)
+TOKEN_RE = LazyPattern(
     r"%s(?P<public_id>[0-9A-Za-z]{%d})_(?P<secret>[0-9A-Za-z]{%d,})(?P<checksum>[0-9A-Za-z]{%d})"
     % (TOKEN_PREFIX, PUBLIC_ID_LENGTH, SECRET_LENGTH, CHECKSUM_LENGTH)
 )
@@ -172,9 +187,9 @@ TOKEN_RE = re.compile(
 # without revealing it, and may be written anywhere, as may a name that only begins
 # like one (the role kan_agent_server); a long run is a secret only if it mixes capitals, small
 # letters and digits, as a random one almost surely does and hex or words do not.
-TOKEN_LIKE_RE = re.compile(r"%s[0-9A-Za-z]{%d}(?:_[0-9A-Za-z_]*|[0-9A-Za-z]+)|[0-9A-Za-z]{%d}_[0-9A-Za-z]{%d,}|"
-                           r"[0-9A-Za-z]{%d,}" % (TOKEN_PREFIX, PUBLIC_ID_LENGTH, PUBLIC_ID_LENGTH, SECRET_LENGTH,
-                                                  SECRET_LENGTH + CHECKSUM_LENGTH))
+TOKEN_LIKE_RE = LazyPattern(r"%s[0-9A-Za-z]{%d}(?:_[0-9A-Za-z_]*|[0-9A-Za-z]+)|[0-9A-Za-z]{%d}_[0-9A-Za-z]{%d,}|"
+                            r"[0-9A-Za-z]{%d,}" % (TOKEN_PREFIX, PUBLIC_ID_LENGTH, PUBLIC_ID_LENGTH, SECRET_LENGTH,
+                                                   SECRET_LENGTH + CHECKSUM_LENGTH))
 # Characters that act on a terminal or read as something they are not: controls (Cc:
 # escape sequences, newlines, carriage returns), format characters (Cf: bidirectional
 # marks and overrides, zero-width spaces and joiners, tag characters), line and
@@ -733,7 +748,7 @@ def hash_digest(token_hash: str) -> str:
 
 CHAIN_ENCODING = "agent-identity audit v1"
 CHAIN_START = "0" * 64  # the previous hash of a workspace's first event
-HEAD_RE = re.compile(r"(?P<sequence>[1-9][0-9]{0,18}):(?P<hash>[0-9a-f]{64})")
+HEAD_RE = LazyPattern(r"(?P<sequence>[1-9][0-9]{0,18}):(?P<hash>[0-9a-f]{64})")
 
 
 class Head(collections.namedtuple("Head", "sequence hash")):
@@ -747,7 +762,7 @@ class Head(collections.namedtuple("Head", "sequence hash")):
 
 # A pinned head, as audit head prints it: the workspace's public id, the sequence and the
 # hash (the workspace may be left out where one workspace is verified).
-PIN_RE = re.compile(r"(?<![0-9A-Za-z])(?:(?P<workspace>[0-9A-Za-z]{12}):)?" + HEAD_RE.pattern + "(?![0-9a-f])")
+PIN_RE = LazyPattern(r"(?<![0-9A-Za-z])(?:(?P<workspace>[0-9A-Za-z]{12}):)?" + HEAD_RE.pattern + "(?![0-9a-f])")
 
 
 class Pin(collections.namedtuple("Pin", "workspace head")):
@@ -1145,8 +1160,8 @@ def first_line(exc: BaseException) -> str:
 
 # Where a password sits in a connection string: password=... in a libpq conninfo, and
 # the password field of a URL (scheme://user:PASSWORD@host).
-PASSWORD_RE = re.compile(r"""(?P<key>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s]+)|(?P<user>://[^:/@\s]*:)[^@\s]*(?=@)""",
-                         re.IGNORECASE)
+PASSWORD_RE = LazyPattern(r"""(?P<key>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s]+)|(?P<user>://[^:/@\s]*:)[^@\s]*(?=@)""",
+                          re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -2303,7 +2318,7 @@ WHERE l.granted AND l.pid <> pg_backend_pid()
 ORDER BY a.pid
 LIMIT 3
 """
-LOCKED_TUPLE_RE = re.compile(r'tuple \((?P<ctid>[0-9]+,[0-9]+)\) in relation "(?P<table>agent_identity|agent_token)"')
+LOCKED_TUPLE_RE = LazyPattern(r'tuple \((?P<ctid>[0-9]+,[0-9]+)\) in relation "(?P<table>agent_identity|agent_token)"')
 
 
 def lock_holders(conn, exc: Exception, schema: str | None) -> str:
@@ -4434,8 +4449,8 @@ def cmd_audit_verify(db: Database, args: argparse.Namespace) -> dict:
 
 EXPORT_FIELDS = ("publicId", "sequence", "workspacePublicId", "action", "identityPublicId", "slug", "tokenPublicId",
                  "actorUserUuid", "actorEmail", "reason", "metadataText", "createdAt", "previousHash", "hash")
-EXPORT_TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
-HASH_RE = re.compile(r"[0-9a-f]{64}")
+EXPORT_TIME_RE = LazyPattern(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+HASH_RE = LazyPattern(r"[0-9a-f]{64}")
 
 
 def exported_event(line: str, where: str) -> dict:
@@ -5556,7 +5571,7 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db-schema", type=parse_db_schema, metavar="NAME",
                         help="the PostgreSQL schema that holds Kan's tables (default: AGENT_IDENTITY_DB_SCHEMA, "
                              "else found through the search_path as Kan finds it; schema: public)")
-    parser.add_argument("--debug", action="store_true", help="show a traceback for internal errors")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
 
 
 # The options commands share, each added by one function.
