@@ -4137,12 +4137,7 @@ def cmd_expiring(db: Database, args: argparse.Namespace) -> dict:
     params = {"email": db.actor, "permission": MANAGE_PERMISSION, "within": args.within.delta,
               "superseded": args.include_superseded}
     with db.transaction(read_only=True) as session:
-        if Ref.of(args).workspace:
-            access = access_of(db, session, args, detail=EXPIRING_DETAIL, params=params)
-            found, now = access["detail"], access["now"]
-        else:
-            found, now, known = db.conn.execute(compose(EXPIRING_SQL, session.schema), params).fetchone()
-            refuse_unchecked(db.actor, known, found["workspaces"])
+        found, now = judged_detail(db, session, args, EXPIRING_DETAIL, EXPIRING_SQL, params)
     return {"ok": True, "command": "expiring", "now": iso(now), "within": args.within.text, "tokens": [
         {"workspacePublicId": t["workspacePublicId"], "workspaceSlug": t["workspaceSlug"], "slug": t["slug"],
          "identityPublicId": t["identityPublicId"], "publicId": t["publicId"], "name": t["name"],
@@ -4153,6 +4148,19 @@ def cmd_expiring(db: Database, args: argparse.Namespace) -> dict:
          "identityPublicId": d["identityPublicId"], "lastExpiredAt": iso(d["lastExpiredAt"])}
         for d in map(json_times, found["down"])
     ], "checked": {"workspaces": found["workspaces"], "identities": found["identities"]}}
+
+
+def judged_detail(db: Database, session: Session, args: argparse.Namespace, detail: str, across: str,
+                  params: dict) -> tuple[dict, datetime]:
+    """What a judging command reads, and the transaction's time: in the one workspace the
+    arguments name, with its access check (detail), or across every workspace the actor
+    manages (across), refused when that is none."""
+    if Ref.of(args).workspace:
+        access = access_of(db, session, args, detail=detail, params=params)
+        return access["detail"], access["now"]
+    found, now, known = db.conn.execute(compose(across, session.schema), params).fetchone()
+    refuse_unchecked(db.actor, known, found["workspaces"])
+    return found, now
 
 
 def refuse_unchecked(actor: str, known: bool, workspaces: int) -> None:
@@ -4175,12 +4183,7 @@ def cmd_review(db: Database, args: argparse.Namespace) -> dict:
               "idle": args.idle.delta, "max_age": args.max_age.delta,
               "statuses": list(STATUSES) if args.include_revoked else ["active", "paused"]}
     with db.transaction(read_only=True) as session:
-        if Ref.of(args).workspace:
-            access = access_of(db, session, args, detail=REVIEW_DETAIL, params=params)
-            found, now = access["detail"], access["now"]
-        else:
-            found, now, known = db.conn.execute(compose(REVIEW_SQL, session.schema), params).fetchone()
-            refuse_unchecked(db.actor, known, found["workspaces"])
+        found, now = judged_detail(db, session, args, REVIEW_DETAIL, REVIEW_SQL, params)
     identities = [review_view(row) for row in found["identities"]]
     return {"ok": True, "command": "review", "now": iso(now), "idle": args.idle.text, "maxAge": args.max_age.text,
             "identities": identities,
