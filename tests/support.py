@@ -31,8 +31,16 @@ SCRIPT = REPO / "agent_identity_admin.py"
 SERVER = REPO / "server"  # the Kan server's side, in Node: tests/test_server_verifier.py, test_audit_chain.py
 KAN_SCHEMA = Path(__file__).resolve().parent / "kan_schema.sql"
 TEST_DSN_VARIABLE = "AGENT_IDENTITY_TEST_DSN"
-# The CLI connects as the least-privilege role of docs/security.md (else as the owner).
-LEAST_PRIVILEGE = os.environ.get("AGENT_IDENTITY_TEST_AS") == "least-privilege"
+# The CLI connects as the least-privilege role of docs/security.md (else as the owner);
+# or, proven, as a maintainer's own login mapped to the actor each run names (docs/security.md,
+# "Proven actors"), which then names no actor: the login says who it is.
+TEST_AS = os.environ.get("AGENT_IDENTITY_TEST_AS", "owner")
+LEAST_PRIVILEGE = TEST_AS in ("least-privilege", "proven")
+PROVEN = TEST_AS == "proven"
+# What an outsider's refusal records where a claim is all there is: the token or identity it
+# aimed at in another workspace. A proven outsider's refusal there names nothing of that
+# workspace (tests/test_proven_actor.py), and one by a token's id alone is not found.
+NAMES_WHAT_IT_AIMED_AT = "a claimed actor's refusal names what it aimed at; a proven login's names nothing there"
 PG_VERSION_VARIABLE = "AGENT_IDENTITY_TEST_PG_VERSION"
 
 
@@ -148,7 +156,8 @@ def start_cli(args: list[str], dsn: str | None, env: dict[str, str] | None = Non
     """Start agent_identity_admin.py as its own process, the way pnpm and operators do: as
     a module, from bytecode cached on the first run (compiling the whole file in every one
     of the suite's thousands of runs was a third of its time)."""
-    env = cli_env(dsn, **(env or {}))
+    args, dsn, env = as_proven(list(args), dsn, env or {})
+    env = cli_env(dsn, **env)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH"))))
     env.setdefault("PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "agent-identity-test-bytecode"))
@@ -186,7 +195,15 @@ def cli_role(database: str, *, least_privilege: bool):
         yield database
         return
     with least_privilege_role(database) as dsn:
-        yield dsn
+        if not PROVEN:
+            yield dsn
+            return
+        with maintainer_group(database) as group:
+            PROVEN_LOGINS[dsn] = ProvenLogins(database, group)
+            try:
+                yield dsn
+            finally:
+                PROVEN_LOGINS.pop(dsn).close()
 
 
 class Kan:
@@ -256,14 +273,16 @@ def table_names(conn: psycopg.Connection) -> list[str]:
 
 
 def snapshot(conn: psycopg.Connection) -> dict[str, list[str]]:
-    """Every row of every table, as text: compare two to prove nothing was written."""
+    """Every row of every table, as text: compare two to prove nothing was written. (In the
+    proven pass, less the mappings the pass itself makes as each actor first runs: no
+    role of the tool's may write that table.)"""
     from psycopg import sql
 
     return {
         table: [row[0] for row in conn.execute(
             sql.SQL("SELECT to_jsonb(t)::text AS row FROM {} t ORDER BY 1").format(sql.Identifier(table))
         )]
-        for table in table_names(conn)
+        for table in table_names(conn) if not (PROVEN and table == "agent_maintainer_login")
     }
 
 
@@ -339,6 +358,9 @@ LEAST_PRIVILEGE_MARKER = "<!-- least-privilege-sql:"
 SERVER_ROLE_MARKER = "<!-- server-role-sql:"
 UPGRADE_MARKER = "<!-- upgrade-0.3.0-sql:"
 LEAST_PRIVILEGE_ROLE = "agent_identity_admin"
+MAINTAINER_GROUP_MARKER = "<!-- maintainer-group-sql:"
+MAINTAINER_LOGIN_MARKER = "<!-- maintainer-login-sql:"
+MAINTAINER_GROUP = "agent_identity_maintainer"
 
 
 def documented_sql(marker: str, doc: str | None = None) -> str:
@@ -363,9 +385,91 @@ def least_privilege_role(dsn: str):
     try:
         yield make_conninfo(dsn, user=role, password=password)
     finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP OWNED BY "{role}"')
-            conn.execute(f'DROP ROLE "{role}"')
+        drop_role(dsn, role)
+
+
+def drop_role(dsn: str, role: str) -> None:
+    """Drop a role the tests made, and what it owns or was granted in dsn's database."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP OWNED BY "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')
+
+
+@contextlib.contextmanager
+def maintainer_group(dsn: str):
+    """docs/security.md's maintainers' group (under a name of its own) in dsn's database; yields its name."""
+    group = f"{MAINTAINER_GROUP}_{secrets.token_hex(4)}"
+    block = (documented_sql(MAINTAINER_GROUP_MARKER).replace(MAINTAINER_GROUP, group)
+             .replace("ON DATABASE kan ", f'ON DATABASE "{psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]}" '))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(block)
+    try:
+        yield group
+    finally:
+        drop_role(dsn, group)
+
+
+def maintainer_login(dsn: str, group: str, email: str, *, login: str | None = None) -> tuple[str, str]:
+    """docs/security.md's block for one maintainer: a login in group, mapped to the Kan user
+    with email. Returns the login's name and a DSN connecting as it (drop it with drop_role)."""
+    login, password = login or f"maintainer_{secrets.token_hex(5)}", secrets.token_hex(12)
+    block = (documented_sql(MAINTAINER_LOGIN_MARKER).replace(MAINTAINER_GROUP, group)
+             .replace("alice@example.com", email).replace("alice", login).replace("'change-me'", f"'{password}'"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(block)
+    return login, make_conninfo(dsn, user=login, password=password)
+
+
+class ProvenLogins:
+    """The proven test pass: a login per actor, made on first use, in one group."""
+
+    def __init__(self, owner_dsn: str, group: str):
+        self.owner_dsn, self.group, self.logins, self.made = owner_dsn, group, {}, []
+
+    def dsn_for(self, email: str) -> str | None:
+        """The DSN of the login mapped to the Kan user with email; None if no user has it."""
+        with psycopg.connect(self.owner_dsn, autocommit=True) as conn:
+            user = conn.execute('SELECT email FROM "user" WHERE lower(email) = lower(%s) ORDER BY email = %s DESC '
+                                "LIMIT 1", (email, email)).fetchone()
+            if user is None:
+                return None
+            mapped = self.logins.get(user[0])
+            if mapped and conn.execute('SELECT 1 FROM agent_maintainer_login m JOIN "user" u ON u."id" = m."userId" '
+                                       "WHERE m.login = %s AND u.email = %s", (mapped[0], user[0])).fetchone():
+                return mapped[1]
+        self.logins[user[0]] = maintainer_login(self.owner_dsn, self.group, user[0])  # (again, if Kan deleted
+        self.made.append(self.logins[user[0]][0])                                     # the user it was mapped to)
+        return self.logins[user[0]][1]
+
+    def close(self) -> None:
+        for login in self.made:
+            drop_role(self.owner_dsn, login)
+
+
+# The shared role's DSN of each database in the proven pass, and the logins that stand in for it.
+PROVEN_LOGINS: dict[str, ProvenLogins] = {}
+
+
+def as_proven(args: list[str], dsn: str | None, env: dict[str, str]) -> tuple[list[str], str | None, dict[str, str]]:
+    """In the proven pass, a run that names an actor who is a Kan user runs as that user's own
+    login, naming no actor; any other run is left as it is (as the shared role)."""
+    logins = PROVEN_LOGINS.get(dsn)
+    if logins is None:
+        return args, dsn, env
+    flag = "--admin-user-email"
+    email = next((value for name, value in zip(args, args[1:]) if name == flag), None) \
+        or next((arg.split("=", 1)[1] for arg in args if arg.startswith(flag + "=")), None) \
+        or env.get("AGENT_IDENTITY_ADMIN_EMAIL")
+    login_dsn = email and logins.dsn_for(email)
+    if not login_dsn:
+        return args, dsn, env
+    kept, skip = [], False
+    for arg in args:
+        if skip or arg == flag or arg.startswith(flag + "="):
+            skip = arg == flag
+            continue
+        kept.append(arg)
+    return kept, login_dsn, {key: value for key, value in env.items() if key != "AGENT_IDENTITY_ADMIN_EMAIL"}
 
 
 def round_trips(argv: list[str], dsn: str, email: str, stdin: str = "") -> tuple[int, int, list[str]]:
@@ -451,23 +555,25 @@ def own_database(server_dsn: str):
 
 
 def restored_event(conn: psycopg.Connection, workspace_id: int, public_id: str, action: str, created_at,
-                   actor_email: str | None = None, metadata: str = "{}") -> None:
+                   actor_email: str | None = None, metadata: str = "{}", login: str | None = "restorer") -> None:
     """Write an audit event as a restore from backup brings it: already linked to its
-    workspace's chain, with its own time (the chain's trigger keeps such an event, from
-    the tables' owner, when it hashes to what it says). How a test makes an old event."""
+    workspace's chain, with its own time and the login that wrote it (None: an event from
+    before 0.5.0, v1), which the chain's trigger keeps, from the tables' owner, when it
+    hashes to what it says. How a test makes an old event."""
     head = conn.execute("""SELECT "sequence", "hash" FROM agent_audit_event WHERE "workspaceId" = %s
                            AND "sequence" IS NOT NULL ORDER BY "sequence" DESC LIMIT 1""", (workspace_id,)).fetchone()
     workspace = conn.execute('SELECT "publicId" FROM workspace WHERE id = %s', (workspace_id,)).fetchone()[0]
     event = {"sequence": (head[0] if head else 0) + 1, "workspacePublicId": workspace, "publicId": public_id,
              "action": action, "identityPublicId": None, "identitySlug": None, "tokenPublicId": None,
              "actorUserUuid": None, "actorEmail": actor_email, "reason": None,
-             "metadata": conn.execute("SELECT %s::jsonb::text", (metadata,)).fetchone()[0], "createdAt": created_at}
+             "metadata": conn.execute("SELECT %s::jsonb::text", (metadata,)).fetchone()[0], "createdAt": created_at,
+             "login": login}
     previous = head[1] if head else tool.CHAIN_START
     conn.execute("""INSERT INTO agent_audit_event ("publicId", "workspaceId", action, "actorEmail", metadata, "createdAt",
-                                                   "sequence", "workspacePublicId", "previousHash", "hash")
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                                                   "sequence", "workspacePublicId", "previousHash", "hash", login)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
                  (public_id, workspace_id, action, actor_email, metadata, created_at, event["sequence"], workspace,
-                  previous, tool.chain_hash(previous, event)))
+                  previous, tool.chain_hash(previous, event), login))
 
 
 # A workspace grown large, made in the database with generate_series (bench --scale,
@@ -496,9 +602,10 @@ SELECT t.*, i."id" AS "identityId",
 FROM seeded_token t
 JOIN agent_identity i ON i."publicId" = 'I' || lpad(to_hex(t.identity), 11, '0')
 """, """
-INSERT INTO agent_token ("publicId", "agentIdentityId", name, "tokenHash", scopes, "expiresAt", "revokedAt", "createdAt")
-SELECT "publicId", "identityId", 'token ' || g, %(hash)s, '{boards:read}', %(expires)s::timestamp, "revokedAt",
-       "createdAt"
+INSERT INTO agent_token ("publicId", "agentIdentityId", "workspaceId", name, "tokenHash", scopes, "expiresAt",
+                         "revokedAt", "createdAt")
+SELECT "publicId", "identityId", %(workspace_id)s, 'token ' || g, %(hash)s, '{boards:read}', %(expires)s::timestamp,
+       "revokedAt", "createdAt"
 FROM seeded_issue
 """, """
 INSERT INTO agent_audit_event ("publicId", "workspaceId", "agentIdentityId", "agentTokenId", action, "actorEmail",

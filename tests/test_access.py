@@ -164,6 +164,7 @@ def test_a_missing_workspace_records_no_denial(kan, cli, db):
     assert support.added_rows(before, support.snapshot(db)) == {}
 
 
+@pytest.mark.skipif(support.PROVEN, reason=support.NAMES_WHAT_IT_AIMED_AT)
 def test_managing_workspace_a_gives_no_power_over_workspace_b(kan, cli, db, operator):
     """The admin of A can neither see nor change B's identities, by either workspace id."""
     other_workspace, other_admin = kan.managed_workspace()

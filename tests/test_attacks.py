@@ -1074,14 +1074,15 @@ def test_inspect_in_a_never_shows_an_event_of_b(clean, clean_db, lp_admin):
     event = {"sequence": head[0] + 1, "workspacePublicId": b.workspace["publicId"], "publicId": tool.new_public_id(),
              "action": "access.denied", "identityPublicId": a_identity["publicId"], "identitySlug": "twin",
              "tokenPublicId": None, "actorUserUuid": None, "actorEmail": "restorer@example.com",
-             "reason": "filed in B", "metadata": "{}", "createdAt": database_now(clean_db)}  # after B's head
+             "reason": "filed in B", "metadata": "{}", "createdAt": database_now(clean_db),  # after B's head
+             "login": "restorer"}  # (written since 0.5.0, as the events before it: v2)
     restore = """INSERT INTO agent_audit_event ("publicId", "workspaceId", "agentIdentityId", action, "actorEmail",
                      reason, metadata, "createdAt", "sequence", "workspacePublicId", "identityPublicId",
-                     "identitySlug", "previousHash", hash)
-                 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"""
+                     "identitySlug", "previousHash", hash, login)
+                 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"""
     values = [event["publicId"], b.workspace["id"], None, event["action"], event["actorEmail"], event["reason"],
               event["metadata"], event["createdAt"], event["sequence"], event["workspacePublicId"],
-              event["identityPublicId"], "twin", head[1], tool.chain_hash(head[1], event)]
+              event["identityPublicId"], "twin", head[1], tool.chain_hash(head[1], event), event["login"]]
     with pytest.raises(errors.CheckViolation, match=f"audit event {event['publicId']} is about an identity or token "
                                                     "of another workspace"):
         clean_db.execute(restore, [*values[:2], a_identity["id"], *values[3:]])  # the restore path checks it too
@@ -1100,7 +1101,7 @@ def test_inspect_in_a_never_shows_an_event_of_b(clean, clean_db, lp_admin):
     assert event["publicId"] in [e["publicId"] for e in b("audit").json["events"]]
     chain = b("audit", "verify")
     assert (chain.code, chain.json["intact"]) == (0, True), chain.stdout
-    assert chain.json["workspaces"][0]["head"] == f"{event['sequence']}:{values[-1]}"
+    assert chain.json["workspaces"][0]["head"] == f"{event['sequence']}:{values[-2]}"
 
 
 # --- 6. Values that are not inert ------------------------------------------------------

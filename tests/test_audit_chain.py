@@ -125,6 +125,7 @@ def test_the_owner_cannot_rewrite_or_remove_an_event(db, operator, history, stat
         "refused although the session is a superuser and the table's owner"
 
 
+@pytest.mark.skipif(support.PROVEN, reason=support.NAMES_WHAT_IT_AIMED_AT)
 def test_kans_cascades_still_work_and_leave_the_chain_intact(db, operator, history):
     # An identity deleted by hand: its events keep their place, their foreign keys go NULL.
     db.execute('DELETE FROM agent_identity WHERE "publicId" = %s', (history["identity"]["publicId"],))
@@ -257,9 +258,9 @@ def test_a_rewrite_that_recomputes_every_later_hash_fails_only_the_pinned_head(d
         db.execute("""UPDATE agent_audit_event SET "sequence" = 1 - "sequence"
                       WHERE "workspaceId" = %s AND "sequence" < 0""", (workspace_id,))
         db.execute("""INSERT INTO agent_audit_event ("publicId", "workspaceId", action, "actorEmail", reason,
-                                                     "workspacePublicId", "sequence", "createdAt")
+                                                     "workspacePublicId", "sequence", "createdAt", login)
                       SELECT 'Forged000001', %s, 'identity.resumed', 'admin@example.com', 'approved', %s, 3,
-                             e."createdAt"
+                             e."createdAt", e.login
                       FROM agent_audit_event e WHERE e."workspaceId" = %s AND e."sequence" = 2""",
                    (workspace_id, operator.workspace["publicId"], workspace_id))
         db.execute("""DO $$

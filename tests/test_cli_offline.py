@@ -183,10 +183,6 @@ def test_a_parse_error_as_json_names_the_command():
     assert result.json["error"]["message"].startswith("argument --slug: 'x y' is not a slug")
 
 
-def test_database_commands_need_an_actor():
-    result = offline("list", *WORKSPACE, env={})
-    assert result.code == 2
-    assert result.stderr == "agent-identity: error: say who you are: --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL\n"
 
 
 def test_global_options_work_before_and_after_the_command():

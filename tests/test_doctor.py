@@ -20,10 +20,12 @@ def test_a_healthy_database(cli, operator):
     assert result.code == 0, result.stdout
     assert checks(result) == {"connection": True, "session limits": True, "Kan tables": True, "names": True,
                               "agent tables": True, "token hashes": True, "safeguards": True, "times": True,
-                              "audit chains": True, "row level security": True, "privileges": True, "actor": True}
+                              "audit chains": True, "row level security": True, "privileges": True, "actor": True,
+                              "login": True}
+    assert result.json["actorProven"] is support.PROVEN  # (tests/test_proven_actor.py)
     human = cli("doctor", env={"AGENT_IDENTITY_ADMIN_EMAIL": operator.email})
     lines = human.stdout.splitlines()
-    assert "✓ agent tables: 5 present, in schema public, every column as expected" in lines
+    assert "✓ agent tables: 6 present, in schema public, every column as expected" in lines
     assert "✓ Kan tables: 6 present, in schema public" in lines
     assert "\033[" not in human.stdout, "no colour when stdout is not a terminal"
 

@@ -153,6 +153,7 @@ def test_a_token_named_by_its_public_id_alone_may_be_stored(db, operator):
 # --- 7: a refused revoke --token names the token ------------------------------
 
 
+@pytest.mark.skipif(support.PROVEN, reason=support.NAMES_WHAT_IT_AIMED_AT)
 def test_a_refused_revoke_of_one_token_records_the_token(db, kan, cli, operator):
     token = operator.create("aimed").json["token"]["publicId"]
     outsider = kan.user()

@@ -53,7 +53,7 @@ def plans_of(argv, dsn, email, stdin="", analyze=False):
     def explaining(cursor, query, params=None, **kwargs):
         text = query.as_string(cursor.connection) if hasattr(query, "as_string") else query
         if not text.strip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK")):
-            explain = "EXPLAIN (ANALYZE, FORMAT JSON) " if analyze else "EXPLAIN (FORMAT JSON) "
+            explain = "EXPLAIN (ANALYZE, VERBOSE, FORMAT JSON) " if analyze else "EXPLAIN (VERBOSE, FORMAT JSON) "
             row = real_execute(cursor, explain + text, params).fetchone()
             plans.append((text, row["QUERY PLAN"] if isinstance(row, dict) else row[0]))
         return real_execute(cursor, query, params, **kwargs)
@@ -207,3 +207,39 @@ def test_the_head_lookup_never_walks_events_outside_the_chain(grown):
     top = plan[0]["Plan"]
     assert top["Actual Rows"] == 1
     assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] <= 10, top
+
+
+def rule_calls(plan: dict) -> list[dict]:
+    """Each node of a plan that runs agent_login_workspaces, the proven login's rule."""
+    found, pending = [], [plan[0]["Plan"]]
+    while pending:
+        node = pending.pop()
+        found += [node] if any("agent_login_workspaces()" in output for output in node.get("Output", [])) else []
+        pending.extend(node.get("Plans", []))
+    return found
+
+
+def test_a_proven_logins_rule_runs_once_per_statement_not_per_row(grown):
+    """Row level security admits a maintainer's own login (docs/security.md, "Proven
+    actors") by one call of its rule per statement: by hand, a count of 2,000 identities,
+    and every statement of list, audit, expiring and review."""
+    dsn, workspace, email = grown
+    w = ["--workspace-public-id", workspace["publicId"]]
+    with support.maintainer_group(dsn) as group:
+        login, login_dsn = support.maintainer_login(dsn, group, email)
+        try:
+            with psycopg.connect(login_dsn) as conn:
+                [[plan]] = conn.execute("""EXPLAIN (ANALYZE, VERBOSE, FORMAT JSON)
+                                           SELECT count(*) FROM agent_identity WHERE "workspaceId" = %s""",
+                                        (workspace["id"],)).fetchall()
+                assert conn.execute('SELECT count(*) FROM agent_identity WHERE "workspaceId" = %s',
+                                    (workspace["id"],)).fetchone()[0] >= GROWN["identities"]
+            calls = rule_calls(plan)
+            assert [node["Actual Loops"] for node in calls] == [1], calls
+            for argv in (["list", *w], ["audit", *w], ["expiring"], ["review"]):
+                code, plans = plans_of(argv, login_dsn, email, analyze=True)
+                assert code in (0, 9, 11), argv
+                loops = [node["Actual Loops"] for _, plan in plans for node in rule_calls(plan)]
+                assert loops and set(loops) <= {0, 1}, (argv, loops)
+        finally:
+            support.drop_role(dsn, login)

@@ -21,6 +21,7 @@ CONTRACT = {
         "expiresAt": "timestamp without time zone", "lastUsedAt": "timestamp without time zone",
         "createdBy": "uuid", "createdAt": "timestamp without time zone",
         "revokedAt": "timestamp without time zone", "revokedBy": "uuid", "rotatedFromId": "bigint",
+        "workspaceId": "bigint",  # its identity's, for row level security (docs/security.md, "Proven actors")
     },
     "agent_audit_event": {
         "id": "bigint", "publicId": "character varying(12)", "workspaceId": "bigint",
@@ -32,10 +33,13 @@ CONTRACT = {
         "identityPublicId": "character varying(12)", "identitySlug": "character varying(64)",
         "tokenPublicId": "character varying(12)", "actorUserUuid": "uuid",
         "previousHash": "character varying(64)", "hash": "character varying(64)",
+        "login": "name",  # who wrote it (encoding v2)
     },
     # the server's stamps, and a workspace's turn (docs/schema.md)
     "agent_token_use": {"agentTokenId": "bigint", "lastUsedAt": "timestamp without time zone"},
     "agent_workspace_lock": {"workspaceId": "bigint"},
+    # which Kan user each maintainer's own login is (docs/security.md, "Proven actors")
+    "agent_maintainer_login": {"login": "name", "userId": "uuid"},
 }
 
 COLUMNS_SQL = """

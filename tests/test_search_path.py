@@ -76,7 +76,7 @@ def test_kan_in_a_schema_of_its_own_reached_through_the_url(fresh):
     doctor = support.run_cli(["doctor", "--json"], dsn)
     assert doctor.code == 0, doctor.stdout
     assert checks(doctor)["Kan tables"]["detail"] == "6 present, in schema kan_app"
-    assert checks(doctor)["agent tables"]["detail"] == "5 present, in schema kan_app, every column as expected"
+    assert checks(doctor)["agent tables"]["detail"] == "6 present, in schema kan_app, every column as expected"
     lifecycle_works(dsn, "kan_app")
     with psycopg.connect(fresh) as conn:
         assert conn.execute("SELECT to_regclass('public.agent_identity')").fetchone()[0] is None

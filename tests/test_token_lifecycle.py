@@ -268,6 +268,7 @@ def unknown_token() -> str:
     return tool.new_token(tool.new_public_id())
 
 
+@pytest.mark.skipif(support.PROVEN, reason=support.NAMES_WHAT_IT_AIMED_AT)
 @pytest.mark.parametrize("who", ["manager elsewhere", "no Kan user"])
 def test_verify_tells_an_outsider_nothing_not_even_that_the_token_exists(kan, cli, db, operator, who):
     """A token of a workspace the actor may not manage gets exactly the answer an unknown id
