@@ -24,6 +24,12 @@ create, rotate and verify again: each should stay within 1.2x of its time on
 the empty database; review, which reads every identity and token, within 3x of
 the psycopg floor. Then it times audit verify of that whole chain, and the
 upgrade: schema applied to those 1,000,000 events as if written before the chain.
+
+Every run also times the proven actor (docs/security.md, "Proven actors"): list,
+audit, expiring and review as a maintainer's own login beside the same commands
+as the shared least-privilege role, in pairs, each within 1.10x; and, by hand, a
+count of one workspace's 100,000 identities as the login beside the shared role
+(row level security's rule runs once per statement: within 3x).
 """
 
 from __future__ import annotations
@@ -246,6 +252,7 @@ def main() -> int:
         empty = measure(bench, dsn, names, args.runs, args.warmup)
         missed = report(empty, round_trip_counts(bench), argon2, "empty database")
         missed += bulk(bench, dsn)
+        missed += proven(bench, dsn, args)
         if args.scale:
             missed += scale(bench, dsn, workspace, empty, args)
     return 1 if missed else 0
@@ -278,6 +285,65 @@ def bulk(bench: Bench, dsn: str) -> int:
                           'DELETE FROM agent_identity WHERE "workspaceId" = %s'):
             support.outside_the_tool(conn, statement, (workspace["id"],))
     return missed
+
+
+PROVEN_TARGET = 1.10  # a command as a maintainer's own login, against the same as the shared role
+COUNT_TARGET = 3.0  # by hand, count(*) of 100,000 identities as the login, against the shared role
+COUNTED = 100_000
+
+
+def proven(bench: Bench, dsn: str, args) -> int:
+    """The proven actor's cost: commands as a login of one's own, each round run as it and as
+    the shared least-privilege role in turn; then a count by hand through each."""
+    names = ["list", "audit", "expiring", "review"]
+    with support.least_privilege_role(dsn) as shared, support.maintainer_group(dsn) as group:
+        login, login_dsn = support.maintainer_login(dsn, group, bench.email)
+        try:
+            envs = {"shared": bench_env(shared, AGENT_IDENTITY_ADMIN_EMAIL=bench.email),
+                    "proven": bench_env(login_dsn)}
+            commands, samples = bench.commands(), {}
+            for _ in range(args.warmup + args.runs):
+                for name in names:
+                    argv, stdin, expect = commands[name]()
+                    for mode, env in envs.items():
+                        samples.setdefault((name, mode), []).append(
+                            timed([*bench.invocations[""], *argv], env, stdin, expect))
+            median = {key: statistics.median(values[args.warmup:]) for key, values in samples.items()}
+            print("\nproven actor: a maintainer's own login beside the shared role, in pairs\n"
+                  f"{'':<28}{'shared ms':>10}{'proven ms':>11}{'ratio':>8}  target")
+            missed = 0
+            for name in names:
+                ratio = median[name, "proven"] / median[name, "shared"]
+                missed += ratio > PROVEN_TARGET
+                print(f"{name:<28}{median[name, 'shared']:>10.1f}{median[name, 'proven']:>11.1f}{ratio:>8.2f}  "
+                      f"{PROVEN_TARGET:.2f}x  {'ok' if ratio <= PROVEN_TARGET else 'MISSED'}")
+            return missed + counted_by_hand(bench, dsn, shared, login_dsn, args)
+        finally:
+            support.drop_role(dsn, login)
+
+
+def counted_by_hand(bench: Bench, dsn: str, shared: str, login_dsn: str, args) -> int:
+    """SELECT count(*) of one workspace's 100,000 identities, each way on a connection of its own."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        kan = support.Kan(conn)
+        workspace = kan.workspace()
+        kan.member(workspace, {"id": conn.execute('SELECT id FROM "user" WHERE email = %s', (bench.email,))
+                               .fetchone()[0], "email": bench.email})
+        support.seed_scale(conn, workspace["id"], identities=COUNTED, tokens=1_000, events=1_000)
+    count = 'SELECT count(*) FROM agent_identity WHERE "workspaceId" = %s'
+    samples = {"shared": [], "proven": []}
+    with psycopg.connect(shared, autocommit=True) as as_shared, psycopg.connect(login_dsn, autocommit=True) as as_login:
+        for _ in range(args.warmup + args.runs):
+            for mode, conn in (("shared", as_shared), ("proven", as_login)):
+                started = time.perf_counter()
+                counted = conn.execute(count, (workspace["id"],)).fetchone()[0]
+                samples[mode].append((time.perf_counter() - started) * 1000)
+                assert counted == COUNTED, (mode, counted)
+    shared_ms, proven_ms = (statistics.median(samples[mode][args.warmup:]) for mode in ("shared", "proven"))
+    ratio = proven_ms / shared_ms
+    print(f"{'count(*) of ' + format(COUNTED, ',') + ' by hand':<28}{shared_ms:>10.1f}{proven_ms:>11.1f}{ratio:>8.2f}  "
+          f"{COUNT_TARGET:.2f}x  {'ok' if ratio <= COUNT_TARGET else 'MISSED'}")
+    return ratio > COUNT_TARGET
 
 
 def scale(bench: Bench, dsn: str, workspace: dict, empty: dict[str, float], args) -> int:
