@@ -2310,7 +2310,7 @@ def pooler_wait(conn, seconds: float) -> AdminError:
 
 @contextlib.contextmanager
 def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: str | None = None,
-                require_schema: bool = True, commit: bool = True, the_change: bool = False):
+                require_schema: bool = True, commit: bool = True, the_change: bool = False, login: bool = True):
     """One transaction under the tool's limits and a safe search_path, whatever sits between
     the tool and the server; yields its Session.
 
@@ -2332,14 +2332,17 @@ def transaction(conn, lock_timeout: float, *, read_only: bool = False, schema: s
     begin = sql.SQL("BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ" if read_only else "BEGIN")
     limit = connect_limit(conn)
     discover, safe_path = sql.SQL(DISCOVER_SQL), sql.SQL(f"SET LOCAL search_path = {SAFE_SEARCH_PATH}")
+    # Who the login is, unless the caller knows already (a command's later transactions).
+    asked = [sql.SQL(f"SAVEPOINT {LOGIN_SAVEPOINT}"), sql.SQL(LOGIN_PATH_SQL).format(pinned=sql.Literal(schema)),
+             sql.SQL(SESSION_LOGIN_SQL), sql.SQL(f"RELEASE SAVEPOINT {LOGIN_SAVEPOINT}")] if login \
+        else [sql.SQL(NO_LOGIN_SQL)]
     with SIGNALS.deadline(limit, pooler_wait(conn, limit)):  # a pooler queues this until a server is free
         try:
-            cursor = conn.execute(sql.SQL("; ").join([
-                begin, *settings, discover, sql.SQL(f"SAVEPOINT {LOGIN_SAVEPOINT}"),
-                sql.SQL(LOGIN_PATH_SQL).format(pinned=sql.Literal(schema)), sql.SQL(SESSION_LOGIN_SQL),
-                sql.SQL(f"RELEASE SAVEPOINT {LOGIN_SAVEPOINT}"), safe_path]))
-        except psycopg.ProgrammingError as exc:  # no (working) agent_session_login: the rest without it (doctor
-            if not (exc.sqlstate or "").startswith("42"):  # goes on to say what is wrong; a command, to what it needs)
+            cursor = conn.execute(sql.SQL("; ").join([begin, *settings, discover, *asked, safe_path]))
+        except psycopg.ProgrammingError as exc:
+            # No (working) agent_session_login: the rest without it (doctor goes on to say
+            # what is wrong; a command, to what it needs).
+            if not (login and (exc.sqlstate or "").startswith("42")):
                 raise
             cursor = conn.execute(sql.SQL("; ").join([
                 sql.SQL(f"ROLLBACK TO SAVEPOINT {LOGIN_SAVEPOINT}"), sql.SQL(f"RELEASE SAVEPOINT {LOGIN_SAVEPOINT}"),
@@ -2404,16 +2407,18 @@ class Database:
     def transaction(self, *, read_only: bool = False, commit: bool | None = None):
         with transaction(self.conn, self.lock_timeout, read_only=read_only, schema=self.schema,
                          commit=not self.dry_run if commit is None else commit,
-                         the_change=commit is None and not read_only and not self.dry_run) as session:
+                         the_change=commit is None and not read_only and not self.dry_run,
+                         login=self.login is None) as session:
             if self.login is None:
-                # (No agent_session_login: schema is not applied, or older. The actor is the claim, and
-                # the command meets what is missing.)
-                self.login = session.login or {"login": None, "mapped": False, "inGroup": False}
+                self.login = session.login or UNKNOWN_LOGIN
                 self.actor = actor_of(self.login, self.claim)
             yield session
 
 
 CLAIMS_ADVICE = 'or connect as a login of your own (docs/security.md, "Proven actors")'
+# Who a session is where agent_session_login is not there (schema not applied, or older):
+# nobody's own login, so the actor is the claim, and the command meets what is missing.
+UNKNOWN_LOGIN = {"login": None, "mapped": False, "inGroup": False}
 
 
 def actor_of(login: dict, claim: str | None) -> str:
@@ -3427,9 +3432,8 @@ def write(conn, session: Session, statement: str, params: dict) -> dict:
 CLAIMED_WORKSPACES_SQL = """
 SELECT "id" FROM {s}.workspace WHERE {workspace}
 """
-CLAIMED_USER_WORKSPACES_SQL = """
-SELECT managed FROM {s}."user" u CROSS JOIN LATERAL {s}.agent_managed_workspaces(u."id") AS managed
-WHERE lower(u.email) = lower(%(claim)s)
+CLAIMED_USER_WORKSPACES_SQL = "WITH" + manager_ctes(EVERY_WORKSPACE) + """
+SELECT "workspaceId" FROM manager
 """
 
 
@@ -3443,7 +3447,7 @@ def denied_workspaces(db: "Database", session: Session, args: argparse.Namespace
                         workspace=WORKSPACE_BY_NAME if ref.by_name else WORKSPACE_BY_ID)
     else:
         query = compose(CLAIMED_USER_WORKSPACES_SQL, session.schema)
-    return [row[0] for row in db.conn.execute(query, {"workspace": ref.workspace, "claim": denied.claim})]
+    return [row[0] for row in db.conn.execute(query, {"workspace": ref.workspace, "email": denied.claim})]
 
 
 def record_denial(db: "Database", args: argparse.Namespace, denied: AccessDenied) -> None:
@@ -5226,10 +5230,7 @@ def doctor_actor(conn, session: Session, checks: Checks, found: dict) -> None:
     if not ref.workspace:
         return
     try:
-        email = actor_of(found["login"], claimed_actor(args)) if found["login"] else claimed_actor(args)
-        if email is None:
-            raise AdminError(EXIT_USAGE, f"say who you are: --admin-user-email or AGENT_IDENTITY_ADMIN_EMAIL, "
-                                         f"{CLAIMS_ADVICE}")
+        email = actor_of(found["login"] or UNKNOWN_LOGIN, claimed_actor(args))
         if found["kan"] and not found["blind"]:
             check_access(conn, session, ref, email)
             checks.add("actor", True, f"{email} manages workspace {ref.workspace}")
